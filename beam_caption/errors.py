@@ -5,6 +5,10 @@ from __future__ import annotations
 STAGES = ("read", "image", "request", "response")
 
 
+class UsageError(ValueError):
+    """A flag or input is missing or wrong: the job cannot start."""
+
+
 class CaptionError(Exception):
     """A record could not be captioned.
 

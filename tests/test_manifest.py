@@ -1,0 +1,154 @@
+import gzip
+import json
+import os
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_caption.errors import UsageError
+from beam_caption.manifest import (ReadManifests, iter_manifest, match_manifests, parse_key,
+                                   record_key)
+
+RECORDS = [{"image": [f"img{i}.png"], "conversation": [{"from": "human", "value": f"q{i}"}]}
+           for i in range(5)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_jsonl_records_get_file_and_index_keys(tmp_path):
+    file = write_jsonl(tmp_path / "m.jsonl", RECORDS)
+    elements = list(iter_manifest(file))
+    assert [e["record"] for e in elements] == RECORDS
+    assert [e["key"] for e in elements] == [f"{file}#{i}" for i in range(5)]
+    assert elements[3]["source"] == {"file": file, "index": 3}
+
+
+def test_json_array_is_streamed_item_by_item(tmp_path, monkeypatch):
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 7)  # force many refills
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(RECORDS, indent=2))
+    elements = list(iter_manifest(str(path)))
+    assert [e["record"] for e in elements] == RECORDS
+    assert [e["source"]["index"] for e in elements] == list(range(5))
+
+
+def test_json_array_with_strings_containing_brackets(tmp_path):
+    records = [{"image": "a]b,[c.png", "note": "} ] ,"}, {"image": "x.png"}]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(records))
+    assert [e["record"] for e in iter_manifest(str(path))] == records
+
+
+def test_empty_array_and_empty_file_give_nothing(tmp_path):
+    (tmp_path / "a.json").write_text(" [ ] \n")
+    (tmp_path / "b.jsonl").write_text("\n\n")
+    assert list(iter_manifest(str(tmp_path / "a.json"))) == []
+    assert list(iter_manifest(str(tmp_path / "b.jsonl"))) == []
+
+
+def test_gzip_jsonl_and_gzip_array(tmp_path):
+    with gzip.open(tmp_path / "m.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in RECORDS))
+    with gzip.open(tmp_path / "m.json.gz", "wt") as f:
+        f.write(json.dumps(RECORDS))
+    for name in ("m.jsonl.gz", "m.json.gz"):
+        assert [e["record"] for e in iter_manifest(str(tmp_path / name))] == RECORDS
+
+
+def test_malformed_line_is_a_failure_with_line_number_and_raw_text(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n{not json\n" + json.dumps(RECORDS[1]) + "\n")
+    elements = list(iter_manifest(str(path)))
+    assert [e.get("record") for e in elements] == [RECORDS[0], None, RECORDS[1]]
+    bad = elements[1]
+    assert bad["raw"] == "{not json"
+    assert bad["error"]["stage"] == "read" and bad["error"]["type"] == "malformed_json"
+    assert "line 2" in bad["error"]["message"]
+    assert bad["key"] == record_key(str(path), 1)
+
+
+def test_record_that_is_not_an_object_is_a_failure(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('[1, 2]\n"text"\n')
+    types = [e["error"]["type"] for e in iter_manifest(str(path))]
+    assert types == ["record_not_object", "record_not_object"]
+
+
+def test_truncated_array_keeps_items_before_the_break(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(RECORDS)[:-40])
+    elements = list(iter_manifest(str(path)))
+    good = [e for e in elements if "record" in e]
+    bad = [e for e in elements if "error" in e]
+    assert [e["record"] for e in good] == RECORDS[:len(good)] and len(good) >= 3
+    assert len(bad) == 1 and bad[0]["error"]["type"] == "malformed_json"
+    assert bad[0]["source"]["index"] == len(good)
+
+
+def test_invalid_utf8_reports_where_reading_stopped(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n\xff\xfe{bad}\n"
+                     + json.dumps(RECORDS[1]).encode() + b"\n")
+    elements = list(iter_manifest(str(path)))
+    assert elements[0]["record"] == RECORDS[0] and elements[2]["record"] == RECORDS[1]
+    assert elements[1]["error"]["type"] == "bad_utf8" and "line 2" in elements[1]["error"]["message"]
+
+
+def test_corrupt_gzip_reports_where_reading_stopped(tmp_path):
+    data = gzip.compress(("".join(json.dumps(r) + "\n" for r in RECORDS * 2000)).encode())
+    path = tmp_path / "m.jsonl.gz"
+    path.write_bytes(data[:len(data) // 2])
+    elements = list(iter_manifest(str(path)))
+    assert "record" in elements[0]
+    last = elements[-1]
+    assert last["error"]["type"] == "manifest_unreadable"
+    assert last["source"]["index"] == len(elements) - 1
+
+
+def test_keys_are_stable_and_parse_back(tmp_path):
+    file = write_jsonl(tmp_path / "m#1.jsonl", RECORDS)
+    first = [e["key"] for e in iter_manifest(file)]
+    assert first == [e["key"] for e in iter_manifest(file)]
+    assert parse_key(first[2]) == (file, 2)
+
+
+def test_match_globs_lists_and_reports_no_match(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    write_jsonl(tmp_path / "b.jsonl", RECORDS)
+    (tmp_path / "sub.jsonl").mkdir()
+    files = match_manifests([str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")])
+    assert files == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(UsageError, match="nothing.jsonl"):
+        match_manifests([str(tmp_path / "nothing.jsonl")])
+
+
+def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    monkeypatch.chdir(tmp_path)
+    assert match_manifests(["a.jsonl"]) == [os.path.join(str(tmp_path), "a.jsonl")]
+
+
+def test_memory_filesystem_urls(tmp_path):
+    import fsspec
+    with fsspec.open("memory://bucket/m.jsonl", "w") as f:
+        f.write(json.dumps(RECORDS[0]) + "\n")
+    files = match_manifests(["memory://bucket/*.jsonl"])
+    assert files == ["memory:///bucket/m.jsonl"]
+    assert next(iter_manifest(files[0]))["record"] == RECORDS[0]
+
+
+def test_read_manifests_transform(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS[:3])
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps(RECORDS[3]) + "\nnope\n")
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | ReadManifests([a, str(b)])
+        assert_that(out["records"] | beam.Map(lambda e: e["key"]),
+                    equal_to([f"{a}#{i}" for i in range(3)] + [f"{b}#0"]), label="records")
+        assert_that(out["failures"] | beam.Map(lambda e: (e["key"], e["raw"])),
+                    equal_to([(f"{b}#1", "nope")]), label="failures")

@@ -1,0 +1,276 @@
+"""The VLM client: async chat completions with per-record retries, throttling and typed errors.
+
+The openai SDK runs with ``max_retries=0``: this module is the only retry layer, so every
+attempt is counted once. Retryable: connection errors, timeouts, 408, 409, 429, 5xx and
+bodies that are not a chat completion. Everything else fails the record at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx2
+import openai
+from apache_beam.io.components.util import MovingSum
+
+from beam_caption.errors import CaptionError
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+THROTTLE_WINDOW_MS = 10_000
+THROTTLE_BUCKET_MS = 1_000
+THROTTLE_OVERLOAD_RATIO = 2.0
+THROTTLE_DELAY_S = 0.5
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where and how to call the model. Holds no secret: the key is passed separately."""
+
+    api_url: str
+    model: str
+    max_concurrency: int = 32
+    request_timeout: float = 120.0
+    max_retries: int = 6
+    initial_backoff: float = 1.0
+    max_backoff: float = 60.0
+    max_requests_per_minute: float | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass
+class Completion:
+    """A caption and what it cost."""
+
+    caption: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    attempts: int
+    latency_ms: float
+    throttled_s: float = 0.0
+
+
+class OverloadThrottle:
+    """Client-side adaptive throttling (the SRE book's formula, as in Beam's AdaptiveThrottler).
+
+    Over a sliding window, a new request is delayed with probability
+    ``max(0, (attempts - ratio * accepted) / (attempts + 1))``. Unlike Beam's class, an
+    attempt is counted when its answer arrives, not when it starts: with many requests in
+    flight, counting at the start would throttle every client while it warms up.
+    """
+
+    def __init__(self, rng: random.Random, window_ms: int = THROTTLE_WINDOW_MS,
+                 bucket_ms: int = THROTTLE_BUCKET_MS, ratio: float = THROTTLE_OVERLOAD_RATIO):
+        self._attempts = MovingSum(window_ms, bucket_ms)
+        self._accepted = MovingSum(window_ms, bucket_ms)
+        self._ratio = ratio
+        self._rng = rng
+
+    def record(self, overloaded: bool) -> None:
+        now = _now_ms()
+        self._attempts.add(now, 1)
+        if not overloaded:
+            self._accepted.add(now, 1)
+
+    def should_wait(self) -> bool:
+        now = _now_ms()
+        if not self._attempts.has_data(now):
+            return False
+        attempts = self._attempts.sum(now)
+        rejection = (attempts - self._ratio * self._accepted.sum(now)) / (attempts + 1)
+        return self._rng.random() < rejection
+
+
+class _RequestSpacer:
+    """Spaces request starts so that at most ``per_minute`` begin in any minute."""
+
+    def __init__(self, per_minute: float):
+        self._interval = 60.0 / per_minute
+        self._next = 0.0
+
+    async def wait(self) -> float:
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + self._interval
+        if start > now:
+            await asyncio.sleep(start - now)
+        return start - now
+
+
+def backoff_delay(retry: int, settings: ClientSettings, retry_after: float | None,
+                  rng: random.Random) -> float:
+    """Full-jitter exponential backoff, at least the server's Retry-After, at most max_backoff."""
+    ceiling = min(settings.max_backoff, settings.initial_backoff * 2 ** retry)
+    delay = rng.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, settings.max_backoff)
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Seconds asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    if headers is None:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def classify_exception(exc: BaseException) -> CaptionError:
+    """Map an SDK / transport exception to a typed CaptionError."""
+    if isinstance(exc, CaptionError):
+        return exc
+    if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
+        return CaptionError("request", "timeout", "the request timed out", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return CaptionError("request", "connection_error",
+                            f"connection failed: {type(cause).__name__}", retryable=True)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = _error_code(exc.body)
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        type_ = "content_policy" if code == "content_policy_violation" else f"http_{status}"
+        return CaptionError("request", type_, f"HTTP {status}: {_error_message(exc)}",
+                            retryable=retryable)
+    return CaptionError("request", "client_error", f"{type(exc).__name__}: {exc}")
+
+
+def _error_code(body) -> str | None:
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            return error["code"]
+    return None
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:500]
+    return str(exc.message)[:500]
+
+
+def parse_completion(body: bytes) -> tuple[str, str | None, int | None, int | None]:
+    """(caption, finish_reason, prompt_tokens, completion_tokens) from a response body.
+
+    Raises a retryable CaptionError(stage="response") for anything that is not a chat
+    completion with a non-empty text answer.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        kind = "empty_response" if not body.strip() else "malformed_response"
+        raise CaptionError("response", kind, "the response body is not JSON",
+                           retryable=True) from None
+    try:
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise CaptionError("response", "not_a_completion",
+                           "the response is not a chat completion", retryable=True) from None
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str) or not content.strip():
+        raise CaptionError("response", "empty_caption", "the model returned no text",
+                           retryable=True)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return (content.strip(), choice.get("finish_reason"), usage.get("prompt_tokens"),
+            usage.get("completion_tokens"))
+
+
+class VLMClient:
+    """One per worker process, used from one event loop.
+
+    ``complete()`` runs one record's request with its own retries; at most
+    ``max_concurrency`` requests are on the wire at once; backoff waits hold no slot.
+    """
+
+    def __init__(self, settings: ClientSettings, api_key: str | None, seed: int | None = None):
+        self.settings = settings
+        self._openai = openai.AsyncOpenAI(
+            base_url=settings.api_url,
+            api_key=api_key or "not-needed",
+            max_retries=0,
+            timeout=settings.request_timeout,
+            http_client=openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+                max_connections=settings.max_concurrency,
+                max_keepalive_connections=settings.max_concurrency)),
+        )
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._rng = random.Random(seed)
+        self._throttle = OverloadThrottle(self._rng)
+        self._spacer = (_RequestSpacer(settings.max_requests_per_minute)
+                        if settings.max_requests_per_minute else None)
+        self._extra = {k: v for k, v in (("max_tokens", settings.max_tokens),
+                                         ("temperature", settings.temperature)) if v is not None}
+
+    async def complete(self, messages: list[dict]) -> Completion:
+        """Caption one request, retrying retryable failures; raises CaptionError when done."""
+        throttled = 0.0
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            throttled += await self._wait_for_turn()
+            try:
+                caption, finish, prompt_tokens, completion_tokens = await self._attempt(messages)
+            except Exception as exc:  # every failure becomes a typed error below
+                error = classify_exception(exc)
+                error.attempts = attempt
+                self._throttle.record(
+                    overloaded=isinstance(exc, openai.APIStatusError) and exc.status_code in (429, 503))
+                if not error.retryable or attempt > self.settings.max_retries:
+                    raise error from None
+                headers = exc.response.headers if isinstance(exc, openai.APIStatusError) else None
+                await asyncio.sleep(backoff_delay(attempt - 1, self.settings,
+                                                  retry_after_seconds(headers), self._rng))
+                continue
+            self._throttle.record(overloaded=False)
+            return Completion(caption, finish, prompt_tokens, completion_tokens, attempt,
+                              round((time.monotonic() - started) * 1000, 1), round(throttled, 3))
+
+    async def _wait_for_turn(self) -> float:
+        """Client-side throttling: adaptive (after overload answers) and the optional RPM cap."""
+        waited = 0.0
+        while self._throttle.should_wait():
+            delay = THROTTLE_DELAY_S * (0.5 + self._rng.random())
+            await asyncio.sleep(delay)
+            waited += delay
+        if self._spacer is not None:
+            waited += await self._spacer.wait()
+        return waited
+
+    async def _attempt(self, messages: list[dict]):
+        async with self._slots:
+            async with asyncio.timeout(self.settings.request_timeout):
+                raw = await self._openai.chat.completions.with_raw_response.create(
+                    model=self.settings.model, messages=messages, **self._extra)
+                body = raw.http_response.content
+        return parse_completion(body)
+
+    async def aclose(self) -> None:
+        await self._openai.close()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

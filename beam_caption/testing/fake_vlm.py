@@ -1,0 +1,660 @@
+"""A fake OpenAI-compatible vision-language-model server for tests, the demo and benchmarks.
+
+Captions are derived from image content (orientation and mean colour), so a test can compute the
+expected caption from the original image with :func:`caption_for_images`. Faults (429, 5xx,
+connection resets, malformed / empty / HTML bodies, hangs) are injected at configurable rates
+from a seeded RNG; ``fail_first`` makes retries deterministic per request content.
+
+Run standalone: ``python -m beam_caption.testing.fake_vlm --port 8000 [--latency_ms 100] ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import math
+import operator
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+from aiohttp import web
+from PIL import ExifTags, Image
+
+FAULTS = ("429", "500", "reset", "malformed", "empty", "html", "hang")
+LISTENING = "fake VLM listening on "
+_ROLES = ("system", "user", "assistant")
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose width and height
+_LEVELS = range(256)
+_DRAFT_SIDE = 64  # JPEGs are decoded at reduced scale, no smaller than this
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_MALFORMED_BODY = b'{"id": "chatcmpl-fake", "choices": ['
+_HTML_BODY = "<html><body><h1>Service temporarily unavailable</h1></body></html>"
+
+
+@dataclass
+class FakeVLMConfig:
+    """Behaviour of a :class:`FakeVLMServer`. Rates are per-request probabilities (sum <= 1)."""
+
+    models: tuple[str, ...] = ("fake-vlm",)
+    api_key: str | None = None
+    latency_ms: float = 0
+    rate_429: float = 0
+    rate_500: float = 0
+    rate_reset: float = 0
+    rate_malformed: float = 0
+    rate_empty: float = 0
+    rate_html: float = 0
+    rate_hang: float = 0
+    hang_seconds: float = 3600
+    retry_after: float | None = None
+    retry_after_ms: float | None = None
+    fail_first: int = 0
+    fail_first_status: int = 503
+    reject_400_marker: str | None = "REJECT_400"
+    seed: int = 0
+    token_patch_px: int = 28
+
+    def __post_init__(self) -> None:
+        self.models = tuple(self.models)
+        if not self.models:
+            raise ValueError("models must not be empty")
+        rates = [self.fault_rate(kind) for kind in FAULTS]
+        if any(not 0 <= rate <= 1 for rate in rates) or sum(rates) > 1 + 1e-9:
+            raise ValueError("fault rates must be in [0, 1] and sum to at most 1")
+        if self.latency_ms < 0 or self.hang_seconds < 0 or self.fail_first < 0:
+            raise ValueError("latency_ms, hang_seconds and fail_first must be >= 0")
+        if self.token_patch_px < 1:
+            raise ValueError("token_patch_px must be >= 1")
+
+    def fault_rate(self, kind: str) -> float:
+        """The configured rate of fault ``kind`` (one of FAULTS)."""
+        return getattr(self, f"rate_{kind}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def describe_image(img: Image.Image) -> str:
+    """One image's part of the caption: ``"<orientation> image, colour #rrggbb"``."""
+    width, height = img.size
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    if width > height * 1.05:
+        orientation = "landscape"
+    elif height > width * 1.05:
+        orientation = "portrait"
+    else:
+        orientation = "square"
+    return f"{orientation} image, colour {_mean_colour_hex(img)}"
+
+
+def caption_for_images(images: list[Image.Image]) -> str:
+    """The caption the fake server answers for these images (as in the original files)."""
+    return _caption([describe_image(img) for img in images])
+
+
+def _caption(descriptions: list[str]) -> str:
+    return "A fake caption: " + ("; ".join(descriptions) if descriptions else "no image")
+
+
+def _mean_colour_hex(img: Image.Image) -> str:
+    """Mean RGB of the image on white, each channel rounded to a multiple of 51, as #rrggbb."""
+    rgb = _to_rgb(img)
+    histogram, pixels = rgb.histogram(), rgb.width * rgb.height
+    means = (sum(map(operator.mul, _LEVELS, histogram[band * 256:(band + 1) * 256])) / pixels
+             for band in range(3))
+    return "#" + "".join(f"{min(255, int(mean / 51 + 0.5) * 51):02x}" for mean in means)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB version of ``img``: 16-bit scaled to 8-bit, transparency composited onto white."""
+    if img.mode.startswith("I"):
+        img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class _APIError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body, status=self.status, headers=self.headers)
+
+
+class _Message(NamedTuple):
+    role: str
+    texts: list[str]
+    image_urls: list[str]
+
+
+class _Chat(NamedTuple):
+    model: str
+    messages: list[_Message]
+    max_tokens: int | None
+    raw_messages: list
+
+
+class _DecodedImage(NamedTuple):
+    size: tuple[int, int]
+    description: str
+
+
+def _parse_chat(raw: bytes, models: tuple[str, ...]) -> _Chat:
+    """Validate a chat completion request body like a real server does."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _APIError(400, "you must provide a model parameter", param="model",
+                        code="missing_required_parameter")
+    if model not in models:
+        raise _APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                        param="model", code="model_not_found")
+    if body.get("stream"):
+        raise _APIError(400, "streaming not supported by fake", param="stream")
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
+        raise _APIError(400, "temperature must be a number between 0 and 2", param="temperature")
+    messages = body.get("messages")
+    return _Chat(model, _parse_messages(messages), _parse_max_tokens(body), messages)
+
+
+def _parse_max_tokens(body: dict) -> int | None:
+    for param in ("max_completion_tokens", "max_tokens"):
+        value = body.get(param)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _APIError(400, f"{param} must be a positive integer", param=param)
+            return value
+    return None
+
+
+def _parse_messages(messages: object) -> list[_Message]:
+    if not isinstance(messages, list) or not messages:
+        raise _APIError(400, "messages must be a non-empty array", param="messages")
+    parsed = [_parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+    if not any(message.role == "user" for message in parsed):
+        raise _APIError(400, "messages must contain at least one user message", param="messages")
+    return parsed
+
+
+def _parse_message(message: object, param: str) -> _Message:
+    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        raise _APIError(400, f"{param} must be an object with role in {_ROLES}", param=param)
+    content = message.get("content")
+    if isinstance(content, str):
+        return _Message(message["role"], [content], [])
+    if not isinstance(content, list):
+        raise _APIError(400, f"{param}.content must be a string or an array",
+                        param=f"{param}.content")
+    texts, image_urls = [], []
+    for j, part in enumerate(content):
+        part_param = f"{param}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict) \
+                and isinstance(part["image_url"].get("url"), str):
+            image_urls.append(part["image_url"]["url"])
+        else:
+            raise _APIError(400, f"{part_param} must be a text or image_url part", param=part_param)
+    return _Message(message["role"], texts, image_urls)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decode_image(url: str) -> _DecodedImage:
+    """Decode a base64 image data URL: its size as sent and its caption part."""
+    if not url.startswith("data:"):
+        raise _APIError(400, "only base64 data: image URLs are supported by this server",
+                        param="image_url", code="invalid_image_url")
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise _APIError(400, "image URL must be a base64 data:image/... URL",
+                        param="image_url", code="invalid_image")
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        size = img.size
+        img.draft("RGB", (_DRAFT_SIDE, _DRAFT_SIDE))
+        return _DecodedImage(size, describe_image(img))
+    except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _APIError(400, f"could not decode image: {exc}", param="image_url",
+                        code="invalid_image") from None
+
+
+def _status_error(status: int, retry_headers: dict[str, str]) -> _APIError:
+    """The error a gateway answers with ``status``; 429s carry the retry headers."""
+    if status == 429:
+        return _APIError(429, "Rate limit reached (fake).", type="requests",
+                         code="rate_limit_exceeded", headers=retry_headers)
+    if status >= 500:
+        return _APIError(status, "The server had an error processing your request (fake).",
+                         type="server_error")
+    return _APIError(status, f"Injected HTTP {status} (fake).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+class _Stats:
+    """Thread-safe counters: mutated on the server loop, read from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests = self._succeeded = self._images = 0
+            self._max_in_flight = self._in_flight
+            self._by_status: dict[str, int] = {}
+            self._faults: dict[str, int] = {}
+            self._by_caption: dict[str, int] = {}
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"requests": self._requests, "succeeded": self._succeeded,
+                    "by_status": dict(self._by_status), "faults": dict(self._faults),
+                    "in_flight": self._in_flight, "max_in_flight": self._max_in_flight,
+                    "images": self._images, "by_caption": dict(self._by_caption)}
+
+    def begin(self) -> None:
+        with self._lock:
+            self._requests += 1
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+    def end(self, status: int | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if status is not None:
+                key = str(status)
+                self._by_status[key] = self._by_status.get(key, 0) + 1
+
+    def fault(self, kind: str) -> None:
+        with self._lock:
+            self._faults[kind] = self._faults.get(kind, 0) + 1
+
+    def succeeded(self, caption: str, images: int) -> None:
+        with self._lock:
+            self._succeeded += 1
+            self._images += images
+            self._by_caption[caption] = self._by_caption.get(caption, 0) + 1
+
+
+def _loopback_host(host: str) -> str:
+    """``host`` as an IP literal, or ValueError unless it is a loopback address."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    raise ValueError(f"the fake VLM server binds loopback addresses only, not {host!r}")
+
+
+def _header_number(value: float) -> str:
+    return f"{value:g}"
+
+
+class FakeVLMServer:
+    """The fake server, run on its own event loop in a background thread.
+
+    ``with FakeVLMServer(FakeVLMConfig(latency_ms=50)) as server:`` then send requests to
+    ``server.url``; ``server.stats()`` returns the counters served at ``GET /stats``.
+    """
+
+    def __init__(self, config: FakeVLMConfig | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.config = config or FakeVLMConfig()
+        self.host = _loopback_host(host)
+        self._requested_port = port
+        self._port: int | None = None
+        self._stats = _Stats()
+        self._rng = random.Random(self.config.seed)
+        self._fault_rates = [(kind, self.config.fault_rate(kind)) for kind in FAULTS
+                             if self.config.fault_rate(kind) > 0]
+        self._fail_counts: dict[str, int] = {}
+        self._retry_headers = self._make_retry_headers()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> FakeVLMServer:
+        """Start serving in a background thread; return once listening."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-vlm",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (in-flight requests are cancelled after a short grace period)."""
+        if self._thread is None:
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._thread = self._loop = None
+
+    def __enter__(self) -> FakeVLMServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI-compatible API, ending in /v1."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def stats(self) -> dict:
+        """A snapshot of the request counters."""
+        return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    async def _open(self) -> None:
+        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app.add_routes([
+            web.post("/v1/chat/completions", self._handle_chat),
+            web.get("/v1/models", self._handle_models),
+            web.get("/stats", self._handle_stats),
+            web.post("/stats/reset", self._handle_stats_reset),
+        ])
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=0.25)
+        await runner.setup()
+        self._runner = runner
+        await web.TCPSite(runner, self.host, self._requested_port).start()
+        self._port = runner.addresses[0][1]
+
+    def _make_retry_headers(self) -> dict[str, str]:
+        headers = {}
+        if self.config.retry_after is not None:
+            headers["Retry-After"] = _header_number(self.config.retry_after)
+        if self.config.retry_after_ms is not None:
+            headers["retry-after-ms"] = _header_number(self.config.retry_after_ms)
+        return headers
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        try:
+            self._check_auth(request)
+        except _APIError as exc:
+            return exc.response()
+        return web.json_response({"object": "list", "data": [
+            {"id": model, "object": "model", "owned_by": "fake"} for model in self.config.models]})
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self._stats.snapshot())
+
+    async def _handle_stats_reset(self, request: web.Request) -> web.Response:
+        self._stats.reset()
+        return web.json_response(self._stats.snapshot())
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        """Count the request around :meth:`_answer_chat`."""
+        self._stats.begin()
+        status = None
+        try:
+            response = await self._answer_chat(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # e.g. 413 from aiohttp itself
+            status = exc.status
+            raise
+        finally:
+            self._stats.end(status)
+
+    async def _answer_chat(self, request: web.Request) -> web.StreamResponse:
+        """Auth, fault injection, validation, latency, answer — in that order."""
+        try:
+            self._check_auth(request)
+            raw = await request.read()
+            fault = self._draw_fault()
+            if fault is not None:
+                self._stats.fault(fault)
+                response = await self._inject(fault, request)
+                if response is not None:
+                    return response
+            chat = _parse_chat(raw, self.config.models)
+            self._check_reject_marker(chat)
+            images = [[_decode_image(url) for url in m.image_urls] for m in chat.messages]
+            self._check_fail_first(chat)
+        except _APIError as exc:
+            return exc.response()
+        if self.config.latency_ms:
+            await asyncio.sleep(self.config.latency_ms / 1000)
+        return self._completion(chat, images)
+
+    def _check_auth(self, request: web.Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise _APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def _draw_fault(self) -> str | None:
+        if not self._fault_rates:
+            return None
+        draw = self._rng.random()
+        for kind, rate in self._fault_rates:
+            if draw < rate:
+                return kind
+            draw -= rate
+        return None
+
+    async def _inject(self, fault: str, request: web.Request) -> web.StreamResponse | None:
+        """Act out ``fault``: raise an error, return a bad response, or return None to go on."""
+        if fault == "429":
+            raise _status_error(429, self._retry_headers)
+        if fault == "500":
+            raise _status_error(self._rng.choice((500, 502, 503)), self._retry_headers)
+        if fault == "reset":
+            request.transport.abort()
+            raise asyncio.CancelledError  # aiohttp drops the connection without a response
+        if fault == "malformed":
+            return web.Response(body=_MALFORMED_BODY, content_type="application/json")
+        if fault == "empty":
+            return web.Response(body=b"", content_type="application/json")
+        if fault == "html":
+            return web.Response(text=_HTML_BODY, content_type="text/html")
+        if fault == "hang":
+            await asyncio.sleep(self.config.hang_seconds)
+            return None
+        raise AssertionError(f"unknown fault {fault!r}")
+
+    def _check_reject_marker(self, chat: _Chat) -> None:
+        marker = self.config.reject_400_marker
+        if marker and any(marker in text for m in chat.messages for text in m.texts):
+            raise _APIError(400, "Your request was rejected by the content policy (fake).",
+                            code="content_policy_violation")
+
+    def _check_fail_first(self, chat: _Chat) -> None:
+        """Fail the first ``fail_first`` requests with the same messages."""
+        if not self.config.fail_first:
+            return
+        messages = json.dumps(chat.raw_messages, sort_keys=True)
+        digest = hashlib.sha256(messages.encode()).hexdigest()
+        seen = self._fail_counts.get(digest, 0)
+        if seen < self.config.fail_first:
+            self._fail_counts[digest] = seen + 1
+            self._stats.fault("fail_first")
+            raise _status_error(self.config.fail_first_status, self._retry_headers)
+
+    def _completion(self, chat: _Chat, images: list[list[_DecodedImage]]) -> web.Response:
+        """The chat.completion answer: caption of all the request's images in order, and usage."""
+        caption = _caption([image.description for imgs in images for image in imgs])
+        completion_tokens = math.ceil(len(caption) / 4)
+        finish_reason = "stop"
+        if chat.max_tokens is not None and chat.max_tokens < completion_tokens:
+            caption = caption[:chat.max_tokens * 4]
+            completion_tokens, finish_reason = chat.max_tokens, "length"
+        prompt_tokens = sum(self._message_tokens(m, imgs) for m, imgs in zip(chat.messages, images))
+        n_images = sum(len(imgs) for imgs in images)
+        self._stats.succeeded(caption, n_images)
+        return web.json_response({
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": caption},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        })
+
+    def _message_tokens(self, message: _Message, images: list[_DecodedImage]) -> int:
+        patch = self.config.token_patch_px
+        return (4 + sum(math.ceil(len(text) / 4) for text in message.texts)
+                + sum(math.ceil(w / patch) * math.ceil(h / patch) for (w, h), _ in images))
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess and command line
+
+
+def spawn_fake_vlm(args: list[str] = (), timeout: float = 30) -> tuple[subprocess.Popen, str]:
+    """Start the fake server in a child process; return (process, base URL). Caller terminates it.
+
+    The child prints one line on stdout and nothing else; that pipe is closed once read.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "beam_caption.testing.fake_vlm", "--port", "0", *args],
+        stdout=subprocess.PIPE, env=env, text=True)
+    line = _read_line(process, timeout)
+    process.stdout.close()
+    if not line.startswith(LISTENING):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"fake VLM server did not start (exit code {process.poll()}): "
+                           f"{line!r}")
+    return process, line[len(LISTENING):].strip()
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The first stdout line of ``process``; kill it and raise TimeoutError after ``timeout``."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines:
+        process.kill()
+        process.wait()
+        raise TimeoutError(f"fake VLM server printed nothing in {timeout} s")
+    return lines[0]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m beam_caption.testing.fake_vlm",
+                                     description="Fake OpenAI-compatible VLM server.")
+    defaults = FakeVLMConfig()
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--model", dest="models", action="append",
+                        help=f"accepted model name, repeatable (default {defaults.models[0]})")
+    parser.add_argument("--api_key", help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--latency_ms", type=float, default=0.0)
+    for kind in FAULTS:
+        parser.add_argument(f"--rate_{kind}", type=float, default=0.0,
+                            help=f"probability of a {kind} fault per request")
+    parser.add_argument("--hang_seconds", type=float, default=defaults.hang_seconds)
+    parser.add_argument("--retry_after", type=float, help="Retry-After seconds on 429s")
+    parser.add_argument("--retry_after_ms", type=float, help="retry-after-ms on 429s")
+    parser.add_argument("--fail_first", type=int, default=0,
+                        help="fail the first N requests for each distinct content")
+    parser.add_argument("--fail_first_status", type=int, default=defaults.fail_first_status)
+    parser.add_argument("--reject_400_marker", default=defaults.reject_400_marker)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def _config_from_args(args: argparse.Namespace) -> FakeVLMConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(FakeVLMConfig) if hasattr(args, f.name)}
+    if values["models"] is None:
+        del values["models"]
+    return FakeVLMConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; print the listening line on stdout first."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    with FakeVLMServer(_config_from_args(args), args.host, args.port) as server:
+        print(f"{LISTENING}{server.url}", flush=True)
+        stopped.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

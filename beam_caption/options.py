@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -90,6 +91,23 @@ class CaptionOptions(PipelineOptions):
                             help="Refuse source images larger than this many bytes.")
         images.add_argument("--jpeg_quality", type=_positive_int, default=85,
                             help="JPEG quality of the re-encoded images.")
+
+
+BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", "project",
+                         "region", "job_name", "num_workers", "max_num_workers",
+                         "temp_location", "staging_location")
+
+
+def reported_options(options: PipelineOptions) -> dict:
+    """The options a summary shows: every beam_caption flag and the main Beam ones.
+
+    Holds no secret: the API key is never an option, only the name of its variable.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    CaptionOptions._add_argparse_args(parser)
+    names = [action.dest for action in parser._actions] + list(BEAM_OPTIONS_REPORTED)
+    values = options.get_all_options(drop_default=False)
+    return {name: values.get(name) for name in names}
 
 
 def resolve_api_key(api_key_env: str | None) -> str | None:

@@ -1,0 +1,64 @@
+"""``python -m beam_caption [flags]`` runs a caption job; ``python -m beam_caption demo`` shows one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from beam_caption.errors import UsageError
+from beam_caption.pipeline import run
+
+SAMPLE_DIR = Path(__file__).parent / "sample_data"
+
+
+def print_summary(summary: dict) -> None:
+    output = summary["options"]["output"]
+    print(f"captioned {summary['captioned']} of {summary['records']} records "
+          f"({summary['failed']} failed) in {summary['wall_time_s']:.1f} s, "
+          f"{summary['tokens']['total']} tokens, {summary['retries']} retries, "
+          f"{summary['throttled_s']:.1f} s throttled")
+    for kind, count in summary["failed_by_type"].items():
+        print(f"  failed {kind}: {count}")
+    print(f"outputs: {output}/captions-*.jsonl, {output}/failures-*.jsonl, {output}/summary.json")
+
+
+def demo(argv: list[str]) -> int:
+    """Caption the bundled sample images with the bundled fake VLM server."""
+    from beam_caption.testing.fake_vlm import FakeVLMServer
+
+    parser = argparse.ArgumentParser(prog="python -m beam_caption demo", description=demo.__doc__)
+    parser.add_argument("--output", default="demo_output", help="output directory")
+    args, beam_args = parser.parse_known_args(argv)
+    output = str(Path(args.output).resolve())
+    with FakeVLMServer() as server:
+        print(f"Starting the bundled FAKE VLM server at {server.url}: the captions below come "
+              "from a fake model that describes shape and colour, not from a real VLM.")
+        summary = run(["--input", str(SAMPLE_DIR / "sample_data.json"), "--output", output,
+                       "--api_url", server.url, "--model", "fake-vlm",
+                       "--image_root", str(SAMPLE_DIR), *beam_args])
+    print_summary(summary)
+    print("\nTo caption your own images with a real model:\n"
+          f"  export OPENAI_API_KEY=...   # or DF_API_KEY\n"
+          f"  python -m beam_caption --input '{SAMPLE_DIR / 'sample_data.json'}' "
+          f"--image_root '{SAMPLE_DIR}' --output captions_out \\\n"
+          "      --api_url https://api.openai.com/v1 --model gpt-4o-mini")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv[:1] == ["demo"]:
+            return demo(argv[1:])
+        print_summary(run(argv))
+        return 0
+    except UsageError as exc:
+        print(f"beam_caption: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""CaptionImages: keyed records in, captioned records and failure records out.
+
+One ``CaptionRuntime`` per worker process (``Shared``) owns an asyncio event loop in a
+background thread, one ``VLMClient`` and a thread pool for image preparation. The DoFn
+hands each record to that loop and keeps up to a window of records in flight across the
+bundle, so a slow request never holds up the others and free slots are refilled at once.
+Outputs and metrics are emitted from the bundle thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_caption.client import ClientSettings, VLMClient
+from beam_caption.errors import CaptionError
+from beam_caption.images import ImageSettings, prepare_image, resolve_image_path
+from beam_caption.messages import PromptSettings, build_messages, plan_request
+from beam_caption.options import resolve_api_key
+
+FAILURES = "failures"
+METRICS_NAMESPACE = "beam_caption"
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Everything a worker needs to caption records; picklable and free of secrets."""
+
+    client: ClientSettings
+    prompts: PromptSettings
+    images: ImageSettings
+    image_root: str
+    output_key: str = "caption"
+    api_key_env: str | None = None
+
+
+class CaptionRuntime:
+    """Event loop thread + VLM client + image thread pool, shared by a worker's DoFns."""
+
+    def __init__(self, config: CaptionConfig):
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="beam-caption-loop")
+        self._thread.start()
+        self._image_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="beam-caption-image")
+        api_key = resolve_api_key(config.api_key_env)
+        self._client = self.call(_make_client(config.client, api_key))
+
+    def call(self, coroutine):
+        """Run a coroutine on the runtime's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, element: dict) -> concurrent.futures.Future:
+        """Start captioning one keyed record; the future resolves to (tag, output, stats)."""
+        return asyncio.run_coroutine_threadsafe(self._caption(element), self._loop)
+
+    async def _caption(self, element: dict):
+        record = element["record"]
+        try:
+            plan = plan_request(record, self.config.prompts)
+            urls = await self._loop.run_in_executor(self._image_pool, self._prepare_images, plan)
+            messages = build_messages(plan, urls, self.config.prompts.system_prompt)
+            completion = await self._client.complete(messages)
+        except CaptionError as error:
+            return FAILURES, failure_element(element, error), error.attempts, 0.0
+        except Exception as exc:  # a bug must not lose the record: report it as a failure
+            error = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
+            return FAILURES, failure_element(element, error), 0, 0.0
+        meta = {
+            "model": self.config.client.model,
+            "attempts": completion.attempts,
+            "latency_ms": completion.latency_ms,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "finish_reason": completion.finish_reason,
+            "key": element["key"],
+        }
+        output = dict(record)
+        output[self.config.output_key] = completion.caption
+        output["caption_meta"] = meta
+        return None, output, completion.attempts, completion.throttled_s
+
+    def _prepare_images(self, plan) -> list[str]:
+        return [prepare_image(resolve_image_path(path, self.config.image_root),
+                              self.config.images).data_url
+                for path in plan.image_paths]
+
+
+async def _make_client(settings: ClientSettings, api_key: str | None) -> VLMClient:
+    return VLMClient(settings, api_key)
+
+
+def failure_element(element: dict, error: CaptionError) -> dict:
+    """A failure record as the output contract defines it."""
+    return {"key": element["key"], "source": element["source"], "record": element["record"],
+            "error": error.to_dict()}
+
+
+class _CaptionRecords(beam.DoFn):
+    def __init__(self, config: CaptionConfig, shared_handle: shared.Shared):
+        self._config = config
+        self._shared = shared_handle
+        self._window = 2 * config.client.max_concurrency + (os.cpu_count() or 1)
+        self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "failed")
+        self._retries = Metrics.counter(METRICS_NAMESPACE, "retries")
+        self._prompt_tokens = Metrics.counter(METRICS_NAMESPACE, "prompt_tokens")
+        self._completion_tokens = Metrics.counter(METRICS_NAMESPACE, "completion_tokens")
+        self._throttled_ms = Metrics.counter(METRICS_NAMESPACE, "throttled_ms")
+        self._latency = Metrics.distribution(METRICS_NAMESPACE, "latency_ms")
+
+    def setup(self):
+        config = self._config
+        self._runtime = self._shared.acquire(lambda: CaptionRuntime(config), tag=repr(config))
+
+    def start_bundle(self):
+        self._pending: dict[concurrent.futures.Future, tuple] = {}
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        future = self._runtime.submit(element)
+        self._pending[future] = (timestamp, window)
+        block = len(self._pending) >= self._window
+        yield from self._drain(concurrent.futures.FIRST_COMPLETED if block else None)
+
+    def finish_bundle(self):
+        yield from self._drain(concurrent.futures.ALL_COMPLETED)
+
+    def _drain(self, wait_for: str | None):
+        if wait_for is not None:
+            concurrent.futures.wait(self._pending, return_when=wait_for)
+        for future in [f for f in self._pending if f.done()]:
+            timestamp, window = self._pending.pop(future)
+            tag, output, attempts, throttled_s = future.result()
+            self._count(tag, output, attempts, throttled_s)
+            value = WindowedValue(output, timestamp, (window,))
+            yield beam.pvalue.TaggedOutput(tag, value) if tag else value
+
+    def _count(self, tag, output, attempts, throttled_s):
+        if attempts > 1:
+            self._retries.inc(attempts - 1)
+        if throttled_s:
+            self._throttled_ms.inc(int(throttled_s * 1000))
+        if tag:
+            self._failed.inc()
+            return
+        meta = output["caption_meta"]
+        self._captioned.inc()
+        self._prompt_tokens.inc(meta["prompt_tokens"] or 0)
+        self._completion_tokens.inc(meta["completion_tokens"] or 0)
+        self._latency.update(int(meta["latency_ms"]))
+
+
+class CaptionImages(beam.PTransform):
+    """Caption keyed record elements (from ReadManifests).
+
+    Returns ``{"captions": PCollection[dict], "failures": PCollection[dict]}``.
+    """
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, records):
+        results = records | "Caption" >> beam.ParDo(
+            _CaptionRecords(self._config, shared.Shared())).with_outputs(FAILURES, main="captions")
+        return {"captions": results.captions, FAILURES: results[FAILURES]}

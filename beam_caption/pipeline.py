@@ -1,0 +1,96 @@
+"""The caption pipeline: read manifests -> caption -> write, and the launcher around it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_caption.caption import METRICS_NAMESPACE, CaptionConfig, CaptionImages
+from beam_caption.client import ClientSettings
+from beam_caption.errors import UsageError
+from beam_caption.images import ImageSettings
+from beam_caption.manifest import FAILURES, ReadManifests, match_manifests
+from beam_caption.messages import PromptSettings
+from beam_caption.options import CaptionOptions, reported_options, split_inputs
+from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, WriteJsonLines, WriteSummary,
+                                read_summary, write_summary)
+
+log = logging.getLogger(__name__)
+
+
+def caption_config(options: CaptionOptions) -> CaptionConfig:
+    """The worker-side configuration from the parsed flags."""
+    return CaptionConfig(
+        client=ClientSettings(
+            api_url=options.api_url, model=options.model,
+            max_concurrency=options.max_concurrency, request_timeout=options.request_timeout,
+            max_retries=options.max_retries, max_backoff=options.max_backoff,
+            max_tokens=options.max_tokens, temperature=options.temperature),
+        prompts=PromptSettings(
+            system_prompt=options.system_prompt or None, prompt=options.prompt,
+            image_key=options.image_key, conversation_key=options.conversation_key),
+        images=ImageSettings(max_side=options.max_image_side, max_bytes=options.max_image_bytes,
+                             jpeg_quality=options.jpeg_quality),
+        image_root=options.image_root or os.getcwd(),
+        output_key=options.output_key,
+        api_key_env=options.api_key_env,
+    )
+
+
+def check_options(options: CaptionOptions) -> None:
+    missing = [flag for flag in ("input", "output", "api_url", "model")
+               if not getattr(options, flag)]
+    if missing:
+        raise UsageError("missing required flag(s): " + ", ".join(f"--{m}" for m in missing))
+    if options.api_key_env and not os.environ.get(options.api_key_env):
+        raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set")
+
+
+def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list[str]) -> dict:
+    """Add read -> caption -> write to ``pipeline``; returns the output PCollections."""
+    config = caption_config(options)
+    read = pipeline | "ReadManifests" >> ReadManifests(manifest_files)
+    captioned = read["records"] | "CaptionImages" >> CaptionImages(config)
+    failures = ((read[FAILURES], captioned[FAILURES])
+                | "AllFailures" >> beam.Flatten())
+    captions = captioned["captions"]
+    captions | "WriteCaptions" >> WriteJsonLines(options.output, CAPTIONS_PREFIX,
+                                                  options.num_shards)
+    failures | "WriteFailures" >> WriteJsonLines(options.output, FAILURES_PREFIX,
+                                                  options.num_shards)
+    (captions, failures) | "WriteSummary" >> WriteSummary(
+        options.output, options.image_key, reported_options(options))
+    return {"captions": captions, "failures": failures}
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse flags, run the job to completion and return summary.json's content."""
+    options = PipelineOptions(argv).view_as(CaptionOptions)
+    check_options(options)
+    manifest_files = match_manifests(split_inputs(options.input))
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options, manifest_files)
+    result = pipeline.run()
+    result.wait_until_finish()
+    summary = read_summary(options.output)
+    wall = time.monotonic() - started
+    summary["wall_time_s"] = round(wall, 3)
+    summary["images_per_s"] = round(summary["images_captioned"] / wall, 2) if wall else None
+    summary["throttled_s"] = _counter(result, "throttled_ms") / 1000
+    write_summary(summary, options.output)
+    return summary
+
+
+def _counter(result, name: str) -> int:
+    try:
+        counters = result.metrics().query(
+            MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))["counters"]
+    except (NotImplementedError, AttributeError):
+        return 0
+    return sum(c.committed or c.attempted or 0 for c in counters)

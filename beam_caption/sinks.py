@@ -1,0 +1,126 @@
+"""Sinks: sharded JSONL captions and failures (exactly-once files), and summary.json."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+CAPTIONS_PREFIX = "captions"
+FAILURES_PREFIX = "failures"
+SUMMARY_FILE = "summary.json"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+
+
+def output_path(output_dir: str, name: str) -> str:
+    return f"{output_dir.rstrip('/')}/{name}"
+
+
+def to_json_line(element: dict) -> str:
+    return json.dumps(element, ensure_ascii=False, separators=(",", ":"))
+
+
+class WriteJsonLines(beam.PTransform):
+    """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN.jsonl``; returns the final file names."""
+
+    def __init__(self, output_dir: str, prefix: str, num_shards: int = 0):
+        super().__init__()
+        self._path = output_path(output_dir, prefix)
+        self._num_shards = num_shards
+
+    def expand(self, elements):
+        return (elements
+                | "ToJson" >> beam.Map(to_json_line)
+                | "Write" >> beam.io.WriteToText(
+                    self._path, file_name_suffix=".jsonl", num_shards=self._num_shards,
+                    shard_name_template=SHARD_TEMPLATE))
+
+
+class _SummaryFn(beam.CombineFn):
+    """Counts, tokens and failures by stage/type over captions and failures."""
+
+    def create_accumulator(self):
+        return Counter()
+
+    def add_input(self, accumulator, counts):
+        accumulator.update(counts)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = Counter()
+        for accumulator in accumulators:
+            merged.update(accumulator)
+        return merged
+
+    def extract_output(self, accumulator):
+        return dict(accumulator)
+
+
+def caption_counts(element: dict, image_key: str) -> dict:
+    meta = element["caption_meta"]
+    images = element.get(image_key)
+    return {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
+            "attempts": meta["attempts"], "retries": max(meta["attempts"] - 1, 0),
+            "prompt_tokens": meta["prompt_tokens"] or 0,
+            "completion_tokens": meta["completion_tokens"] or 0}
+
+
+def failure_counts(element: dict) -> dict:
+    error = element["error"]
+    return {"failed": 1, "attempts": error["attempts"],
+            "retries": max(error["attempts"] - 1, 0),
+            f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
+
+
+def summary_from_counts(counts: dict, options: dict) -> dict:
+    """The summary.json document from the combined counts."""
+    captioned, failed = counts.get("captioned", 0), counts.get("failed", 0)
+    return {
+        "records": captioned + failed,
+        "captioned": captioned,
+        "failed": failed,
+        "images_captioned": counts.get("images", 0),
+        "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
+        "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
+        "attempts": counts.get("attempts", 0),
+        "retries": counts.get("retries", 0),
+        "tokens": {"prompt": counts.get("prompt_tokens", 0),
+                   "completion": counts.get("completion_tokens", 0),
+                   "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0)},
+        "options": options,
+    }
+
+
+def write_summary(summary: dict, output_dir: str) -> str:
+    path = output_path(output_dir, SUMMARY_FILE)
+    with FileSystems.create(path) as handle:
+        handle.write((json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return path
+
+
+def read_summary(output_dir: str) -> dict:
+    with FileSystems.open(output_path(output_dir, SUMMARY_FILE)) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+class WriteSummary(beam.PTransform):
+    """Combine captions and failures into ``OUTDIR/summary.json`` (exact, runner-independent)."""
+
+    def __init__(self, output_dir: str, image_key: str, options: dict):
+        super().__init__()
+        self._output_dir = output_dir
+        self._image_key = image_key
+        self._options = options
+
+    def expand(self, outputs):
+        captions, failures = outputs
+        image_key, output_dir, options = self._image_key, self._output_dir, self._options
+        return (
+            (captions | "CaptionCounts" >> beam.Map(caption_counts, image_key),
+             failures | "FailureCounts" >> beam.Map(failure_counts))
+            | "AllCounts" >> beam.Flatten()
+            | "Combine" >> beam.CombineGlobally(_SummaryFn())
+            | "Write" >> beam.Map(lambda counts: write_summary(
+                summary_from_counts(counts, options), output_dir)))

@@ -1,0 +1,30 @@
+"""beam_caption: caption very large image collections with OpenAI-compatible VLMs on Apache Beam."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="beam_caption",
+    version="0.1.0",
+    description="Caption large image collections with OpenAI-compatible vision-language models "
+                "on Apache Beam (DirectRunner, Dataflow, Flink, Spark).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["beam_caption", "beam_caption.*"]),
+    package_data={"beam_caption": ["sample_data/*.json", "sample_data/images/*"]},
+    install_requires=[
+        "apache-beam>=2.77.0,<3",
+        "openai>=3.57,<4",
+        "httpx2>=2.12,<3",
+        "pillow>=11",
+        "fsspec>=2024.1",
+        "gcsfs>=2024.1",
+        "aiohttp>=3.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
+        "s3": ["s3fs>=2024.1"],
+    },
+    entry_points={"console_scripts": ["beam-caption=beam_caption.__main__:main"]},
+)

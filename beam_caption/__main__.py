@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from beam_caption.errors import UsageError
+from beam_caption.options import CaptionOptions
 from beam_caption.pipeline import run
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
@@ -47,12 +48,37 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_caption",
+        description="Caption the images of JSON/JSONL manifests with an OpenAI-compatible VLM "
+                    "and write captions-*.jsonl, failures-*.jsonl and summary.json.",
+        epilog="Every standard Beam option works too (--runner, --direct_running_mode, "
+               "--direct_num_workers, --project, --region, --temp_location, ...). "
+               "'python -m beam_caption demo [--output DIR]' (also what runs when neither "
+               "--input nor --api_url is given) captions the bundled sample images with the "
+               "bundled fake VLM server.")
+    CaptionOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
+def _flag_names(argv: list[str]) -> set[str]:
+    return {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    flags = _flag_names(argv)
+    if flags & {"-h", "--help"} and argv[:1] != ["demo"]:
+        print_help()
+        return 0
     try:
         if argv[:1] == ["demo"]:
             return demo(argv[1:])
+        if not flags & {"--input", "--api_url"}:
+            print("No --input and no --api_url: running the demo (see --help).")
+            return demo(argv)
         print_summary(run(argv))
         return 0
     except UsageError as exc:

@@ -20,6 +20,8 @@ def print_summary(summary: dict) -> None:
           f"({summary['failed']} failed) in {summary['wall_time_s']:.1f} s, "
           f"{summary['tokens']['total']} tokens, {summary['retries']} retries, "
           f"{summary['throttled_s']:.1f} s throttled")
+    if summary["resumed"]:
+        print(f"  {summary['resumed']} captions were kept from the earlier run (--resume)")
     for kind, count in summary["failed_by_type"].items():
         print(f"  failed {kind}: {count}")
     print(f"outputs: {output}/captions-*.jsonl, {output}/failures-*.jsonl, {output}/summary.json")
@@ -38,7 +40,7 @@ def demo(argv: list[str]) -> int:
               "from a fake model that describes shape and colour, not from a real VLM.")
         summary = run(["--input", str(SAMPLE_DIR / "sample_data.json"), "--output", output,
                        "--api_url", server.url, "--model", "fake-vlm",
-                       "--image_root", str(SAMPLE_DIR), *beam_args])
+                       "--image_root", str(SAMPLE_DIR), "--overwrite", *beam_args])
     print_summary(summary)
     print("\nTo caption your own images with a real model:\n"
           f"  export OPENAI_API_KEY=...   # or DF_API_KEY\n"
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"beam_caption: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("beam_caption: interrupted. Captions finished so far are checkpointed in the "
+              "output directory; run the same command with --resume to continue.",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from beam_caption.errors import CaptionError
 from beam_caption.images import ImageSettings, prepare_image, resolve_image_path
 from beam_caption.messages import PromptSettings, build_messages, plan_request
 from beam_caption.options import resolve_api_key
+from beam_caption.resume import CheckpointWriter
 
 FAILURES = "failures"
 METRICS_NAMESPACE = "beam_caption"
@@ -40,6 +41,8 @@ class CaptionConfig:
     image_root: str
     output_key: str = "caption"
     api_key_env: str | None = None
+    checkpoint_dir: str | None = None  # output dir whose .checkpoint/ receives finished captions
+    checkpoint_interval: float = 10.0
 
 
 class CaptionRuntime:
@@ -125,6 +128,9 @@ class _CaptionRecords(beam.DoFn):
 
     def start_bundle(self):
         self._pending: dict[concurrent.futures.Future, tuple] = {}
+        config = self._config
+        self._checkpoints = (CheckpointWriter(config.checkpoint_dir, config.checkpoint_interval)
+                             if config.checkpoint_dir else None)
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = self._runtime.submit(element)
@@ -134,6 +140,8 @@ class _CaptionRecords(beam.DoFn):
 
     def finish_bundle(self):
         yield from self._drain(concurrent.futures.ALL_COMPLETED)
+        if self._checkpoints:
+            self._checkpoints.flush()
 
     def _drain(self, wait_for: str | None):
         if wait_for is not None:
@@ -154,6 +162,8 @@ class _CaptionRecords(beam.DoFn):
             self._failed.inc()
             return
         meta = output["caption_meta"]
+        if self._checkpoints:
+            self._checkpoints.add(output)
         self._captioned.inc()
         self._prompt_tokens.inc(meta["prompt_tokens"] or 0)
         self._completion_tokens.inc(meta["completion_tokens"] or 0)

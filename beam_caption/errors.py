@@ -9,6 +9,10 @@ class UsageError(ValueError):
     """A flag or input is missing or wrong: the job cannot start."""
 
 
+class PreflightError(UsageError):
+    """The endpoint, key or model is unusable: failing every record would only cost time."""
+
+
 class CaptionError(Exception):
     """A record could not be captioned.
 

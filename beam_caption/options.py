@@ -55,6 +55,15 @@ class CaptionOptions(PipelineOptions):
                         help="Field the caption is written to.")
         io.add_argument("--num_shards", type=_non_negative_int, default=0,
                         help="Output shards per file set (0 = the runner decides).")
+        io.add_argument("--resume", action="store_true", default=False,
+                        help="Keep the captions already in --output (final or checkpointed) and "
+                             "caption only the other records; earlier failures are retried.")
+        io.add_argument("--overwrite", action="store_true", default=False,
+                        help="Delete earlier outputs in --output before running (without "
+                             "--resume or --overwrite, a non-empty --output is refused).")
+        io.add_argument("--checkpoint_interval", type=_positive_float, default=10.0,
+                        help="Seconds between checkpoint writes of finished captions, which "
+                             "--resume reuses after a crash or Ctrl-C.")
 
         api = parser.add_argument_group("model endpoint")
         api.add_argument("--api_url", default=None,
@@ -83,6 +92,11 @@ class CaptionOptions(PipelineOptions):
                            help="Attempts after the first for retryable errors.")
         calls.add_argument("--max_backoff", type=_positive_float, default=60.0,
                            help="Longest wait between two attempts, Retry-After included.")
+        calls.add_argument("--max_requests_per_minute", type=_positive_float, default=None,
+                           help="Cap on request starts per minute per worker process "
+                                "(retries included).")
+        calls.add_argument("--skip_preflight", action="store_true", default=False,
+                           help="Do not check endpoint, key and model before the job starts.")
 
         images = parser.add_argument_group("images")
         images.add_argument("--max_image_side", type=_non_negative_int, default=1024,

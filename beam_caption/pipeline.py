@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 import time
 
@@ -11,16 +11,15 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.caption import METRICS_NAMESPACE, CaptionConfig, CaptionImages
-from beam_caption.client import ClientSettings
+from beam_caption.client import ClientSettings, preflight
 from beam_caption.errors import UsageError
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import FAILURES, ReadManifests, match_manifests
 from beam_caption.messages import PromptSettings
-from beam_caption.options import CaptionOptions, reported_options, split_inputs
+from beam_caption.options import CaptionOptions, reported_options, resolve_api_key, split_inputs
+from beam_caption.resume import SkipDone, clear_checkpoints, prepare_output_dir
 from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, WriteJsonLines, WriteSummary,
                                 read_summary, write_summary)
-
-log = logging.getLogger(__name__)
 
 
 def caption_config(options: CaptionOptions) -> CaptionConfig:
@@ -30,6 +29,7 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             api_url=options.api_url, model=options.model,
             max_concurrency=options.max_concurrency, request_timeout=options.request_timeout,
             max_retries=options.max_retries, max_backoff=options.max_backoff,
+            max_requests_per_minute=options.max_requests_per_minute,
             max_tokens=options.max_tokens, temperature=options.temperature),
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
@@ -51,33 +51,55 @@ def check_options(options: CaptionOptions) -> None:
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set")
 
 
-def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list[str]) -> dict:
-    """Add read -> caption -> write to ``pipeline``; returns the output PCollections."""
-    config = caption_config(options)
+def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list[str],
+          resume: bool = False) -> dict:
+    """Add read -> [skip done] -> caption -> write to ``pipeline``; returns the outputs.
+
+    resume: reuse the captions checkpointed in ``options.output`` (see resume.py).
+    """
+    config = dataclasses.replace(caption_config(options), checkpoint_dir=options.output,
+                                 checkpoint_interval=options.checkpoint_interval)
     read = pipeline | "ReadManifests" >> ReadManifests(manifest_files)
-    captioned = read["records"] | "CaptionImages" >> CaptionImages(config)
+    records = read["records"]
+    if resume:
+        split = records | "SkipDone" >> SkipDone(options.output)
+        records = split["todo"]
+    captioned = records | "CaptionImages" >> CaptionImages(config)
     failures = ((read[FAILURES], captioned[FAILURES])
                 | "AllFailures" >> beam.Flatten())
-    captions = captioned["captions"]
+    outputs = {"captions": captioned["captions"], "failures": failures}
+    if resume:
+        outputs["resumed"] = split["done"]
+        outputs["captions"] = ((captioned["captions"], split["done"])
+                               | "WithDone" >> beam.Flatten())
+    captions = outputs["captions"]
     captions | "WriteCaptions" >> WriteJsonLines(options.output, CAPTIONS_PREFIX,
                                                   options.num_shards)
     failures | "WriteFailures" >> WriteJsonLines(options.output, FAILURES_PREFIX,
                                                   options.num_shards)
-    (captions, failures) | "WriteSummary" >> WriteSummary(
+    outputs | "WriteSummary" >> WriteSummary(
         options.output, options.image_key, reported_options(options))
-    return {"captions": captions, "failures": failures}
+    return outputs
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse flags, run the job to completion and return summary.json's content."""
+    """Parse flags, check the endpoint, run the job to completion; returns summary.json's content.
+
+    Raises UsageError (or PreflightError) before anything runs when the job cannot work.
+    """
+    started = time.monotonic()
     options = PipelineOptions(argv).view_as(CaptionOptions)
     check_options(options)
     manifest_files = match_manifests(split_inputs(options.input))
-    started = time.monotonic()
+    config = caption_config(options)
+    if not options.skip_preflight:
+        preflight(config.client, resolve_api_key(options.api_key_env))
+    resume = prepare_output_dir(options.output, options.resume, options.overwrite)
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, options, manifest_files)
+    build(pipeline, options, manifest_files, resume=resume)
     result = pipeline.run()
     result.wait_until_finish()
+    clear_checkpoints(options.output)
     summary = read_summary(options.output)
     wall = time.monotonic() - started
     summary["wall_time_s"] = round(wall, 3)

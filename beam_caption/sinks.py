@@ -82,6 +82,7 @@ def summary_from_counts(counts: dict, options: dict) -> dict:
         "captioned": captioned,
         "failed": failed,
         "images_captioned": counts.get("images", 0),
+        "resumed": counts.get("resumed", 0),
         "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
         "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
         "attempts": counts.get("attempts", 0),
@@ -106,7 +107,11 @@ def read_summary(output_dir: str) -> dict:
 
 
 class WriteSummary(beam.PTransform):
-    """Combine captions and failures into ``OUTDIR/summary.json`` (exact, runner-independent)."""
+    """Combine captions and failures into ``OUTDIR/summary.json`` (exact, runner-independent).
+
+    Applied to ``{"captions", "failures"[, "resumed"]}``; ``resumed`` holds the captions
+    carried over from an earlier run (they are also inside ``captions``).
+    """
 
     def __init__(self, output_dir: str, image_key: str, options: dict):
         super().__init__()
@@ -115,11 +120,14 @@ class WriteSummary(beam.PTransform):
         self._options = options
 
     def expand(self, outputs):
-        captions, failures = outputs
         image_key, output_dir, options = self._image_key, self._output_dir, self._options
+        counts = [outputs["captions"] | "CaptionCounts" >> beam.Map(caption_counts, image_key),
+                  outputs["failures"] | "FailureCounts" >> beam.Map(failure_counts)]
+        if "resumed" in outputs:
+            counts.append(outputs["resumed"]
+                          | "ResumedCounts" >> beam.Map(lambda _: {"resumed": 1}))
         return (
-            (captions | "CaptionCounts" >> beam.Map(caption_counts, image_key),
-             failures | "FailureCounts" >> beam.Map(failure_counts))
+            counts
             | "AllCounts" >> beam.Flatten()
             | "Combine" >> beam.CombineGlobally(_SummaryFn())
             | "Write" >> beam.Map(lambda counts: write_summary(

@@ -1,0 +1,367 @@
+"""Shared benchmark helpers: generated images and manifests, the fake VLM server in its own
+process, the captioning stage driven like the DoFn drives it, process-tree RSS and CPU
+sampling, repeated measurements and the results table.
+
+Everything here needs only the package's own dependencies (Pillow, the fake server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from beam_caption.caption import CaptionRuntime
+from beam_caption.testing.fake_vlm import spawn_fake_vlm
+
+PROMPT = [{"from": "human", "value": "Generate detailed captions based on image content."}]
+SAMPLE_INTERVAL_S = 0.05
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated data
+
+
+def photo(width: int, height: int, seed: int = 0, noise_sigma: float = 6.0) -> Image.Image:
+    """A photo-like RGB image: smooth colour gradients, blurred shapes, thin lines, mild noise.
+
+    The large structures are drawn at 1/8 scale and upsampled (smooth, like out-of-focus
+    areas); lines and per-pixel Gaussian noise (sigma ``noise_sigma`` levels) add the fine
+    detail and sensor grain that make JPEG decoding cost what it costs for a camera photo.
+    """
+    rng = random.Random(seed)
+    small = (max(64, width // 8), max(48, height // 8))
+    gradient = Image.linear_gradient("L")
+    img = Image.merge("RGB", (gradient.resize(small), Image.radial_gradient("L").resize(small),
+                              gradient.rotate(90 + seed % 180).resize(small)))
+    draw = ImageDraw.Draw(img)
+    shortest = min(small)
+    for _ in range(40):
+        x, y = rng.randrange(small[0]), rng.randrange(small[1])
+        side = rng.randrange(max(2, shortest // 20), shortest // 3)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x, y, x + side, y + side * 2 // 3), fill=_random_colour(rng))
+    img = img.filter(ImageFilter.GaussianBlur(1)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(200):
+        x, y = rng.randrange(width), rng.randrange(height)
+        end = (x + rng.randrange(-width // 10, width // 10 + 1),
+               y + rng.randrange(-height // 10, height // 10 + 1))
+        draw.line((x, y, *end), fill=_random_colour(rng), width=rng.randrange(1, 4))
+    noise = Image.merge("RGB", [Image.effect_noise((width, height), noise_sigma)] * 3)
+    return ImageChops.add(img, noise, 1, -128)
+
+
+def _random_colour(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randrange(256), rng.randrange(256), rng.randrange(256)
+
+
+def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
+    """``img`` as JPEG / WEBP (at ``quality``) or PNG bytes."""
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **({} if fmt == "PNG" else {"quality": quality}))
+    return buffer.getvalue()
+
+
+def write_small_images(directory: Path, count: int) -> list[str]:
+    """``count`` distinct small JPEGs (96x64 .. 160x120, varied colours); their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = ((96, 64), (64, 96), (120, 120), (160, 120))
+    paths = []
+    for i in range(count):
+        img = Image.new("RGB", sizes[i % len(sizes)], ((i * 37) % 256, (i * 91) % 256, i % 256))
+        ImageDraw.Draw(img).ellipse((8, 8, 48, 40), fill=((i * 53) % 256, 200, 30))
+        path = directory / f"small{i:05d}.jpg"
+        img.save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def write_photo_copies(directory: Path, count: int, size: tuple[int, int],
+                       distinct: int = 8) -> list[str]:
+    """``count`` photo JPEGs (q90) of ``size``: ``distinct`` generated photos, copied round-robin."""
+    directory.mkdir(parents=True, exist_ok=True)
+    originals = []
+    for seed in range(distinct):
+        path = directory / f"photo{seed:05d}.jpg"
+        path.write_bytes(encode(photo(*size, seed=seed), "JPEG"))
+        originals.append(path)
+    paths = []
+    for i in range(count):
+        path = directory / f"photo{i:05d}.jpg"
+        if i >= distinct:
+            shutil.copyfile(originals[i % distinct], path)
+        paths.append(str(path))
+    return paths
+
+
+def write_manifest(path: Path, image_paths: list[str], records: int) -> Path:
+    """A JSONL manifest of ``records`` records, record i naming image i mod len(image_paths)."""
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(records):
+            out.write(json.dumps({"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
+                                  "conversation": PROMPT}) + "\n")
+    return path
+
+
+def elements(image_paths: list[str], count: int) -> list[dict]:
+    """Keyed record elements as ReadManifests makes them, for driving CaptionRuntime directly."""
+    return [{"key": f"bench#{i}", "source": {"file": "bench", "index": i},
+             "record": {"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
+                        "conversation": PROMPT}}
+            for i in range(count)]
+
+
+def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f"beam_caption_{prefix}_")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fake server and the captioning stage
+
+
+class FakeVLM:
+    """The fake VLM server in its own process: ``with FakeVLM(["--latency_ms", "100"]) as vlm``."""
+
+    def __init__(self, args: list[str]):
+        self._args = args
+
+    def __enter__(self) -> FakeVLM:
+        self.process, self.url = spawn_fake_vlm(self._args)
+        self.pid = self.process.pid
+        self._root = self.url.removesuffix("/v1")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self._root}/stats") as response:
+            return json.loads(response.read())
+
+    def reset_stats(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self._root}/stats/reset", method="POST"))
+
+
+def dofn_window(max_concurrency: int) -> int:
+    """The in-flight window _CaptionRecords keeps: 2 x max_concurrency + cpu_count."""
+    return 2 * max_concurrency + (os.cpu_count() or 1)
+
+
+@dataclass
+class StageRun:
+    """One pass of the captioning stage: seconds from first submit to last result, outputs."""
+
+    seconds: float
+    captioned: int
+    failed: int
+    outputs: list[dict]
+
+    @property
+    def per_s(self) -> float:
+        return (self.captioned + self.failed) / self.seconds
+
+
+def run_stage(runtime: CaptionRuntime, items: list[dict], window: int) -> StageRun:
+    """Drive ``runtime`` as _CaptionRecords does: submit into a bounded window of in-flight
+    futures, block for the first completed one when the window is full, drain at the end."""
+    pending: set[concurrent.futures.Future] = set()
+    results = []
+    started = time.perf_counter()
+    for item in items:
+        pending.add(runtime.submit(item))
+        if len(pending) >= window:
+            done, pending = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            results.extend(f.result() for f in done)
+    done, _ = concurrent.futures.wait(pending)
+    results.extend(f.result() for f in done)
+    seconds = time.perf_counter() - started
+    failed = sum(1 for tag, *_ in results if tag)
+    return StageRun(seconds, len(results) - failed, failed, [output for _, output, *_ in results])
+
+
+# ---------------------------------------------------------------------------------------------
+# Process measurements (from /proc: no psutil needed)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields_ = stat.read().rpartition(")")[2].split()
+    return (int(fields_[11]) + int(fields_[12])) / _CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU use of some processes over a block: ``with CpuMeter({"client": pid}) as cpu``;
+    then ``cpu.busy["client"]`` is the fraction of one core that process used."""
+
+    def __init__(self, pids: dict[str, int]):
+        self._pids = pids
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        wall = time.perf_counter() - self._wall
+        self.busy = {name: (cpu_seconds(pid) - self._start[name]) / wall
+                     for name, pid in self._pids.items()}
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    ppid = int(stat.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, summed."""
+    tree, stack, total = _children(), [pid], 0
+    while stack:
+        current = stack.pop()
+        total += _rss_bytes(current)
+        stack.extend(tree.get(current, ()))
+    return total
+
+
+class PeakRss:
+    """Peak resident memory of a process tree, polled every 50 ms in a background thread:
+    ``with PeakRss(pid) as rss: ...`` then ``rss.peak`` (bytes)."""
+
+    def __init__(self, pid: int):
+        self._pid = pid
+        self._stop = threading.Event()
+        self.peak = 0
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss_bytes(self._pid))
+            if self._stop.wait(SAMPLE_INTERVAL_S):
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the results table
+
+
+@dataclass
+class Spread:
+    """Median and range of repeated measurements."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __str__(self) -> str:
+        if len(self.values) == 1:
+            return _fmt(self.values[0])
+        return (f"{_fmt(self.median)} [{_fmt(min(self.values))}-{_fmt(max(self.values))}, "
+                f"n={len(self.values)}]")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+@dataclass
+class Row:
+    """One figure: ``ratio = median / ideal``; PASS when the median meets ``target``
+    (``higher_is_better`` says which way); ``target`` None makes the row informational."""
+
+    figure: str
+    measured: Spread
+    unit: str
+    ideal: float | None = None
+    target: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "info"
+        value = self.measured.median
+        met = value >= self.target if self.higher_is_better else value <= self.target
+        return "PASS" if met else "MISS"
+
+    def cells(self) -> list[str]:
+        sign = ">=" if self.higher_is_better else "<="
+        return [self.figure, f"{self.measured} {self.unit}",
+                "" if self.target is None else f"{sign} {_fmt(self.target)}",
+                "" if self.ideal is None else _fmt(self.ideal),
+                "" if not self.ideal else f"{self.measured.median / self.ideal:.2f}",
+                self.verdict]
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        header = ["figure", "measured: median [min-max, n]", "target", "ideal", "ratio", ""]
+        lines = [header] + [row.cells() for row in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        print(f"\n## {self.title}\n")
+        for i, line in enumerate(lines):
+            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+            if i == 0:
+                print("  ".join("-" * width for width in widths))
+        for note in self.notes:
+            print(f"  * {note}")
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and smaller datasets: a smoke run, not the figures")
+    return parser.parse_args()
+
+
+def load_note() -> str:
+    """The 1-minute load average beside the core count, to judge disturbance by other work."""
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the end of the run"

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"beam_caption: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        # Beam re-raises Ctrl-C inside a transform as RuntimeError("KeyboardInterrupt [...]").
+        if not isinstance(exc, KeyboardInterrupt) and not str(exc).startswith("KeyboardInterrupt"):
+            raise
         print("beam_caption: interrupted. Captions finished so far are checkpointed in the "
               "output directory; run the same command with --resume to continue.",
               file=sys.stderr)

@@ -75,7 +75,7 @@ class CaptionRuntime:
             messages = build_messages(plan, urls, self.config.prompts.system_prompt)
             completion = await self._client.complete(messages)
         except CaptionError as error:
-            return FAILURES, failure_element(element, error), error.attempts, 0.0
+            return FAILURES, failure_element(element, error), error.attempts, error.throttled_s
         except Exception as exc:  # a bug must not lose the record: report it as a failure
             error = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
             return FAILURES, failure_element(element, error), 0, 0.0
@@ -145,13 +145,26 @@ class _CaptionRecords(beam.DoFn):
 
     def _drain(self, wait_for: str | None):
         if wait_for is not None:
-            concurrent.futures.wait(self._pending, return_when=wait_for)
+            try:
+                concurrent.futures.wait(self._pending, return_when=wait_for)
+            except KeyboardInterrupt:
+                self._checkpoint_finished()
+                raise
         for future in [f for f in self._pending if f.done()]:
             timestamp, window = self._pending.pop(future)
             tag, output, attempts, throttled_s = future.result()
             self._count(tag, output, attempts, throttled_s)
             value = WindowedValue(output, timestamp, (window,))
             yield beam.pvalue.TaggedOutput(tag, value) if tag else value
+
+    def _checkpoint_finished(self):
+        """On Ctrl-C, save the captions that finished but were not emitted yet."""
+        if not self._checkpoints:
+            return
+        for future in self._pending:
+            if future.done() and future.result()[0] is None:
+                self._checkpoints.add(future.result()[1])
+        self._checkpoints.flush()
 
     def _count(self, tag, output, attempts, throttled_s):
         if attempts > 1:

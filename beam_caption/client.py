@@ -237,6 +237,7 @@ class VLMClient:
             except Exception as exc:  # every failure becomes a typed error below
                 error = classify_exception(exc)
                 error.attempts = attempt
+                error.throttled_s = round(throttled, 3)
                 self._throttle.record(
                     overloaded=isinstance(exc, openai.APIStatusError) and exc.status_code in (429, 503))
                 if not error.retryable or attempt > self.settings.max_retries:

@@ -22,10 +22,11 @@ class CaptionError(Exception):
     message: one human-readable line; never contains secrets.
     retryable: whether another attempt could succeed.
     attempts: how many API attempts were made (0 when none was).
+    throttled_s: seconds the record waited on client-side throttling (not in the record).
     """
 
     def __init__(self, stage: str, type: str, message: str, retryable: bool = False,
-                 attempts: int = 0) -> None:
+                 attempts: int = 0, throttled_s: float = 0.0) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         super().__init__(f"[{stage}/{type}] {message}")
@@ -34,9 +35,11 @@ class CaptionError(Exception):
         self.message = message
         self.retryable = retryable
         self.attempts = attempts
+        self.throttled_s = throttled_s
 
     def __reduce__(self):
-        return (CaptionError, (self.stage, self.type, self.message, self.retryable, self.attempts))
+        return (CaptionError, (self.stage, self.type, self.message, self.retryable, self.attempts,
+                               self.throttled_s))
 
     def to_dict(self) -> dict:
         """The ``error`` object of a failure record."""

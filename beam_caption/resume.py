@@ -55,6 +55,9 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     finals = _match(output_path(output_dir, f"{CAPTIONS_PREFIX}-*.jsonl"))
+    folder = output_path(output_dir, CHECKPOINT_DIR)
+    if finals and not FileSystems.exists(folder):
+        FileSystems.mkdirs(folder)
     FileSystems.rename(finals, [checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}")
                                 for path in finals])
     stale = _match(output_path(output_dir, f"{FAILURES_PREFIX}-*.jsonl"))
@@ -114,13 +117,12 @@ def _done_by_key(line: str):
 
 
 def _split(grouped, todo_tag: str):
-    key, groups = grouped
+    """One output per record still in the input: its earlier caption, else the record to do."""
+    _, groups = grouped
     records, done = list(groups["records"]), list(groups["done"])
-    if not records:
-        return  # captioned earlier, but no longer in the input
-    if done:
+    if records and done:
         yield done[0]
-    else:
+    elif records:
         yield beam.pvalue.TaggedOutput(todo_tag, records[0])
 
 

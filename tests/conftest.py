@@ -39,8 +39,11 @@ class Dataset:
 
 
 def make_image(root: Path, i: int, fmt: str = "png") -> tuple[str, str]:
-    """Write image i (unique colour/orientation) and return (relative path, its caption part)."""
-    size = SIZES[i % 3]
+    """Write image i and return (relative path, its caption).
+
+    Colour and orientation together are unique for i < 648, and so is the caption.
+    """
+    size = SIZES[(i + i // 216) % 3]
     image = Image.new("RGB", size, colour(i * 7 + 1))
     name = f"images/img{i:05d}.{fmt}"
     (root / "images").mkdir(parents=True, exist_ok=True)

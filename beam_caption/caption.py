@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient
 from beam_caption.errors import CaptionError
 from beam_caption.images import ImageSettings, prepare_image, resolve_image_path
@@ -43,6 +44,7 @@ class CaptionConfig:
     api_key_env: str | None = None
     checkpoint_dir: str | None = None  # output dir whose .checkpoint/ receives finished captions
     checkpoint_interval: float = 10.0
+    cache_dir: str | None = None
 
 
 class CaptionRuntime:
@@ -58,6 +60,10 @@ class CaptionRuntime:
             max_workers=os.cpu_count() or 1, thread_name_prefix="beam-caption-image")
         api_key = resolve_api_key(config.api_key_env)
         self._client = self.call(_make_client(config.client, api_key))
+        self._cache = RequestCache(config.cache_dir, self._run_in_pool)
+
+    def _run_in_pool(self, function, *args):
+        return self._loop.run_in_executor(self._image_pool, function, *args)
 
     def call(self, coroutine):
         """Run a coroutine on the runtime's loop and wait for its result."""
@@ -71,9 +77,9 @@ class CaptionRuntime:
         record = element["record"]
         try:
             plan = plan_request(record, self.config.prompts)
-            urls = await self._loop.run_in_executor(self._image_pool, self._prepare_images, plan)
-            messages = build_messages(plan, urls, self.config.prompts.system_prompt)
-            completion = await self._client.complete(messages)
+            messages, digest = await self._run_in_pool(self._prepare_request, plan)
+            completion = await self._cache.complete(digest,
+                                                    lambda: self._client.complete(messages))
         except CaptionError as error:
             return FAILURES, failure_element(element, error), error.attempts, error.throttled_s
         except Exception as exc:  # a bug must not lose the record: report it as a failure
@@ -86,6 +92,7 @@ class CaptionRuntime:
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,
             "finish_reason": completion.finish_reason,
+            "cached": completion.cached,
             "key": element["key"],
         }
         output = dict(record)
@@ -93,10 +100,14 @@ class CaptionRuntime:
         output["caption_meta"] = meta
         return None, output, completion.attempts, completion.throttled_s
 
-    def _prepare_images(self, plan) -> list[str]:
-        return [prepare_image(resolve_image_path(path, self.config.image_root),
+    def _prepare_request(self, plan) -> tuple[list[dict], str]:
+        """Load and encode the images, build the messages and their cache key (pool thread)."""
+        urls = [prepare_image(resolve_image_path(path, self.config.image_root),
                               self.config.images).data_url
                 for path in plan.image_paths]
+        messages = build_messages(plan, urls, self.config.prompts.system_prompt)
+        settings = self.config.client
+        return messages, request_digest(settings.model, settings.sampling_params(), messages)
 
 
 async def _make_client(settings: ClientSettings, api_key: str | None) -> VLMClient:

@@ -42,6 +42,11 @@ class ClientSettings:
     max_tokens: int | None = None
     temperature: float | None = None
 
+    def sampling_params(self) -> dict:
+        """The optional request parameters that are set."""
+        return {k: v for k, v in (("max_tokens", self.max_tokens),
+                                  ("temperature", self.temperature)) if v is not None}
+
 
 @dataclass
 class Completion:
@@ -54,6 +59,7 @@ class Completion:
     attempts: int
     latency_ms: float
     throttled_s: float = 0.0
+    cached: bool = False
 
 
 class OverloadThrottle:
@@ -221,8 +227,7 @@ class VLMClient:
         self._throttle = OverloadThrottle(self._rng)
         self._spacer = (_RequestSpacer(settings.max_requests_per_minute)
                         if settings.max_requests_per_minute else None)
-        self._extra = {k: v for k, v in (("max_tokens", settings.max_tokens),
-                                         ("temperature", settings.temperature)) if v is not None}
+        self._extra = settings.sampling_params()
 
     async def complete(self, messages: list[dict]) -> Completion:
         """Caption one request, retrying retryable failures; raises CaptionError when done."""

@@ -95,6 +95,10 @@ class CaptionOptions(PipelineOptions):
         calls.add_argument("--max_requests_per_minute", type=_positive_float, default=None,
                            help="Cap on request starts per minute per worker process "
                                 "(retries included).")
+        calls.add_argument("--cache_dir", default=None,
+                           help="Directory or URL (any fsspec filesystem) where answers are "
+                                "stored by request content; later runs reuse them instead of "
+                                "paying again. Duplicates within a run are always sent once.")
         calls.add_argument("--skip_preflight", action="store_true", default=False,
                            help="Do not check endpoint, key and model before the job starts.")
 

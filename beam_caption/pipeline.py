@@ -39,6 +39,7 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         image_root=options.image_root or os.getcwd(),
         output_key=options.output_key,
         api_key_env=options.api_key_env,
+        cache_dir=options.cache_dir,
     )
 
 

@@ -61,10 +61,15 @@ class _SummaryFn(beam.CombineFn):
 def caption_counts(element: dict, image_key: str) -> dict:
     meta = element["caption_meta"]
     images = element.get(image_key)
-    return {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
-            "attempts": meta["attempts"], "retries": max(meta["attempts"] - 1, 0),
-            "prompt_tokens": meta["prompt_tokens"] or 0,
-            "completion_tokens": meta["completion_tokens"] or 0}
+    tokens = (meta["prompt_tokens"] or 0) + (meta["completion_tokens"] or 0)
+    counts = {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
+              "attempts": meta["attempts"], "retries": max(meta["attempts"] - 1, 0)}
+    if meta.get("cached"):
+        counts.update(cache_hits=1, tokens_saved=tokens)
+    else:
+        counts.update(prompt_tokens=meta["prompt_tokens"] or 0,
+                      completion_tokens=meta["completion_tokens"] or 0)
+    return counts
 
 
 def failure_counts(element: dict) -> dict:
@@ -85,6 +90,8 @@ def summary_from_counts(counts: dict, options: dict) -> dict:
         "resumed": counts.get("resumed", 0),
         "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
         "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
+        "cache_hits": counts.get("cache_hits", 0),
+        "tokens_saved_by_cache": counts.get("tokens_saved", 0),
         "attempts": counts.get("attempts", 0),
         "retries": counts.get("retries", 0),
         "tokens": {"prompt": counts.get("prompt_tokens", 0),

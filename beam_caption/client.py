@@ -25,6 +25,7 @@ THROTTLE_WINDOW_MS = 10_000
 THROTTLE_BUCKET_MS = 1_000
 THROTTLE_OVERLOAD_RATIO = 2.0
 THROTTLE_DELAY_S = 0.5
+NO_KEY = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,11 @@ def retry_after_seconds(headers) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def classify_exception(exc: BaseException) -> CaptionError:
@@ -215,7 +219,7 @@ class VLMClient:
         self.settings = settings
         self._openai = openai.AsyncOpenAI(
             base_url=settings.api_url,
-            api_key=api_key or "not-needed",
+            api_key=api_key or NO_KEY,
             max_retries=0,
             timeout=settings.request_timeout,
             http_client=openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
@@ -291,8 +295,7 @@ def preflight(settings: ClientSettings, api_key: str | None) -> None:
     Lists the models; where the server has no model list (404/405) it sends one tiny
     text-only chat request instead.
     """
-    client = openai.OpenAI(base_url=settings.api_url, api_key=api_key or "not-needed",
-                           max_retries=0, timeout=PREFLIGHT_TIMEOUT_S)
+    client = _preflight_client(settings, api_key)
     try:
         served = [model.id for model in client.models.list()]
     except openai.APIStatusError as exc:
@@ -311,9 +314,13 @@ def preflight(settings: ClientSettings, api_key: str | None) -> None:
                              f"(it serves: {shown})")
 
 
+def _preflight_client(settings: ClientSettings, api_key: str | None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=settings.api_url, api_key=api_key or NO_KEY, max_retries=0,
+                         timeout=PREFLIGHT_TIMEOUT_S)
+
+
 def _probe_chat(settings: ClientSettings, api_key: str | None) -> None:
-    client = openai.OpenAI(base_url=settings.api_url, api_key=api_key or "not-needed",
-                           max_retries=0, timeout=PREFLIGHT_TIMEOUT_S)
+    client = _preflight_client(settings, api_key)
     try:
         client.chat.completions.create(model=settings.model, max_tokens=1,
                                        messages=[{"role": "user", "content": "ping"}])

@@ -123,7 +123,7 @@ def reported_options(options: PipelineOptions) -> dict:
     """
     parser = argparse.ArgumentParser(add_help=False)
     CaptionOptions._add_argparse_args(parser)
-    names = [action.dest for action in parser._actions] + list(BEAM_OPTIONS_REPORTED)
+    names = [*vars(parser.parse_args([])), *BEAM_OPTIONS_REPORTED]
     values = options.get_all_options(drop_default=False)
     return {name: values.get(name) for name in names}
 

@@ -55,6 +55,8 @@ def test_retry_after_headers():
     assert retry_after_seconds({"retry-after": "3"}) == 3.0
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert retry_after_seconds({}) is None
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({"retry-after-ms": "x", "retry-after": "2"}) == 2.0
 
 
 def test_backoff_is_full_jitter_capped_and_honours_retry_after():

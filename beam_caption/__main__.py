@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def demo(argv: list[str]) -> int:
                        "--api_url", server.url, "--model", "fake-vlm",
                        "--image_root", str(SAMPLE_DIR), "--overwrite", *beam_args])
     print_summary(summary)
+    for path in sorted(Path(output).glob("captions-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines()[:3]:
+            record = json.loads(line)
+            print(f"  {record['image']} -> {record['caption']}")
     print("\nTo caption your own images with a real model:\n"
           f"  export OPENAI_API_KEY=...   # or DF_API_KEY\n"
           f"  python -m beam_caption --input '{SAMPLE_DIR / 'sample_data.json'}' "

@@ -13,8 +13,11 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,12 +25,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from beam_caption.caption import CaptionRuntime
+from beam_caption.caption import CaptionConfig, CaptionRuntime
+from beam_caption.options import CaptionOptions
+from beam_caption.pipeline import caption_config
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
 
-PROMPT = [{"from": "human", "value": "Generate detailed captions based on image content."}]
 SAMPLE_INTERVAL_S = 0.05
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -111,19 +116,27 @@ def write_photo_copies(directory: Path, count: int, size: tuple[int, int],
 
 
 def write_manifest(path: Path, image_paths: list[str], records: int) -> Path:
-    """A JSONL manifest of ``records`` records, record i naming image i mod len(image_paths)."""
+    """A JSONL manifest of ``records`` records, record i naming image i mod len(image_paths)
+    and a prompt of its own (no two records are the same request)."""
     with open(path, "w", encoding="utf-8") as out:
         for i in range(records):
             out.write(json.dumps({"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
-                                  "conversation": PROMPT}) + "\n")
+                                  "conversation": conversation(str(i))}) + "\n")
     return path
 
 
-def elements(image_paths: list[str], count: int) -> list[dict]:
-    """Keyed record elements as ReadManifests makes them, for driving CaptionRuntime directly."""
-    return [{"key": f"bench#{i}", "source": {"file": "bench", "index": i},
+def conversation(label: str) -> list[dict]:
+    """A one-turn conversation naming ``label``: distinct labels make distinct requests, so
+    the worker's request cache (same image + prompt = one request) never answers for the server."""
+    return [{"from": "human", "value": f"Generate a detailed caption for image {label}."}]
+
+
+def elements(image_paths: list[str], count: int, run: str) -> list[dict]:
+    """Keyed record elements as ReadManifests makes them, for driving CaptionRuntime directly;
+    record i names image i mod len(image_paths) and a prompt unique to (run, i)."""
+    return [{"key": f"{run}#{i}", "source": {"file": run, "index": i},
              "record": {"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
-                        "conversation": PROMPT}}
+                        "conversation": conversation(f"{run}-{i}")}}
             for i in range(count)]
 
 
@@ -159,6 +172,14 @@ class FakeVLM:
         urllib.request.urlopen(urllib.request.Request(f"{self._root}/stats/reset", method="POST"))
 
 
+def stage_config(api_url: str, concurrency: int, image_root: str, *flags: str) -> CaptionConfig:
+    """The worker config the CLI would build from these flags (model fake-vlm)."""
+    options = PipelineOptions(["--input", "unused", "--output", "unused", "--api_url", api_url,
+                               "--model", "fake-vlm", "--max_concurrency", str(concurrency),
+                               "--image_root", image_root, *flags])
+    return caption_config(options.view_as(CaptionOptions))
+
+
 def dofn_window(max_concurrency: int) -> int:
     """The in-flight window _CaptionRecords keeps: 2 x max_concurrency + cpu_count."""
     return 2 * max_concurrency + (os.cpu_count() or 1)
@@ -179,19 +200,20 @@ class StageRun:
 
 
 def run_stage(runtime: CaptionRuntime, items: list[dict], window: int) -> StageRun:
-    """Drive ``runtime`` as _CaptionRecords does: submit into a bounded window of in-flight
-    futures, block for the first completed one when the window is full, drain at the end."""
+    """Drive ``runtime`` as _CaptionRecords does: after each submit, block for the first
+    completed future only when ``window`` are pending, then collect every completed one;
+    wait for the rest at the end (finish_bundle)."""
     pending: set[concurrent.futures.Future] = set()
     results = []
     started = time.perf_counter()
     for item in items:
         pending.add(runtime.submit(item))
         if len(pending) >= window:
-            done, pending = concurrent.futures.wait(
-                pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            results.extend(f.result() for f in done)
-    done, _ = concurrent.futures.wait(pending)
-    results.extend(f.result() for f in done)
+            concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = {future for future in pending if future.done()}
+        pending -= done
+        results.extend(future.result() for future in done)
+    results.extend(future.result() for future in concurrent.futures.as_completed(pending))
     seconds = time.perf_counter() - started
     failed = sum(1 for tag, *_ in results if tag)
     return StageRun(seconds, len(results) - failed, failed, [output for _, output, *_ in results])
@@ -201,29 +223,54 @@ def run_stage(runtime: CaptionRuntime, items: list[dict], window: int) -> StageR
 # Process measurements (from /proc: no psutil needed)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as stat:
+def _stat_cpu_seconds(stat_path: str) -> float:
+    with open(stat_path) as stat:
         fields_ = stat.read().rpartition(")")[2].split()
     return (int(fields_[11]) + int(fields_[12])) / _CLOCK_TICKS
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process's live threads, summed by thread name with a
+    pool's ``_N`` suffix dropped (``beam-caption-image_0`` and ``_1`` -> ``beam-caption-image``)."""
+    totals: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            seconds = _stat_cpu_seconds(f"/proc/self/task/{thread.native_id}/stat")
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = re.sub(r"_\d+$", "", thread.name)
+        totals[name] = totals.get(name, 0.0) + seconds
+    return totals
+
+
 class CpuMeter:
-    """CPU use of some processes over a block: ``with CpuMeter({"client": pid}) as cpu``;
-    then ``cpu.busy["client"]`` is the fraction of one core that process used."""
+    """CPU use over a block, as fractions of one core: ``with CpuMeter({"server": pid}) as cpu``
+    then ``cpu.processes["server"]``, and ``cpu.threads`` for this process's threads by name."""
 
     def __init__(self, pids: dict[str, int]):
         self._pids = pids
 
     def __enter__(self) -> CpuMeter:
-        self._start = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._processes = {name: process_cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._threads = thread_cpu_seconds()
         self._wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc_info) -> None:
         wall = time.perf_counter() - self._wall
-        self.busy = {name: (cpu_seconds(pid) - self._start[name]) / wall
-                     for name, pid in self._pids.items()}
+        self.processes = {name: (process_cpu_seconds(pid) - self._processes[name]) / wall
+                          for name, pid in self._pids.items()}
+        self.threads = {name: (seconds - self._threads.get(name, 0.0)) / wall
+                        for name, seconds in thread_cpu_seconds().items()}
+
+    def busiest_threads(self, count: int = 4) -> str:
+        ranked = sorted(self.threads.items(), key=lambda item: -item[1])[:count]
+        return ", ".join(f"{name} {busy:.2f}" for name, busy in ranked)
 
 
 def _children() -> dict[int, list[int]]:
@@ -280,6 +327,38 @@ class PeakRss:
             self.peak = max(self.peak, tree_rss_bytes(self._pid))
             if self._stop.wait(SAMPLE_INTERVAL_S):
                 return
+
+
+@dataclass
+class CliRun:
+    """One ``python -m beam_caption`` process: wall time from spawn to exit, memory, summary."""
+
+    wall_s: float
+    tree_peak_rss: int  # bytes: the process and its children, polled every 50 ms
+    max_rss: int  # bytes: the kernel's peak RSS of the main process (wait4 ru_maxrss)
+    summary: dict
+
+
+def run_cli(manifest: Path, output: Path, api_url: str, concurrency: int, image_root: Path,
+            *flags: str) -> CliRun:
+    """Run the CLI in a subprocess and time it from process start to exit."""
+    command = [sys.executable, "-m", "beam_caption", "--input", str(manifest),
+               "--output", str(output), "--api_url", api_url, "--model", "fake-vlm",
+               "--image_root", str(image_root), "--max_concurrency", str(concurrency),
+               "--runner=FnApiRunner", *flags]
+    log_path = output.with_name(output.name + ".log")
+    with open(log_path, "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        with PeakRss(process.pid) as rss:
+            _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"the CLI exited with {process.returncode}:\n"
+                           f"{log_path.read_text()[-3000:]}")
+    summary = json.loads((output / "summary.json").read_text())
+    return CliRun(wall, rss.peak, usage.ru_maxrss * 1024, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,10 +434,13 @@ class Table:
             print(f"  * {note}")
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, profile: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and smaller datasets: a smoke run, not the figures")
+    if profile:
+        parser.add_argument("--profile", type=Path, metavar="DIR",
+                            help="also profile one pass with py-spy, raw files into DIR")
     return parser.parse_args()
 
 

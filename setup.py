@@ -15,7 +15,6 @@ setup(
     install_requires=[
         "apache-beam>=2.77.0,<3",
         "openai>=3.57,<4",
-        "httpx2>=2.12,<3",
         "pillow>=11",
         "fsspec>=2024.1",
         "gcsfs>=2024.1",

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -66,6 +67,9 @@ class CaptionRuntime:
         api_key = resolve_api_key(config.api_key_env)
         self._client = self.call(_make_client(config.client, api_key))
         self._cache = RequestCache(config.cache_dir, self._run_io)
+        # Shared keeps the runtime for the life of the worker process; close it at exit.
+        self.close = weakref.finalize(self, _shutdown, self._loop, self._client,
+                                      (self._io_pool, self._cpu_pool))
 
     def _run_io(self, function, *args):
         return self._loop.run_in_executor(self._io_pool, function, *args)
@@ -117,6 +121,18 @@ class CaptionRuntime:
         messages = build_messages(plan, urls, self.config.prompts.system_prompt)
         settings = self.config.client
         return messages, request_digest(settings.model, settings.sampling_params(), messages)
+
+
+def _shutdown(loop, client, pools) -> None:
+    """Close the client's connections, stop the loop thread and the pools."""
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # exiting anyway: the sockets close with the process
+        loop.call_soon_threadsafe(loop.stop)
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _make_client(settings: ClientSettings, api_key: str | None) -> VLMClient:

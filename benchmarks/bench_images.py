@@ -34,11 +34,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (FakeVLM, Row, Spread, Table, elements, encode, load_note,  # noqa: E402
-                    parse_args, photo, run_stage, stage_config, temp_dir, write_manifest,
+from common import (FakeVLM, Row, Spread, Stage, Table, elements, encode,  # noqa: E402
+                    load_note, parse_args, photo, stage_config, temp_dir, write_manifest,
                     write_photo_copies)
 
-from beam_caption.caption import CaptionRuntime  # noqa: E402
 from beam_caption.images import ImageSettings, prepare_image_bytes  # noqa: E402
 
 SETTINGS = ImageSettings(max_side=1024, jpeg_quality=85)  # the CLI's defaults
@@ -177,9 +176,8 @@ def bytes_and_tokens(root: Path, data: bytes, table: Table) -> None:
             sent[side] = len(prepared.data_url)
             image_tokens[side] = (math.ceil(prepared.width / PATCH_PX)
                                   * math.ceil(prepared.height / PATCH_PX))
-            runtime = CaptionRuntime(stage_config(vlm.url, 1, str(root),
-                                                  "--max_image_side", str(side)))
-            run = run_stage(runtime, elements([str(path)], 1, f"side{side}"), 1)
+            stage = Stage(stage_config(vlm.url, 1, str(root), "--max_image_side", str(side)))
+            run = stage.run(elements([str(path)], 1, f"side{side}"))
             tokens[side] = run.outputs[0]["caption_meta"]["prompt_tokens"]
             table.rows += [
                 Row(f"12 MP photo, --max_image_side {side}: data URL", Spread([sent[side] / 1e3]),

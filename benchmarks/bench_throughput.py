@@ -1,8 +1,8 @@
 """Captioning throughput against the fake VLM server in its own process (issue targets 1 and 2).
 
-The captioning stage is measured by itself: ``CaptionRuntime`` (the per-worker runtime of the
-CaptionImages DoFn) is driven the way the DoFn drives it, with a bounded window of in-flight
-futures, from the first submit to the last result. Every record is a distinct request (own
+The captioning stage is measured by itself: the CaptionImages DoFn (``_CaptionRecords``, with
+its per-worker ``CaptionRuntime``) is set up once and given one bundle per pass, outside a
+pipeline, timed from the first record in to the last result out. Every record is a distinct request (own
 prompt), so the worker's request cache never answers for the server; each pass checks that the
 server saw exactly one request per record and that nothing failed. CPU use of the client
 (by thread) and of the server says which process saturates. The whole pipeline's images/s
@@ -23,12 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CpuMeter, FakeVLM, Row, Spread, Table, dofn_window,  # noqa: E402
-                    elements, load_note, parse_args, run_cli, run_stage, stage_config, temp_dir,
-                    write_manifest, write_small_images)
+from common import (CpuMeter, FakeVLM, Row, Spread, Stage, Table, elements,  # noqa: E402
+                    load_note, parse_args, run_cli, stage_config, temp_dir, write_manifest,
+                    write_small_images)
 from pyspy import PySpy  # noqa: E402
-
-from beam_caption.caption import CaptionRuntime  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -49,14 +47,13 @@ def measure_stage(scenario: Scenario, image_paths: list[str], image_root: str, r
     """Repeated passes of the captioning stage; adds the figure and the CPU evidence to table."""
     rates, client_cpu, server_cpu = [], [], []
     with FakeVLM(["--latency_ms", str(scenario.latency_ms)]) as vlm:
-        runtime = CaptionRuntime(stage_config(vlm.url, scenario.concurrency, image_root))
-        window = dofn_window(scenario.concurrency)
-        run_stage(runtime, elements(image_paths, 2 * window, "warm-up"), window)
+        stage = Stage(stage_config(vlm.url, scenario.concurrency, image_root))
+        stage.run(elements(image_paths, 4 * scenario.concurrency, "warm-up"))
         for rep in range(repeats):
             vlm.reset_stats()
             items = elements(image_paths, scenario.records, f"pass{rep}")
             with CpuMeter({"client": os.getpid(), "server": vlm.pid}) as cpu:
-                run = run_stage(runtime, items, window)
+                run = stage.run(items)
             _check(run, vlm.stats(), scenario)
             rates.append(run.per_s)
             client_cpu.append(cpu.processes["client"])
@@ -68,7 +65,7 @@ def measure_stage(scenario: Scenario, image_paths: list[str], image_root: str, r
             items = elements(image_paths, scenario.records, "profiled")
             with PySpy({"client": os.getpid(), "server": vlm.pid},
                        profile_dir / f"c{scenario.concurrency}") as spy:
-                run = run_stage(runtime, items, window)
+                run = stage.run(items)
             print(f"  profiled pass ({run.per_s:.1f} images/s under py-spy):")
             print("\n".join("    " + line for line in spy.report()), flush=True)
     rate = Spread(rates)

@@ -1,5 +1,5 @@
 """Shared benchmark helpers: generated images and manifests, the fake VLM server in its own
-process, the captioning stage driven like the DoFn drives it, process-tree RSS and CPU
+process, the captioning stage (the real DoFn, driven outside a pipeline), process-tree RSS and CPU
 sampling, repeated measurements and the results table.
 
 Everything here needs only the package's own dependencies (Pillow, the fake server).
@@ -8,7 +8,6 @@ Everything here needs only the package's own dependencies (Pillow, the fake serv
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import io
 import json
 import os
@@ -26,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from beam_caption.caption import CaptionConfig, CaptionRuntime
+from beam_caption.caption import CaptionConfig, _CaptionRecords
 from beam_caption.options import CaptionOptions
 from beam_caption.pipeline import caption_config
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
@@ -132,7 +134,7 @@ def conversation(label: str) -> list[dict]:
 
 
 def elements(image_paths: list[str], count: int, run: str) -> list[dict]:
-    """Keyed record elements as ReadManifests makes them, for driving CaptionRuntime directly;
+    """Keyed record elements as ReadManifests makes them, for driving the Stage directly;
     record i names image i mod len(image_paths) and a prompt unique to (run, i)."""
     return [{"key": f"{run}#{i}", "source": {"file": run, "index": i},
              "record": {"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
@@ -180,14 +182,32 @@ def stage_config(api_url: str, concurrency: int, image_root: str, *flags: str) -
     return caption_config(options.view_as(CaptionOptions))
 
 
-def dofn_window(max_concurrency: int) -> int:
-    """The in-flight window _CaptionRecords keeps: 2 x max_concurrency + cpu_count."""
-    return 2 * max_concurrency + (os.cpu_count() or 1)
+class Stage:
+    """The captioning stage as a worker runs it: the real CaptionImages DoFn, set up once
+    (its CaptionRuntime is reused by every pass), one bundle per ``run``."""
+
+    def __init__(self, config: CaptionConfig):
+        self.dofn = _CaptionRecords(config, shared.Shared())
+        self.dofn.setup()
+
+    def run(self, items: list[dict]) -> StageRun:
+        """One bundle: every item through process(), then finish_bundle(); timed end to end."""
+        outputs: list = []
+        started = time.perf_counter()
+        self.dofn.start_bundle()
+        for item in items:
+            outputs.extend(self.dofn.process(item, GlobalWindow().max_timestamp(),
+                                             GlobalWindow()))
+        outputs.extend(self.dofn.finish_bundle())
+        seconds = time.perf_counter() - started
+        failed = sum(1 for output in outputs if isinstance(output, TaggedOutput))
+        captions = [output.value for output in outputs if not isinstance(output, TaggedOutput)]
+        return StageRun(seconds, len(captions), failed, captions)
 
 
 @dataclass
 class StageRun:
-    """One pass of the captioning stage: seconds from first submit to last result, outputs."""
+    """One pass of the captioning stage: seconds from first record to last result, captions."""
 
     seconds: float
     captioned: int
@@ -197,26 +217,6 @@ class StageRun:
     @property
     def per_s(self) -> float:
         return (self.captioned + self.failed) / self.seconds
-
-
-def run_stage(runtime: CaptionRuntime, items: list[dict], window: int) -> StageRun:
-    """Drive ``runtime`` as _CaptionRecords does: after each submit, block for the first
-    completed future only when ``window`` are pending, then collect every completed one;
-    wait for the rest at the end (finish_bundle)."""
-    pending: set[concurrent.futures.Future] = set()
-    results = []
-    started = time.perf_counter()
-    for item in items:
-        pending.add(runtime.submit(item))
-        if len(pending) >= window:
-            concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        done = {future for future in pending if future.done()}
-        pending -= done
-        results.extend(future.result() for future in done)
-    results.extend(future.result() for future in concurrent.futures.as_completed(pending))
-    seconds = time.perf_counter() - started
-    failed = sum(1 for tag, *_ in results if tag)
-    return StageRun(seconds, len(results) - failed, failed, [output for _, output, *_ in results])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import dofn_window, run_stage, stage_config  # noqa: E402
-
-from beam_caption.caption import CaptionRuntime  # noqa: E402
+from common import Stage, stage_config  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +31,8 @@ def main() -> None:
     lines = args.manifest.read_text().splitlines()
     items = [{"key": f"{args.manifest}#{i}", "source": {"file": str(args.manifest), "index": i},
               "record": json.loads(line)} for i, line in enumerate(lines)]
-    runtime = CaptionRuntime(stage_config(args.api_url, args.concurrency, args.image_root,
-                                          *flags))
-    run = run_stage(runtime, items, dofn_window(args.concurrency))
+    stage = Stage(stage_config(args.api_url, args.concurrency, args.image_root, *flags))
+    run = stage.run(items)
     print(json.dumps({"seconds": run.seconds, "captioned": run.captioned, "failed": run.failed,
                       "images_per_s": run.per_s}))
 

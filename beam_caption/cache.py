@@ -1,6 +1,6 @@
 """Content-hash cache: the same image + prompt + model + parameters is paid for once.
 
-The key is a SHA-256 of the request exactly as it would be sent (model, sampling
+The key is a SHA-256 of the request body exactly as it is sent (model, sampling
 parameters and messages, with the prepared images inside), so any change to the image,
 prompt, model or preparation settings is a different key. Within a worker process,
 duplicates are coalesced in memory (a duplicate of a request still in flight waits for it);
@@ -24,10 +24,9 @@ from beam_caption.client import Completion
 MEMORY_ENTRIES = 50_000
 
 
-def request_digest(model: str, params: dict, messages: list[dict]) -> str:
-    payload = json.dumps({"model": model, "params": params, "messages": messages},
-                         sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+def request_digest(body: bytes) -> str:
+    """The cache key of a request body (VLMClient.request_body)."""
+    return hashlib.sha256(body).hexdigest()
 
 
 class _DirectoryStore:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import threading
 import weakref
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.cache import RequestCache, request_digest
-from beam_caption.client import ClientSettings, VLMClient
+from beam_caption.client import ClientSettings, VLMClient, request_body
 from beam_caption.errors import CaptionError
 from beam_caption.images import (ImageSettings, prepare_image_bytes, read_image_bytes,
                                  resolve_image_path)
@@ -86,15 +87,10 @@ class CaptionRuntime:
         record = element["record"]
         try:
             plan = plan_request(record, self.config.prompts)
-            images = self.config.images
-            sources = await asyncio.gather(*(
-                self._run_io(read_image_bytes, resolve_image_path(path, self.config.image_root),
-                             images.max_bytes)
-                for path in plan.image_paths))
-            messages, digest = await self._loop.run_in_executor(
-                self._cpu_pool, self._prepare_request, plan, sources)
-            completion = await self._cache.complete(digest,
-                                                    lambda: self._client.complete(messages))
+            sources = await self._run_io(self._read_images, plan.image_paths)
+            body, digest = await self._loop.run_in_executor(self._cpu_pool, self._request,
+                                                            plan, sources)
+            completion = await self._cache.complete(digest, lambda: self._client.complete(body))
         except CaptionError as error:
             return FAILURES, failure_element(element, error), error.attempts, error.throttled_s
         except Exception as exc:  # a bug must not lose the record: report it as a failure
@@ -115,12 +111,17 @@ class CaptionRuntime:
         output["caption_meta"] = meta
         return None, output, completion.attempts, completion.throttled_s
 
-    def _prepare_request(self, plan, sources: list[bytes]) -> tuple[list[dict], str]:
-        """Decode, resize and encode the images, build the messages and their cache key."""
+    def _read_images(self, paths: list[str]) -> list[bytes]:
+        """A record's image files, read one after the other: one pool task per record."""
+        root, max_bytes = self.config.image_root, self.config.images.max_bytes
+        return [read_image_bytes(resolve_image_path(path, root), max_bytes) for path in paths]
+
+    def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str]:
+        """Decode, resize and encode the images; the request body and its cache key."""
         urls = [prepare_image_bytes(data, self.config.images).data_url for data in sources]
-        messages = build_messages(plan, urls, self.config.prompts.system_prompt)
-        settings = self.config.client
-        return messages, request_digest(settings.model, settings.sampling_params(), messages)
+        body = request_body(self.config.client,
+                            build_messages(plan, urls, self.config.prompts.system_prompt))
+        return body, request_digest(body)
 
 
 def _shutdown(loop, client, pools) -> None:
@@ -164,6 +165,7 @@ class _CaptionRecords(beam.DoFn):
 
     def start_bundle(self):
         self._pending: dict[concurrent.futures.Future, tuple] = {}
+        self._finished: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
         config = self._config
         self._checkpoints = (CheckpointWriter(config.checkpoint_dir, config.checkpoint_interval)
                              if config.checkpoint_dir else None)
@@ -171,27 +173,38 @@ class _CaptionRecords(beam.DoFn):
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = self._runtime.submit(element)
         self._pending[future] = (timestamp, window)
-        block = len(self._pending) >= self._window
-        yield from self._drain(concurrent.futures.FIRST_COMPLETED if block else None)
+        future.add_done_callback(self._finished.put)
+        if len(self._pending) >= self._window:
+            yield self._emit(self._wait_for_one())
+        yield from self._emit_finished()
 
     def finish_bundle(self):
-        yield from self._drain(concurrent.futures.ALL_COMPLETED)
+        while self._pending:
+            yield self._emit(self._wait_for_one())
         if self._checkpoints:
             self._checkpoints.flush()
 
-    def _drain(self, wait_for: str | None):
-        if wait_for is not None:
+    def _wait_for_one(self) -> concurrent.futures.Future:
+        try:
+            return self._finished.get()
+        except KeyboardInterrupt:
+            self._checkpoint_finished()
+            raise
+
+    def _emit_finished(self):
+        while True:
             try:
-                concurrent.futures.wait(self._pending, return_when=wait_for)
-            except KeyboardInterrupt:
-                self._checkpoint_finished()
-                raise
-        for future in [f for f in self._pending if f.done()]:
-            timestamp, window = self._pending.pop(future)
-            tag, output, attempts, throttled_s = future.result()
-            self._count(tag, output, attempts, throttled_s)
-            value = WindowedValue(output, timestamp, (window,))
-            yield beam.pvalue.TaggedOutput(tag, value) if tag else value
+                future = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            yield self._emit(future)
+
+    def _emit(self, future: concurrent.futures.Future):
+        timestamp, window = self._pending.pop(future)
+        tag, output, attempts, throttled_s = future.result()
+        self._count(tag, output, attempts, throttled_s)
+        value = WindowedValue(output, timestamp, (window,))
+        return beam.pvalue.TaggedOutput(tag, value) if tag else value
 
     def _checkpoint_finished(self):
         """On Ctrl-C, save the captions that finished but were not emitted yet."""

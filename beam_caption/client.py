@@ -2,10 +2,11 @@
 
 Requests go out through one aiohttp session per worker: the openai SDK costs about 7.5 ms
 of CPU per request (it walks every message with typing introspection), which capped a
-2-core worker near 130 requests/s; aiohttp costs about 1.8 ms. The SDK (``max_retries=0``)
-is used only for the preflight. This module is the only retry layer, so every attempt is
-counted once. Retryable: connection errors, timeouts, 408, 409, 429, 5xx and
-bodies that are not a chat completion. Everything else fails the record at once.
+2-core worker near 130 requests/s; aiohttp costs about 1.8 ms. The SDK is used only by the
+launcher's preflight (``preflight.py``), so workers never import it. This module is the only
+retry layer, so every attempt is counted once. Retryable: connection errors, timeouts, 408,
+409, 429, 5xx and bodies that are not a chat completion. Everything else fails the record at
+once.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-import openai
 from apache_beam.io.components.util import MovingSum
 
-from beam_caption.errors import CaptionError, PreflightError
+from beam_caption.errors import CaptionError
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 THROTTLE_WINDOW_MS = 10_000
@@ -177,7 +177,7 @@ def classify_exception(exc: BaseException) -> CaptionError:
         code = _error_code(exc.body)
         retryable = status in RETRYABLE_STATUS or status >= 500
         type_ = "content_policy" if code == "content_policy_violation" else f"http_{status}"
-        return CaptionError("request", type_, f"HTTP {status}: {_error_message(exc.body)}",
+        return CaptionError("request", type_, f"HTTP {status}: {error_message(exc.body)}",
                             retryable=retryable)
     return CaptionError("request", "client_error", f"{type(exc).__name__}: {exc}")
 
@@ -190,7 +190,8 @@ def _error_code(body) -> str | None:
     return None
 
 
-def _error_message(body) -> str:
+def error_message(body) -> str:
+    """The message of an OpenAI-style JSON error body, or the start of any other body."""
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict) and error.get("message"):
@@ -226,6 +227,13 @@ def parse_completion(body: bytes) -> tuple[str, str | None, int | None, int | No
             usage.get("completion_tokens"))
 
 
+def request_body(settings: ClientSettings, messages: list[dict]) -> bytes:
+    """The JSON body of a chat completion request for VLMClient.complete (built off the event
+    loop: the image data URLs make it large)."""
+    return json.dumps({"model": settings.model, "messages": messages,
+                       **settings.sampling_params()}, separators=(",", ":")).encode("utf-8")
+
+
 class VLMClient:
     """One per worker process, used from one event loop.
 
@@ -246,10 +254,10 @@ class VLMClient:
         self._throttle = OverloadThrottle(self._rng)
         self._spacer = (_RequestSpacer(settings.max_requests_per_minute)
                         if settings.max_requests_per_minute else None)
-        self._extra = settings.sampling_params()
 
-    async def complete(self, messages: list[dict]) -> Completion:
-        """Caption one request, retrying retryable failures; raises CaptionError when done."""
+    async def complete(self, body: bytes) -> Completion:
+        """Send one request body (``request_body``), retrying retryable failures; raises
+        CaptionError when done."""
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
@@ -257,7 +265,7 @@ class VLMClient:
             attempt += 1
             throttled += await self._wait_for_turn()
             try:
-                caption, finish, prompt_tokens, completion_tokens = await self._attempt(messages)
+                caption, finish, prompt_tokens, completion_tokens = await self._attempt(body)
             except Exception as exc:  # every failure becomes a typed error below
                 error = classify_exception(exc)
                 error.attempts = attempt
@@ -285,11 +293,10 @@ class VLMClient:
             waited += await self._spacer.wait()
         return waited
 
-    async def _attempt(self, messages: list[dict]):
-        payload = json.dumps({"model": self.settings.model, "messages": messages, **self._extra})
+    async def _attempt(self, body: bytes):
         async with self._slots:
             async with asyncio.timeout(self.settings.request_timeout):
-                async with self._session.post(self._url, data=payload,
+                async with self._session.post(self._url, data=body,
                                               headers=self._headers) as response:
                     body = await response.read()
                     if response.status >= 400:
@@ -302,69 +309,3 @@ class VLMClient:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-PREFLIGHT_TIMEOUT_S = 15.0
-
-
-def preflight(settings: ClientSettings, api_key: str | None) -> None:
-    """Check endpoint, key and model before the job starts; raise PreflightError if unusable.
-
-    Lists the models; where the server has no model list (404/405) it sends one tiny
-    text-only chat request instead.
-    """
-    client = _preflight_client(settings, api_key)
-    try:
-        served = [model.id for model in client.models.list()]
-    except openai.APIStatusError as exc:
-        if exc.status_code not in (404, 405):
-            raise _preflight_error(settings, exc) from None
-        served = None
-    except openai.APIError as exc:
-        raise _preflight_error(settings, exc) from None
-    finally:
-        client.close()
-    if served is None:
-        _probe_chat(settings, api_key)
-    elif served and settings.model not in served:
-        shown = ", ".join(sorted(served)[:10])
-        raise PreflightError(f"model {settings.model!r} is not served at {settings.api_url} "
-                             f"(it serves: {shown})")
-
-
-def _preflight_client(settings: ClientSettings, api_key: str | None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=settings.api_url, api_key=api_key or NO_KEY, max_retries=0,
-                         timeout=PREFLIGHT_TIMEOUT_S)
-
-
-def _probe_chat(settings: ClientSettings, api_key: str | None) -> None:
-    client = _preflight_client(settings, api_key)
-    try:
-        client.chat.completions.create(model=settings.model, max_tokens=1,
-                                       messages=[{"role": "user", "content": "ping"}])
-    except openai.APIStatusError as exc:
-        if exc.status_code in (401, 403, 404):
-            raise _preflight_error(settings, exc) from None
-    except openai.APIError as exc:
-        raise _preflight_error(settings, exc) from None
-    finally:
-        client.close()
-
-
-def _preflight_error(settings: ClientSettings, exc: openai.APIError) -> PreflightError:
-    where = settings.api_url
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status == 401:
-            return PreflightError(f"{where} refused the API key (HTTP 401): set DF_API_KEY or "
-                                  "OPENAI_API_KEY, or name the variable with --api_key_env")
-        if status == 403:
-            return PreflightError(f"{where} denied access (HTTP 403): the key may lack access "
-                                  f"to model {settings.model!r}")
-        if status == 404:
-            return PreflightError(f"model {settings.model!r} was not found at {where} (HTTP 404)")
-        return PreflightError(f"{where} answered HTTP {status}: {_error_message(exc)}")
-    if isinstance(exc, openai.APITimeoutError):
-        return PreflightError(f"{where} did not answer within {PREFLIGHT_TIMEOUT_S:.0f} s")
-    cause = exc.__cause__ or exc
-    return PreflightError(f"cannot reach {where}: {type(cause).__name__}: {cause}")

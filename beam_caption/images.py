@@ -12,6 +12,7 @@ import math
 import os
 import posixpath
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass
 
@@ -124,12 +125,8 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
                       f"{shown} is {size} bytes, over the limit of {max_bytes} bytes")
 
     try:
-        opener = fsspec.open(url, "rb")
-    except (ValueError, ImportError) as e:  # unknown protocol, or its package is not installed
-        raise failed("image_read_error", e) from None
-    try:
-        with opener as f:
-            size = getattr(f, "size", None)
+        with _open_file(url) as f:
+            size = _known_size(f)
             if size is not None and size > max_bytes:
                 raise too_large(str(size))
             data = f.read() if size is not None else f.read(max_bytes + 1)
@@ -141,9 +138,24 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
         raise failed("image_permission_denied", e) from None
     except OSError as e:
         raise failed("image_read_error", e, retryable=True) from None
+    except (ValueError, ImportError) as e:  # unknown protocol, or its package is not installed
+        raise failed("image_read_error", e) from None
     if len(data) > max_bytes:
         raise too_large(f"{len(data)}" if size is not None else f"more than {max_bytes}")
     return data
+
+
+def _open_file(url: str):
+    """A binary file for a local path (the builtin ``open``, far cheaper than fsspec's) or for
+    any fsspec URL."""
+    return fsspec.open(url, "rb") if _URL.match(url) else open(url, "rb")
+
+
+def _known_size(f) -> int | None:
+    if isinstance(f, io.BufferedReader):  # a local file: its size if it is a regular one
+        status = os.fstat(f.fileno())
+        return status.st_size if stat.S_ISREG(status.st_mode) else None
+    return getattr(f, "size", None)
 
 
 def _open(data: bytes) -> Image.Image:

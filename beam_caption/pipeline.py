@@ -11,12 +11,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.caption import METRICS_NAMESPACE, CaptionConfig, CaptionImages
-from beam_caption.client import ClientSettings, preflight
+from beam_caption.client import ClientSettings
 from beam_caption.errors import UsageError
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import FAILURES, ReadManifests, match_manifests
 from beam_caption.messages import PromptSettings
 from beam_caption.options import CaptionOptions, reported_options, resolve_api_key, split_inputs
+from beam_caption.preflight import preflight
 from beam_caption.resume import SkipDone, clear_checkpoints, prepare_output_dir
 from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, WriteJsonLines, WriteSummary,
                                 read_summary, write_summary)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from beam_caption.cache import RequestCache, request_digest
-from beam_caption.client import Completion
+from beam_caption.client import ClientSettings, Completion, request_body
 from beam_caption.errors import CaptionError
 from beam_caption.testing import FakeVLMServer
 from conftest import TEST_RUNNER, run_cli
@@ -25,11 +25,16 @@ async def run_in_thread(function, *args):
 
 
 def test_digest_changes_with_model_params_and_content():
-    base = request_digest("m", {}, MESSAGES)
-    assert base == request_digest("m", {}, json.loads(json.dumps(MESSAGES)))
-    assert base != request_digest("m2", {}, MESSAGES)
-    assert base != request_digest("m", {"temperature": 0.5}, MESSAGES)
-    assert base != request_digest("m", {}, [{"role": "user", "content": "other"}])
+    def digest(messages=MESSAGES, **settings):
+        settings = {"api_url": "u", "model": "m", **settings}
+        return request_digest(request_body(ClientSettings(**settings), messages))
+
+    base = digest()
+    assert base == digest(json.loads(json.dumps(MESSAGES)))
+    assert base == digest(max_concurrency=3, request_timeout=5)  # not part of the request
+    assert base != digest(model="m2")
+    assert base != digest(temperature=0.5)
+    assert base != digest([{"role": "user", "content": "other"}])
 
 
 def test_concurrent_duplicates_are_sent_once():

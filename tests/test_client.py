@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from beam_caption.client import (ClientSettings, VLMClient, backoff_delay, parse_completion,
-                                 retry_after_seconds)
+                                 request_body, retry_after_seconds)
 from beam_caption.errors import CaptionError
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 
@@ -24,6 +24,16 @@ RED_PNG = _red_png()
 def messages(text="Describe.", url=RED_PNG):
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": text}]}]
+
+
+def test_request_body_is_compact_json_with_the_parameters_that_are_set():
+    plain = request_body(ClientSettings(api_url="u", model="m"), messages())
+    assert json.loads(plain) == {"model": "m", "messages": messages()}
+    assert b" " not in plain.replace(b"Describe.", b"")  # no padding around separators
+    tuned = request_body(ClientSettings(api_url="u", model="m", max_tokens=64, temperature=0.0),
+                         messages())
+    assert json.loads(tuned) == {"model": "m", "messages": messages(), "max_tokens": 64,
+                                 "temperature": 0.0}
 
 
 def completion_body(content="A cat.", finish="stop"):
@@ -74,7 +84,7 @@ def run_complete(server, msgs, **settings):
         client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm",
                                           initial_backoff=0.01, **settings), api_key="k", seed=0)
         try:
-            return await client.complete(msgs)
+            return await client.complete(request_body(client.settings, msgs))
         finally:
             await client.aclose()
     return asyncio.run(go())
@@ -133,7 +143,7 @@ async def _complete_on(loop, server, **settings):
     client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm",
                                       initial_backoff=0.001, **settings), api_key=None, seed=0)
     try:
-        return await client.complete(messages())
+        return await client.complete(request_body(client.settings, messages()))
     finally:
         await client.aclose()
 
@@ -143,8 +153,9 @@ def test_concurrency_is_bounded_by_max_concurrency():
         client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm", max_concurrency=4),
                            api_key=None)
         try:
-            return await asyncio.gather(*(client.complete(messages(text=f"q{i}"))
-                                          for i in range(12)))
+            return await asyncio.gather(*(
+                client.complete(request_body(client.settings, messages(text=f"q{i}")))
+                for i in range(12)))
         finally:
             await client.aclose()
 

@@ -64,7 +64,7 @@ class CaptionRuntime:
             max_workers=min(config.client.max_concurrency, IO_THREADS_MAX),
             thread_name_prefix="beam-caption-io")
         self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="beam-caption-image")
+            max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
         api_key = resolve_api_key(config.api_key_env)
         self._client = self.call(_make_client(config.client, api_key))
         self._cache = RequestCache(config.cache_dir, self._run_io)
@@ -124,6 +124,13 @@ class CaptionRuntime:
         return body, request_digest(body)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, cpusets), not all the machine has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def _shutdown(loop, client, pools) -> None:
     """Close the client's connections, stop the loop thread and the pools."""
     if loop.is_running():
@@ -161,7 +168,7 @@ class _CaptionRecords(beam.DoFn):
     def setup(self):
         config = self._config
         self._runtime = self._shared.acquire(lambda: CaptionRuntime(config), tag=repr(config))
-        self._window = 2 * config.client.max_concurrency + (os.cpu_count() or 1)
+        self._window = 2 * config.client.max_concurrency + usable_cores()
 
     def start_bundle(self):
         self._pending: dict[concurrent.futures.Future, tuple] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +104,12 @@ def test_usage_errors_exit_2_with_one_clear_line(tmp_path, args, message):
     result = run_cli([*TEST_RUNNER, *args], tmp_path / "out", cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+def test_worker_pools_follow_the_cores_the_process_may_use():
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from beam_caption.caption import usable_cores; print(usable_cores())")
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert pinned.stdout.strip() == "1"

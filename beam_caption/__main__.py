@@ -8,9 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from beam_caption.errors import UsageError
-from beam_caption.options import CaptionOptions
-from beam_caption.pipeline import run
+# Importing apache_beam with gcsfs's google-cloud-storage but no apitools logs "apitools not
+# found, and bigquery client libraries are not available" on every start; nothing here uses
+# BigQuery, so the CLI drops that one line.
+logging.getLogger().addFilter(
+    lambda record: not record.getMessage().startswith("apitools not found"))
+
+from beam_caption.errors import UsageError  # noqa: E402
+from beam_caption.options import CaptionOptions  # noqa: E402
+from beam_caption.pipeline import run  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 

@@ -113,3 +113,13 @@ def test_worker_pools_follow_the_cores_the_process_may_use():
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert pinned.stdout.strip() == "1"
+
+
+def test_demo_captions_the_bundled_samples_quietly(tmp_path):
+    result = run_cli(["demo", *TEST_RUNNER], tmp_path / "demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FAKE VLM server at http://127.0.0.1:" in result.stdout
+    assert "captioned 11 of 11 records (0 failed)" in result.stdout
+    assert len(result.captions) == 11 and not result.failures
+    assert all(c["caption"].startswith("A fake caption:") for c in result.captions)
+    assert "WARNING" not in result.stderr and "apitools" not in result.stderr, result.stderr

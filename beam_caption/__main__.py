@@ -12,7 +12,8 @@ from pathlib import Path
 # found, and bigquery client libraries are not available" on every start; nothing here uses
 # BigQuery, so the CLI drops that one line.
 logging.getLogger().addFilter(
-    lambda record: not record.getMessage().startswith("apitools not found"))
+    lambda record: not (isinstance(record.msg, str)
+                        and record.msg.startswith("apitools not found")))
 
 from beam_caption.errors import UsageError  # noqa: E402
 from beam_caption.options import CaptionOptions  # noqa: E402

@@ -218,7 +218,7 @@ class _CaptionRecords(beam.DoFn):
         if not self._checkpoints:
             return
         for future in self._pending:
-            if future.done() and future.result()[0] is None:
+            if future.done() and not future.cancelled() and future.result()[0] is None:
                 self._checkpoints.add(future.result()[1])
         self._checkpoints.flush()
 

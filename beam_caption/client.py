@@ -298,10 +298,10 @@ class VLMClient:
             async with asyncio.timeout(self.settings.request_timeout):
                 async with self._session.post(self._url, data=body,
                                               headers=self._headers) as response:
-                    body = await response.read()
+                    answer = await response.read()
                     if response.status >= 400:
-                        raise HTTPStatusFailure(response.status, response.headers, body)
-        return parse_completion(body)
+                        raise HTTPStatusFailure(response.status, response.headers, answer)
+        return parse_completion(answer)
 
     async def aclose(self) -> None:
         await self._session.close()

@@ -112,8 +112,13 @@ def _shown(url: str) -> str:
 def read_image_bytes(url: str, max_bytes: int) -> bytes:
     """The bytes at ``url`` (any fsspec URL or local path), refusing more than max_bytes.
 
-    A known size is checked before reading; otherwise at most max_bytes + 1 bytes are read.
+    A known size is checked before reading, and at most max_bytes + 1 bytes are ever read (a
+    reported size can be wrong). Local paths are read with the builtin ``open``, far cheaper
+    than fsspec's; FIFOs, devices and sockets are refused rather than read.
     """
+    local = not _URL.match(url)
+    if local:
+        url = os.path.expanduser(url)
     shown = _shown(url)
 
     def failed(code: str, e: BaseException, retryable: bool = False) -> CaptionError:
@@ -125,11 +130,14 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
                       f"{shown} is {size} bytes, over the limit of {max_bytes} bytes")
 
     try:
-        with _open_file(url) as f:
+        if local and _is_special_file(url):
+            raise _error("image_not_a_file",
+                         f"{shown} is not a regular file (a FIFO, device or socket)")
+        with open(url, "rb") if local else fsspec.open(url, "rb") as f:
             size = _known_size(f)
             if size is not None and size > max_bytes:
                 raise too_large(str(size))
-            data = f.read() if size is not None else f.read(max_bytes + 1)
+            data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise failed("image_not_found", e) from None
     except IsADirectoryError as e:
@@ -145,16 +153,14 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def _open_file(url: str):
-    """A binary file for a local path (the builtin ``open``, far cheaper than fsspec's) or for
-    any fsspec URL."""
-    return fsspec.open(url, "rb") if _URL.match(url) else open(url, "rb")
+def _is_special_file(path: str) -> bool:
+    mode = os.stat(path).st_mode
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _known_size(f) -> int | None:
-    if isinstance(f, io.BufferedReader):  # a local file: its size if it is a regular one
-        status = os.fstat(f.fileno())
-        return status.st_size if stat.S_ISREG(status.st_mode) else None
+    if isinstance(f, io.BufferedReader):  # a local regular file
+        return os.fstat(f.fileno()).st_size
     return getattr(f, "size", None)
 
 

@@ -123,3 +123,13 @@ def test_demo_captions_the_bundled_samples_quietly(tmp_path):
     assert len(result.captions) == 11 and not result.failures
     assert all(c["caption"].startswith("A fake caption:") for c in result.captions)
     assert "WARNING" not in result.stderr and "apitools" not in result.stderr, result.stderr
+
+
+def test_cli_log_filter_drops_only_beams_apitools_line():
+    code = ("import logging, beam_caption.__main__\n"
+            "logging.warning('apitools not found, and bigquery client libraries ...')\n"
+            "logging.warning('%d records', 'not a number')  # a bad call must not raise\n"
+            "logging.warning('kept')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "apitools" not in result.stderr and "kept" in result.stderr

@@ -114,6 +114,22 @@ def test_read_errors(tmp_path):
     assert (unknown.type, unknown.retryable) == ("image_read_error", False)
 
 
+def test_local_reads_expand_home_and_refuse_special_files(tmp_path, monkeypatch):
+    data = encode(noisy((40, 30)), "JPEG")
+    (tmp_path / "a.jpg").write_bytes(data)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_image_bytes("~/a.jpg", 10**6) == data
+    os.mkfifo(tmp_path / "fifo.jpg")  # opening it would block until a writer appears
+    fifo = error_of(read_image_bytes, str(tmp_path / "fifo.jpg"), 100)
+    assert fifo.type == "image_not_a_file" and "not a regular file" in fifo.message
+    assert error_of(read_image_bytes, "/dev/null", 100).type == "image_not_a_file"
+
+
+def test_a_wrong_reported_size_never_reads_past_the_limit():
+    error = error_of(read_image_bytes, "file:///dev/zero", 100)  # fsspec reports size 0
+    assert error.type == "image_too_large"
+
+
 def test_read_too_large_known_size(tmp_path):
     (tmp_path / "big.jpg").write_bytes(b"x" * 101)
     error = error_of(read_image_bytes, str(tmp_path / "big.jpg"), 100)

@@ -70,7 +70,7 @@ def _preflight_error(settings: ClientSettings, exc: openai.APIError) -> Prefligh
                                   f"to model {settings.model!r}")
         if status == 404:
             return PreflightError(f"model {settings.model!r} was not found at {where} (HTTP 404)")
-        return PreflightError(f"{where} answered HTTP {status}: {error_message(exc)}")
+        return PreflightError(f"{where} answered HTTP {status}: {error_message(exc.body)}")
     if isinstance(exc, openai.APITimeoutError):
         return PreflightError(f"{where} did not answer within {PREFLIGHT_TIMEOUT_S:.0f} s")
     cause = exc.__cause__ or exc

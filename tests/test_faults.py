@@ -6,9 +6,13 @@ import collections
 import gzip
 import json
 
+import httpx2
+import openai
 import pytest
 from PIL import Image
 
+from beam_caption.client import ClientSettings
+from beam_caption.preflight import _preflight_error
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 from conftest import TEST_RUNNER, make_image, run_cli
 
@@ -146,6 +150,16 @@ def test_preflight_fails_fast_with_one_clear_line(dataset_factory, tmp_path, con
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "wrong-key" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_preflight_error_quotes_the_servers_message():
+    request = httpx2.Request("GET", "http://127.0.0.1:9/v1/models")
+    body = {"message": "model registry is down", "type": "server_error"}
+    error = openai.InternalServerError("Error code: 500", body=body,
+                                       response=httpx2.Response(500, request=request, json=body))
+    message = str(_preflight_error(ClientSettings(api_url="http://127.0.0.1:9/v1", model="m"),
+                                   error))
+    assert message == "http://127.0.0.1:9/v1 answered HTTP 500: model registry is down"
 
 
 def test_preflight_connection_refused(dataset_factory, tmp_path):

@@ -130,11 +130,13 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
                       f"{shown} is {size} bytes, over the limit of {max_bytes} bytes")
 
     try:
-        if local and _is_special_file(url):
-            raise _error("image_not_a_file",
-                         f"{shown} is not a regular file (a FIFO, device or socket)")
+        if local:  # stat before open: opening a FIFO would block
+            status = os.stat(url)
+            if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
+                raise _error("image_not_a_file",
+                             f"{shown} is not a regular file (a FIFO, device or socket)")
         with open(url, "rb") if local else fsspec.open(url, "rb") as f:
-            size = _known_size(f)
+            size = status.st_size if local else getattr(f, "size", None)
             if size is not None and size > max_bytes:
                 raise too_large(str(size))
             data = f.read(max_bytes + 1)
@@ -151,17 +153,6 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise too_large(f"{len(data)}" if size is not None else f"more than {max_bytes}")
     return data
-
-
-def _is_special_file(path: str) -> bool:
-    mode = os.stat(path).st_mode
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def _known_size(f) -> int | None:
-    if isinstance(f, io.BufferedReader):  # a local regular file
-        return os.fstat(f.fileno()).st_size
-    return getattr(f, "size", None)
 
 
 def _open(data: bytes) -> Image.Image:

@@ -38,7 +38,7 @@ from common import (FakeVLM, Row, Spread, Stage, Table, elements, encode,  # noq
                     load_note, parse_args, photo, stage_config, temp_dir, write_manifest,
                     write_photo_copies)
 
-from beam_caption.images import ImageSettings, prepare_image_bytes  # noqa: E402
+from beam_caption.images import ImageSettings, _draft_size, prepare_image_bytes  # noqa: E402
 
 SETTINGS = ImageSettings(max_side=1024, jpeg_quality=85)  # the CLI's defaults
 TWELVE_MP = (4000, 3000)
@@ -73,8 +73,7 @@ def decode_ms(data: bytes, repeats: int) -> Spread:
     a result of at least max_side: the floor for any preparation that has to decode it."""
     def decode():
         with Image.open(io.BytesIO(data)) as img:
-            scale = SETTINGS.max_side / max(img.size)
-            img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+            img.draft("RGB", _draft_size(img.size, SETTINGS.max_side))
             img.load()
     return Spread([_ms(decode) for _ in range(repeats)])
 

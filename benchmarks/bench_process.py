@@ -12,7 +12,6 @@ server; the cache runs repeat 30% of the records (same image and prompt, another
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (FakeVLM, Row, Spread, Table, conversation, load_note,  # noqa: E402
-                    parse_args, run_cli, temp_dir, write_manifest, write_small_images)
+from common import (FakeVLM, Row, Spread, Table, load_note, parse_args, run_cli,  # noqa: E402
+                    temp_dir, write_manifest, write_small_images)
 
 MIB = 2**20
 
@@ -108,11 +107,7 @@ def cache_savings(root: Path, records: int, table: Table) -> None:
     concurrency, latency_ms = 10, 100
     distinct = records * 7 // 10
     images = write_small_images(root / "dups", distinct)
-    manifest = root / "dups.jsonl"
-    with open(manifest, "w", encoding="utf-8") as out:
-        for i in range(records):  # record i + distinct repeats record i under another id
-            out.write(json.dumps({"id": f"r{i}", "image": [images[i % distinct]],
-                                  "conversation": conversation(str(i % distinct))}) + "\n")
+    manifest = write_manifest(root / "dups.jsonl", images, records, distinct)
     flags = ("--cache_dir", str(root / "cache"))
     runs = []
     with FakeVLM(["--latency_ms", str(latency_ms)]) as vlm:

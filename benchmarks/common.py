@@ -117,13 +117,17 @@ def write_photo_copies(directory: Path, count: int, size: tuple[int, int],
     return paths
 
 
-def write_manifest(path: Path, image_paths: list[str], records: int) -> Path:
+def write_manifest(path: Path, image_paths: list[str], records: int,
+                   distinct: int | None = None) -> Path:
     """A JSONL manifest of ``records`` records, record i naming image i mod len(image_paths)
-    and a prompt of its own (no two records are the same request)."""
+    and a prompt of its own (no two records are the same request); with ``distinct``, the
+    prompt is that of record i mod distinct, so with distinct == len(image_paths) record
+    i + distinct repeats record i's request under another id."""
     with open(path, "w", encoding="utf-8") as out:
         for i in range(records):
+            label = str(i if distinct is None else i % distinct)
             out.write(json.dumps({"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
-                                  "conversation": conversation(str(i))}) + "\n")
+                                  "conversation": conversation(label)}) + "\n")
     return path
 
 
@@ -193,11 +197,12 @@ class Stage:
     def run(self, items: list[dict]) -> StageRun:
         """One bundle: every item through process(), then finish_bundle(); timed end to end."""
         outputs: list = []
+        window = GlobalWindow()
+        timestamp = window.max_timestamp()
         started = time.perf_counter()
         self.dofn.start_bundle()
         for item in items:
-            outputs.extend(self.dofn.process(item, GlobalWindow().max_timestamp(),
-                                             GlobalWindow()))
+            outputs.extend(self.dofn.process(item, timestamp, window))
         outputs.extend(self.dofn.finish_bundle())
         seconds = time.perf_counter() - started
         failed = sum(1 for output in outputs if isinstance(output, TaggedOutput))

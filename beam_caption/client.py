@@ -6,7 +6,9 @@ of CPU per request (it walks every message with typing introspection), which cap
 launcher's preflight (``preflight.py``), so workers never import it. This module is the only
 retry layer, so every attempt is counted once. Retryable: connection errors, timeouts, 408,
 409, 429, 5xx and bodies that are not a chat completion. Everything else fails the record at
-once.
+once. Answers are untrusted: bodies and captions are capped, token counts checked, text made
+encodable and scrubbed of the key. A run of consecutive 401/403/404 answers stops the job
+(``JobStopped``) instead of failing every remaining record.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from dataclasses import dataclass
 import aiohttp
 from apache_beam.io.components.util import MovingSum
 
-from beam_caption.errors import CaptionError
+from beam_caption.errors import CaptionError, JobStopped, encodable
+from beam_caption.redact import redact_url, scrub
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+SYSTEMIC_STATUS = {401: "the API key was refused", 403: "access was denied",
+                   404: "the model or endpoint was not found"}
+MAX_TOKEN_COUNT = 10**9  # a usage count above this is not a count
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer, only this much is read for its message
 THROTTLE_WINDOW_MS = 10_000
 THROTTLE_BUCKET_MS = 1_000
 THROTTLE_OVERLOAD_RATIO = 2.0
@@ -45,6 +52,10 @@ class ClientSettings:
     max_requests_per_minute: float | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    max_retry_wait: float = 300.0
+    max_response_bytes: int = 4 * 2**20
+    max_caption_chars: int = 32_000
+    stop_after_refusals: int = 5
 
     def sampling_params(self) -> dict:
         """The optional request parameters that are set."""
@@ -114,13 +125,20 @@ class _RequestSpacer:
 
 
 def backoff_delay(retry: int, settings: ClientSettings, retry_after: float | None,
-                  rng: random.Random) -> float:
-    """Full-jitter exponential backoff, at least the server's Retry-After, at most max_backoff."""
+                  rng: random.Random) -> float | None:
+    """Seconds to wait before retry number ``retry + 1``; None to give up instead.
+
+    Full-jitter exponential backoff up to ``max_backoff``, but never shorter than the server's
+    Retry-After: a longer wait is honoured as asked up to ``max_retry_wait``, and beyond that
+    the record is not retried early but given up (None).
+    """
     ceiling = min(settings.max_backoff, settings.initial_backoff * 2 ** retry)
     delay = rng.uniform(0, ceiling)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, settings.max_backoff)
+    if retry_after is None:
+        return delay
+    if retry_after > settings.max_retry_wait:
+        return None
+    return max(delay, retry_after)
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -199,15 +217,17 @@ def error_message(body) -> str:
     return str(body)[:500]
 
 
-def parse_completion(body: bytes) -> tuple[str, str | None, int | None, int | None]:
+def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_caption_chars
+                     ) -> tuple[str, str | None, int | None, int | None]:
     """(caption, finish_reason, prompt_tokens, completion_tokens) from a response body.
 
     Raises a retryable CaptionError(stage="response") for anything that is not a chat
-    completion with a non-empty text answer.
+    completion with a non-empty text answer, and a permanent one for a caption longer than
+    ``max_caption_chars``. Token counts that are not plain non-negative integers become None.
     """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         kind = "empty_response" if not body.strip() else "malformed_response"
         raise CaptionError("response", kind, "the response body is not JSON",
                            retryable=True) from None
@@ -218,13 +238,29 @@ def parse_completion(body: bytes) -> tuple[str, str | None, int | None, int | No
         raise CaptionError("response", "not_a_completion",
                            "the response is not a chat completion", retryable=True) from None
     if isinstance(content, list):  # some servers return content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "".join(p["text"] for p in content
+                          if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not isinstance(content, str) or not content.strip():
         raise CaptionError("response", "empty_caption", "the model returned no text",
                            retryable=True)
+    caption = encodable(content.strip())
+    if len(caption) > max_caption_chars:
+        raise CaptionError("response", "caption_too_long",
+                           f"the caption has {len(caption)} characters, over the limit of "
+                           f"{max_caption_chars} (--max_caption_chars)")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return (content.strip(), choice.get("finish_reason"), usage.get("prompt_tokens"),
-            usage.get("completion_tokens"))
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return (caption, encodable(finish) if isinstance(finish, str) else None,
+            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")))
+
+
+def token_count(value) -> int | None:
+    """A usage count as an int, or None when it is not one (a string, NaN, negative, huge)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
 
 
 def request_body(settings: ClientSettings, messages: list[dict]) -> bytes:
@@ -244,6 +280,7 @@ class VLMClient:
     def __init__(self, settings: ClientSettings, api_key: str | None, seed: int | None = None):
         self.settings = settings
         self._url = settings.api_url.rstrip("/") + "/chat/completions"
+        self._secrets = (api_key,) if api_key else ()
         self._headers = {"Authorization": f"Bearer {api_key or NO_KEY}",
                          "Content-Type": "application/json"}
         self._session = aiohttp.ClientSession(
@@ -254,33 +291,63 @@ class VLMClient:
         self._throttle = OverloadThrottle(self._rng)
         self._spacer = (_RequestSpacer(settings.max_requests_per_minute)
                         if settings.max_requests_per_minute else None)
+        self._refusals = 0  # consecutive 401/403/404 answers
+        self._stopped: JobStopped | None = None
 
     async def complete(self, body: bytes) -> Completion:
         """Send one request body (``request_body``), retrying retryable failures; raises
-        CaptionError when done."""
+        CaptionError when done, JobStopped once the endpoint keeps refusing every request."""
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
         while True:
+            if self._stopped:
+                raise self._stopped
             attempt += 1
             throttled += await self._wait_for_turn()
             try:
                 caption, finish, prompt_tokens, completion_tokens = await self._attempt(body)
             except Exception as exc:  # every failure becomes a typed error below
-                error = classify_exception(exc)
-                error.attempts = attempt
-                error.throttled_s = round(throttled, 3)
                 failure = exc if isinstance(exc, HTTPStatusFailure) else None
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
+                error = self._typed_error(exc, attempt, throttled)
+                self._count_refusal(failure, error)
                 if not error.retryable or attempt > self.settings.max_retries:
                     raise error from None
-                headers = failure.headers if failure else None
-                await asyncio.sleep(backoff_delay(attempt - 1, self.settings,
-                                                  retry_after_seconds(headers), self._rng))
+                retry_after = retry_after_seconds(failure.headers if failure else None)
+                delay = backoff_delay(attempt - 1, self.settings, retry_after, self._rng)
+                if delay is None:
+                    raise self._typed_error(CaptionError(
+                        "request", "throttled",
+                        f"the server asked to wait {retry_after:.0f} s before retrying, over "
+                        f"--max_retry_wait {self.settings.max_retry_wait:g} s "
+                        f"(after {error.type})", retryable=True), attempt, throttled) from None
+                await asyncio.sleep(delay)
                 continue
             self._throttle.record(overloaded=False)
-            return Completion(caption, finish, prompt_tokens, completion_tokens, attempt,
+            self._refusals = 0
+            return Completion(scrub(caption, self._secrets, urls=False), finish, prompt_tokens,
+                              completion_tokens, attempt,
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3))
+
+    def _typed_error(self, exc: BaseException, attempt: int, throttled: float) -> CaptionError:
+        """The CaptionError for a failed attempt, its message scrubbed of the key."""
+        error = classify_exception(exc)
+        return CaptionError(error.stage, error.type, scrub(error.message, self._secrets),
+                            error.retryable, attempt, round(throttled, 3))
+
+    def _count_refusal(self, failure: HTTPStatusFailure | None, error: CaptionError) -> None:
+        """Stop the client after ``stop_after_refusals`` consecutive 401/403/404 answers."""
+        if failure is None or failure.status not in SYSTEMIC_STATUS:
+            self._refusals = 0
+            return
+        self._refusals += 1
+        if self._refusals >= self.settings.stop_after_refusals and not self._stopped:
+            self._stopped = JobStopped(
+                f"{self._refusals} requests in a row were refused with HTTP {failure.status} "
+                f"({SYSTEMIC_STATUS[failure.status]}) by {redact_url(self.settings.api_url)}: "
+                f"{error.message}. Unsent records are left for --resume once that is fixed.")
+            raise self._stopped
 
     async def _wait_for_turn(self) -> float:
         """Client-side throttling: adaptive (after overload answers) and the optional RPM cap."""
@@ -298,13 +365,37 @@ class VLMClient:
             async with asyncio.timeout(self.settings.request_timeout):
                 async with self._session.post(self._url, data=body,
                                               headers=self._headers) as response:
-                    answer = await response.read()
                     if response.status >= 400:
-                        raise HTTPStatusFailure(response.status, response.headers, answer)
-        return parse_completion(answer)
+                        raise HTTPStatusFailure(response.status, response.headers,
+                                                await _read_capped(response, ERROR_BODY_BYTES,
+                                                                   truncate=True))
+                    answer = await _read_capped(response, self.settings.max_response_bytes)
+        return parse_completion(answer, self.settings.max_caption_chars)
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int,
+                       truncate: bool = False) -> bytes:
+    """At most ``limit`` bytes of a response body: the rest is dropped (``truncate``) or the
+    answer is refused as too large, so an endless body cannot grow the worker."""
+    if not truncate and (response.content_length or 0) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if truncate:
+                break
+            raise _too_large(limit)
+    return b"".join(chunks)[:limit]
+
+
+def _too_large(limit: int) -> CaptionError:
+    return CaptionError("response", "response_too_large",
+                        f"the response body is larger than {limit} bytes (--max_response_bytes)")
 
 
 def _now_ms() -> int:

@@ -1,8 +1,20 @@
-"""The one error type every stage raises, and the failure record built from it."""
+"""The error types: CaptionError for one record, UsageError and JobStopped for the whole job."""
 
 from __future__ import annotations
 
+import re
+
 STAGES = ("read", "image", "request", "response")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates (from JSON escapes such as ``"\\ud800"``) replaced by U+FFFD.
+
+    Python's json joins valid surrogate pairs, so a surrogate left in a str is lone, and a str
+    holding one cannot be encoded as UTF-8: Beam's coders and every output file would fail.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text) if isinstance(text, str) else text
 
 
 class UsageError(ValueError):
@@ -11,6 +23,35 @@ class UsageError(ValueError):
 
 class PreflightError(UsageError):
     """The endpoint, key or model is unusable: failing every record would only cost time."""
+
+
+class JobStopped(Exception):
+    """Raised by a worker to fail the whole job: going on would only turn records into failures.
+
+    Beam reports a worker's exception inside its own message; the launcher finds ``MARKER`` there
+    and prints the one line that follows it.
+    """
+
+    MARKER = "beam_caption stopped the job: "
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(self.MARKER + reason)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (JobStopped, (self.reason,))
+
+    @classmethod
+    def find(cls, text: str) -> str | None:
+        """The reason a JobStopped carried, found in an error message that quotes it."""
+        _, marker, rest = text.rpartition(cls.MARKER)  # Beam may wrap it in a copy of itself
+        if not marker:
+            return None
+        return rest.splitlines()[0].partition(" [while running")[0].rstrip(" '\"")
+
+
+class StoppedError(UsageError):
+    """A worker stopped the job (JobStopped); the CLI prints the reason and exits 2."""
 
 
 class CaptionError(Exception):
@@ -29,6 +70,7 @@ class CaptionError(Exception):
                  attempts: int = 0, throttled_s: float = 0.0) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
+        message = encodable(message)
         super().__init__(f"[{stage}/{type}] {message}")
         self.stage = stage
         self.type = type

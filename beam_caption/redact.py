@@ -46,15 +46,16 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
-def scrub(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:
-    """``text`` with each secret, every ``Bearer <token>`` and URL credentials/queries redacted."""
+def scrub(text: str, secrets: tuple[str, ...] | list[str] = (), urls: bool = True) -> str:
+    """``text`` with each secret, every ``Bearer <token>`` and (``urls``) URL credentials and
+    queries redacted. Captions pass ``urls=False``: a URL a model writes is its answer."""
     if not isinstance(text, str) or not text:
         return text
     for secret in secrets:
         if secret and len(secret) >= _MIN_SECRET_CHARS and secret in text:
             text = text.replace(secret, REDACTED)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if "://" in text:
+    if urls and "://" in text:
         text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
     return text
 

@@ -7,9 +7,9 @@ import random
 import pytest
 from PIL import Image
 
-from beam_caption.client import (ClientSettings, VLMClient, backoff_delay, parse_completion,
-                                 request_body, retry_after_seconds)
-from beam_caption.errors import CaptionError
+from beam_caption.client import (ClientSettings, HTTPStatusFailure, VLMClient, backoff_delay,
+                                 parse_completion, request_body, retry_after_seconds)
+from beam_caption.errors import CaptionError, JobStopped
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 
 def _red_png() -> str:
@@ -76,13 +76,20 @@ def test_backoff_is_full_jitter_capped_and_honours_retry_after():
     assert all(0 <= d <= 8.0 for d in delays) and max(delays) > 6 and min(delays) < 2
     assert all(0 <= backoff_delay(0, settings, None, rng) <= 1.0 for _ in range(50))
     assert backoff_delay(0, settings, 5.0, rng) >= 5.0
-    assert backoff_delay(0, settings, 100.0, rng) == 8.0
 
 
-def run_complete(server, msgs, **settings):
+def test_a_retry_after_beyond_max_backoff_is_waited_as_asked_or_not_retried_early():
+    settings = ClientSettings(api_url="u", model="m", max_backoff=8.0, max_retry_wait=120.0)
+    rng = random.Random(1)
+    assert backoff_delay(0, settings, 100.0, rng) == 100.0  # never earlier than asked
+    assert backoff_delay(0, settings, 121.0, rng) is None  # past the ceiling: give up instead
+
+
+def run_complete(server, msgs, api_key="k", **settings):
     async def go():
         client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm",
-                                          initial_backoff=0.01, **settings), api_key="k", seed=0)
+                                          initial_backoff=0.01, **settings), api_key=api_key,
+                           seed=0)
         try:
             return await client.complete(request_body(client.settings, msgs))
         finally:
@@ -163,3 +170,109 @@ def test_concurrency_is_bounded_by_max_concurrency():
         results = asyncio.run(go(server))
         assert server.stats()["max_in_flight"] == 4
     assert len(results) == 12
+
+
+def test_a_retry_after_past_max_retry_wait_fails_the_record_as_throttled():
+    with FakeVLMServer(FakeVLMConfig(rate_429=1.0, retry_after=3600)) as server:
+        with pytest.raises(CaptionError) as info:
+            run_complete(server, messages(), max_retry_wait=60, max_backoff=0.1)
+        assert server.stats()["requests"] == 1  # not retried after 0.1 s against a 1 h ask
+    error = info.value
+    assert (error.stage, error.type, error.retryable, error.attempts) == \
+        ("request", "throttled", True, 1)
+    assert "3600 s" in error.message and "--max_retry_wait" in error.message
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": "12", "completion_tokens": 3.5},
+    {"prompt_tokens": float("nan"), "completion_tokens": float("inf")},
+    {"prompt_tokens": 10**31, "completion_tokens": -4},
+    {"prompt_tokens": True, "completion_tokens": None},
+])
+def test_usage_counts_that_are_not_counts_become_none(usage):
+    with FakeVLMServer(FakeVLMConfig(usage=usage)) as server:
+        result = run_complete(server, messages())
+    assert result.caption.startswith("A fake caption")
+    assert (result.prompt_tokens, result.completion_tokens) == (None, None)
+
+
+def test_integral_float_counts_are_kept():
+    with FakeVLMServer(FakeVLMConfig(usage={"prompt_tokens": 12.0, "completion_tokens": 3})) as s:
+        result = run_complete(s, messages())
+    assert (result.prompt_tokens, result.completion_tokens) == (12, 3)
+
+
+def test_a_lone_surrogate_in_a_caption_becomes_a_replacement_character():
+    with FakeVLMServer(FakeVLMConfig(caption_suffix="\ud800!")) as server:
+        result = run_complete(server, messages())
+    assert result.caption.endswith("\ufffd!")
+    result.caption.encode("utf-8")  # encodable: Beam's coder and the output files need it
+
+
+def test_an_endless_body_is_cut_at_max_response_bytes():
+    with FakeVLMServer(FakeVLMConfig(endless_body=True)) as server:
+        with pytest.raises(CaptionError) as info:
+            run_complete(server, messages(), max_response_bytes=2**20, max_retries=3)
+        assert server.stats()["requests"] == 1  # a body that never ends is not asked for again
+    assert (info.value.stage, info.value.type, info.value.retryable) == \
+        ("response", "response_too_large", False)
+
+
+def test_a_caption_over_max_caption_chars_is_a_permanent_failure():
+    with FakeVLMServer(FakeVLMConfig(caption_chars=10 * 2**20)) as server:
+        with pytest.raises(CaptionError) as info:
+            run_complete(server, messages(), max_response_bytes=32 * 2**20)
+        assert server.stats()["requests"] == 1
+    assert (info.value.type, info.value.retryable) == ("caption_too_long", False)
+    assert "32000" in info.value.message
+
+
+def test_the_key_is_scrubbed_from_messages_and_captions():
+    key = "sk-test-0123456789"
+    echo = FakeVLMConfig(api_key="other-key", echo_auth=True)
+    with FakeVLMServer(echo) as server:
+        with pytest.raises(CaptionError) as info:
+            run_complete(server, messages(), api_key=key)
+    assert info.value.type == "http_401" and key not in str(info.value)
+    assert "Bearer [REDACTED]" in info.value.message
+    with FakeVLMServer(FakeVLMConfig(caption_suffix=f" key={key} Bearer {key}")) as server:
+        result = run_complete(server, messages(), api_key=key)
+    assert key not in result.caption and result.caption.endswith("Bearer [REDACTED]")
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_consecutive_refusals_stop_the_client(status):
+    async def go(server):
+        client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm",
+                                          max_concurrency=1, stop_after_refusals=3), api_key="k")
+        outcomes = []
+        try:
+            for i in range(8):
+                try:
+                    await client.complete(request_body(client.settings, messages(text=f"q{i}")))
+                    outcomes.append("ok")
+                except (CaptionError, JobStopped) as exc:
+                    outcomes.append(type(exc).__name__)
+        finally:
+            await client.aclose()
+        return outcomes
+
+    with FakeVLMServer(FakeVLMConfig(refuse_after=2, refuse_status=status)) as server:
+        outcomes = asyncio.run(go(server))
+        requests = server.stats()["requests"]
+    assert outcomes == ["ok", "ok", "CaptionError", "CaptionError", *["JobStopped"] * 4]
+    assert requests == 5  # nothing is sent once stopped
+
+
+def test_one_refusal_among_successes_does_not_stop_the_client():
+    client_settings = ClientSettings(api_url="u", model="m", stop_after_refusals=2)
+    client = VLMClient.__new__(VLMClient)
+    client.settings, client._refusals, client._stopped = client_settings, 0, None
+    failure = HTTPStatusFailure(401, {}, b"{}")
+    error = CaptionError("request", "http_401", "no")
+    client._count_refusal(failure, error)
+    client._count_refusal(None, CaptionError("request", "timeout", "slow"))  # resets the run
+    client._count_refusal(failure, error)
+    assert client._stopped is None
+    with pytest.raises(JobStopped):
+        client._count_refusal(failure, error)

@@ -45,6 +45,12 @@ _LEVELS = range(256)
 _DRAFT_SIDE = 64  # JPEGs are decoded at reduced scale, no smaller than this
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _MALFORMED_BODY = b'{"id": "chatcmpl-fake", "choices": ['
+_ENDLESS_CHUNK = b" " * 65536
+_ENDLESS_MAX_BYTES = 2**31  # even an endless body ends somewhere
+_REFUSALS = {401: ("Incorrect API key provided.", "invalid_api_key"),
+             403: ("You do not have access to this model.", "permission_denied"),
+             404: ("The model does not exist or you do not have access to it.",
+                   "model_not_found")}
 _HTML_BODY = "<html><body><h1>Service temporarily unavailable</h1></body></html>"
 
 
@@ -70,6 +76,14 @@ class FakeVLMConfig:
     reject_400_marker: str | None = "REJECT_400"
     seed: int = 0
     token_patch_px: int = 28
+    # Hostile answers, as real gateways give them:
+    caption_suffix: str = ""  # appended to every caption (e.g. a lone surrogate "\ud800")
+    caption_chars: int = 0  # pad every caption to at least this many characters
+    usage: dict | None = None  # replaces the usage counts as given (strings, NaN, 10**31, ...)
+    endless_body: bool = False  # successful answers stream a body that never ends
+    echo_auth: bool = False  # error bodies quote the request's Authorization header
+    refuse_after: int | None = None  # after this many captions, answer refuse_status to all
+    refuse_status: int = 401
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -444,7 +458,7 @@ class FakeVLMServer:
         try:
             self._check_auth(request)
         except _APIError as exc:
-            return exc.response()
+            return self._error_response(exc, request)
         return web.json_response({"object": "list", "data": [
             {"id": model, "object": "model", "owned_by": "fake"} for model in self.config.models]})
 
@@ -473,6 +487,7 @@ class FakeVLMServer:
         """Auth, fault injection, validation, latency, answer — in that order."""
         try:
             self._check_auth(request)
+            self._check_refusal(request)
             raw = await request.read()
             fault = self._draw_fault()
             if fault is not None:
@@ -485,10 +500,19 @@ class FakeVLMServer:
             images = [[_decode_image(url) for url in m.image_urls] for m in chat.messages]
             self._check_fail_first(chat)
         except _APIError as exc:
-            return exc.response()
+            return self._error_response(exc, request)
         if self.config.latency_ms:
             await asyncio.sleep(self.config.latency_ms / 1000)
+        if self.config.endless_body:
+            return await self._endless(request)
         return self._completion(chat, images)
+
+    def _error_response(self, exc: _APIError, request: web.Request) -> web.Response:
+        """The error answer; with ``echo_auth`` its message quotes the Authorization header."""
+        if self.config.echo_auth:
+            exc.body["error"]["message"] += (
+                f" (request header Authorization: {request.headers.get('Authorization', '')})")
+        return exc.response()
 
     def _check_auth(self, request: web.Request) -> None:
         key = self.config.api_key
@@ -497,6 +521,25 @@ class FakeVLMServer:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise _APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def _check_refusal(self, request: web.Request) -> None:
+        """After ``refuse_after`` captions, refuse everything (key revoked, model withdrawn)."""
+        after = self.config.refuse_after
+        if after is not None and self._stats.snapshot()["succeeded"] >= after:
+            status = self.config.refuse_status
+            message, code = _REFUSALS.get(status, (f"Refused (HTTP {status}).", None))
+            raise _APIError(status, message, code=code)
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        """A 200 answer whose JSON body never ends (until the client goes or 2 GiB are sent)."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"choices": [{"message": {"content": "')
+        sent = 0
+        while sent < _ENDLESS_MAX_BYTES and not request.transport.is_closing():
+            await response.write(_ENDLESS_CHUNK)
+            sent += len(_ENDLESS_CHUNK)
+        return response
 
     def _draw_fault(self) -> str | None:
         if not self._fault_rates:
@@ -549,6 +592,7 @@ class FakeVLMServer:
     def _completion(self, chat: _Chat, images: list[list[_DecodedImage]]) -> web.Response:
         """The chat.completion answer: caption of all the request's images in order, and usage."""
         caption = _caption([image.description for imgs in images for image in imgs])
+        caption = caption.ljust(self.config.caption_chars, ".") + self.config.caption_suffix
         completion_tokens = math.ceil(len(caption) / 4)
         finish_reason = "stop"
         if chat.max_tokens is not None and chat.max_tokens < completion_tokens:
@@ -564,8 +608,9 @@ class FakeVLMServer:
             "model": chat.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": caption},
                          "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": self.config.usage or {
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens},
         })
 
     def _message_tokens(self, message: _Message, images: list[_DecodedImage]) -> int:
@@ -633,6 +678,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fail_first_status", type=int, default=defaults.fail_first_status)
     parser.add_argument("--reject_400_marker", default=defaults.reject_400_marker)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--caption_suffix", default="", help="appended to every caption")
+    parser.add_argument("--caption_chars", type=int, default=0,
+                        help="pad every caption to this many characters")
+    parser.add_argument("--usage", type=json.loads, help="usage object to answer, as JSON")
+    parser.add_argument("--endless_body", action="store_true",
+                        help="successful answers stream a body that never ends")
+    parser.add_argument("--echo_auth", action="store_true",
+                        help="error bodies quote the Authorization header")
+    parser.add_argument("--refuse_after", type=int,
+                        help="after N captions, answer --refuse_status to every request")
+    parser.add_argument("--refuse_status", type=int, default=defaults.refuse_status)
     return parser.parse_args(argv)
 
 

@@ -5,7 +5,8 @@ parameters and messages, with the prepared images inside), so any change to the 
 prompt, model or preparation settings is a different key. Within a worker process,
 duplicates are coalesced in memory (a duplicate of a request still in flight waits for it);
 with ``--cache_dir`` (any fsspec URL) answers are also stored as small JSON files that later
-runs and other workers reuse. Failures are never cached.
+runs and other workers reuse. Failures are never cached. The store is best effort: an error
+reading it is a miss and an error writing it is logged, never a failed record.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 from typing import Awaitable, Callable
 
 import fsspec
@@ -22,6 +24,8 @@ import fsspec
 from beam_caption.client import Completion
 
 MEMORY_ENTRIES = 50_000
+
+_LOG = logging.getLogger(__name__)
 
 
 def request_digest(body: bytes) -> str:
@@ -83,8 +87,7 @@ class RequestCache:
             completion = await self._lookup(digest)
             if completion is None:
                 completion = await send()
-                if self._store is not None:
-                    await self._run_blocking(self._store.put, digest, _entry(completion))
+                await self._store_entry(digest, completion)
             self._remember(digest, completion)
             future.set_result(completion)
             return completion
@@ -98,13 +101,28 @@ class RequestCache:
     async def _lookup(self, digest: str) -> Completion | None:
         if self._store is None:
             return None
-        entry = await self._run_blocking(self._store.get, digest)
-        if not entry:
+        try:
+            entry = await self._run_blocking(self._store.get, digest)
+            if not entry:
+                return None
+            return _as_cached(Completion(
+                caption=entry["caption"], finish_reason=entry.get("finish_reason"),
+                prompt_tokens=entry.get("prompt_tokens"),
+                completion_tokens=entry.get("completion_tokens"), attempts=0, latency_ms=0.0))
+        except Exception as exc:  # an unreadable store or entry is a miss, not a failure
+            _LOG.warning("request cache: reading %s failed (%s: %s); sending the request",
+                         digest, type(exc).__name__, exc)
             return None
-        return _as_cached(Completion(
-            caption=entry["caption"], finish_reason=entry.get("finish_reason"),
-            prompt_tokens=entry.get("prompt_tokens"),
-            completion_tokens=entry.get("completion_tokens"), attempts=0, latency_ms=0.0))
+
+    async def _store_entry(self, digest: str, completion: Completion) -> None:
+        """Keep a paid answer for later runs; a store error loses the cache entry only."""
+        if self._store is None:
+            return
+        try:
+            await self._run_blocking(self._store.put, digest, _entry(completion))
+        except Exception as exc:
+            _LOG.warning("request cache: storing %s failed (%s: %s); the caption is kept",
+                         digest, type(exc).__name__, exc)
 
     def _remember(self, digest: str, completion: Completion) -> None:
         self._memory[digest] = completion

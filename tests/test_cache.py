@@ -120,3 +120,27 @@ def test_duplicates_in_a_run_are_sent_once_and_cache_dir_serves_the_next_run(dat
     assert second.returncode == 0 and second_requests == 0
     assert second.summary["cache_hits"] == 100 and second.summary["tokens"]["total"] == 0
     assert all(c["caption_meta"]["cached"] for c in second.captions)
+
+
+def test_a_cache_store_error_never_turns_a_paid_caption_into_a_failure(tmp_path, caplog):
+    class BrokenStore:
+        def get(self, digest):
+            raise OSError("No space left on device")
+
+        def put(self, digest, entry):
+            raise OSError("No space left on device")
+
+    calls = []
+
+    async def send():
+        calls.append(1)
+        return completion()
+
+    async def go():
+        cache = RequestCache(None, run_in_thread)
+        cache._store = BrokenStore()
+        return await cache.complete("d", send)
+
+    result = asyncio.run(go())
+    assert result.caption == "A cat." and not result.cached and calls == [1]
+    assert caplog.text.count("No space left on device") == 2

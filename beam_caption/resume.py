@@ -2,16 +2,25 @@
 
 While a job runs, workers append finished captions to ``OUTDIR/.checkpoint/`` in small
 files (a new file per flush, so a kill loses at most the unflushed ones). Final outputs are
-written by ``WriteToText`` only when the job ends. ``--resume`` treats every caption found in
-``captions-*.jsonl`` or ``.checkpoint/`` as done: it emits it again (once per key) into the
-new final outputs and captions only the other records. Earlier final caption files are moved
-into ``.checkpoint/`` before the run, earlier failure files are dropped (those records are
-retried), and ``.checkpoint/`` is removed once the new outputs are complete.
+written by ``WriteToText`` only when the job ends.
+
+A caption is reused only for the same record content under the same request settings: each
+caption carries ``caption_meta.fingerprint``, a SHA-256 of the record as read and of every
+setting that shapes its answer (model, prompts, image preparation, sampling). ``--resume``
+joins the records on it, so inserted, moved, edited or dropped records and changed settings
+never get another record's caption. Earlier final caption files (and earlier set-aside ones)
+are moved into ``.checkpoint/`` before the run; captions this run does not reuse are written
+to ``set_aside-*.jsonl`` (a later ``--resume`` may still reuse them), never deleted. Earlier
+failure files are dropped (those records are retried), and ``.checkpoint/`` is removed once the
+new outputs are complete.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import logging
 import time
 import uuid
 
@@ -19,11 +28,27 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.errors import UsageError
-from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SUMMARY_FILE, output_path,
-                                to_json_line)
+from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX, SUMMARY_FILE,
+                                output_path, to_json_line)
 
 CHECKPOINT_DIR = ".checkpoint"
 CHECKPOINT_MAX_LINES = 1000
+BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at finalize
+
+_LOG = logging.getLogger(__name__)
+
+
+def record_fingerprint(record: dict, settings_digest: str) -> str:
+    """What a caption answers: the record's content under the settings that shape the answer."""
+    canonical = json.dumps([settings_digest, record], sort_keys=True, ensure_ascii=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def settings_digest(settings: dict) -> str:
+    """A digest of the request settings (JSON-serializable values) that shape every answer."""
+    canonical = json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _match(pattern: str) -> list[str]:
@@ -32,8 +57,8 @@ def _match(pattern: str) -> list[str]:
 
 def existing_outputs(output_dir: str) -> list[str]:
     """Caption, failure, summary and checkpoint files already in ``output_dir``."""
-    patterns = [f"{CAPTIONS_PREFIX}-*.jsonl", f"{FAILURES_PREFIX}-*.jsonl", SUMMARY_FILE,
-                f"{CHECKPOINT_DIR}/*.jsonl"]
+    patterns = [f"{CAPTIONS_PREFIX}-*.jsonl", f"{FAILURES_PREFIX}-*.jsonl",
+                f"{SET_ASIDE_PREFIX}-*.jsonl", SUMMARY_FILE, f"{CHECKPOINT_DIR}/*.jsonl"]
     return sorted(p for pattern in patterns for p in _match(output_path(output_dir, pattern)))
 
 
@@ -43,6 +68,10 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
     A directory holding earlier outputs is refused unless --resume or --overwrite says what
     to do with them, so a typo never destroys paid-for captions.
     """
+    if glob.has_magic(output_dir) or "{" in output_dir:
+        raise UsageError(f"--output {output_dir!r} holds a glob character (*, ?, [ or {{): Beam's "
+                         "file sinks read it as a pattern and fail at the end of the job, after "
+                         "every request is paid; choose a directory name without them")
     found = existing_outputs(output_dir)
     if not found:
         return False
@@ -54,7 +83,8 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "files): pass --resume to keep its captions and do the rest, or "
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    finals = _match(output_path(output_dir, f"{CAPTIONS_PREFIX}-*.jsonl"))
+    finals = [path for prefix in (CAPTIONS_PREFIX, SET_ASIDE_PREFIX)
+              for path in _match(output_path(output_dir, f"{prefix}-*.jsonl"))]
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
@@ -81,6 +111,21 @@ def clear_checkpoints(output_dir: str) -> None:
         FileSystems.delete([folder])
 
 
+def remove_temp_files(output_dir: str) -> None:
+    """Delete the temp files a failed or interrupted job left in ``output_dir`` (a full disk
+    stays full otherwise); checkpoints are kept for --resume."""
+    try:
+        temp = _match(output_path(output_dir, f"{BEAM_TEMP_PATTERN}/*"))
+        if temp:
+            FileSystems.delete(temp)
+        folders = {path.rsplit("/", 1)[0] for path in temp}
+        leftover = [folder for folder in folders if FileSystems.exists(folder)]
+        if leftover:  # local folders; object stores have none left
+            FileSystems.delete(leftover)
+    except Exception as exc:  # cleaning up must not hide the error that stopped the job
+        _LOG.warning("could not remove temp files in %s: %s", output_dir, exc)
+
+
 class CheckpointWriter:
     """Buffers finished captions and writes them to a new checkpoint file per flush."""
 
@@ -101,47 +146,81 @@ class CheckpointWriter:
         if not self._lines:
             return
         path = checkpoint_path(self._output_dir, f"part-{uuid.uuid4().hex}.jsonl")
-        with FileSystems.create(path) as handle:
-            handle.write(("\n".join(self._lines) + "\n").encode("utf-8"))
+        try:
+            with FileSystems.create(path) as handle:
+                handle.write(("\n".join(self._lines) + "\n").encode("utf-8"))
+        except Exception as exc:  # e.g. a full disk: drop the torn file, keep the lines
+            _LOG.warning("checkpoint write to %s failed (%s: %s); retrying at the next flush",
+                         path, type(exc).__name__, exc)
+            _delete_quietly(path)
+            return
         self._lines = []
 
 
-def _done_by_key(line: str):
-    """(key, caption record) from a caption line; torn or foreign lines are skipped."""
+def _delete_quietly(path: str) -> None:
+    try:
+        FileSystems.delete([path])
+    except Exception:  # nothing was left, or it cannot be deleted either
+        pass
+
+
+def _done_by_fingerprint(line: str):
+    """(fingerprint, caption record) from a caption line; torn or foreign lines are skipped,
+    and captions made before fingerprints existed go under None (they are set aside)."""
     try:
         caption = json.loads(line)
-        key = caption["caption_meta"]["key"]
-    except (ValueError, KeyError, TypeError):
+        meta = caption["caption_meta"]
+        meta["key"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return []
-    return [(key, caption)]
+    fingerprint = meta.get("fingerprint")
+    return [(fingerprint if isinstance(fingerprint, str) else None, caption)]
 
 
-def _split(grouped, todo_tag: str):
-    """One output per record still in the input: its earlier caption, else the record to do."""
+def _split(grouped, todo_tag: str, set_aside_tag: str):
+    """Each record gets an earlier caption of the same fingerprint (its own key's first) or goes
+    to ``todo``; earlier captions left over go to ``set_aside``, one per earlier key."""
     _, groups = grouped
-    records, done = list(groups["records"]), list(groups["done"])
-    if records and done:
-        yield done[0]
-    elif records:
-        yield beam.pvalue.TaggedOutput(todo_tag, records[0])
+    done = list({caption["caption_meta"]["key"]: caption for caption in groups["done"]}.values())
+    records = sorted(groups["records"], key=lambda element: element["key"])
+    by_key = {caption["caption_meta"]["key"]: caption for caption in done}
+    unmatched = [r for r in records if r["key"] not in by_key]
+    used = {r["key"] for r in records if r["key"] in by_key}
+    spare = [caption for key, caption in by_key.items() if key not in used]
+    for record in records:
+        if record["key"] in used:
+            yield by_key[record["key"]]
+    for record, caption in zip(unmatched, spare):
+        yield {**caption, "caption_meta": {**caption["caption_meta"], "key": record["key"]}}
+    for record in unmatched[len(spare):]:
+        yield beam.pvalue.TaggedOutput(todo_tag, record)
+    for caption in spare[len(unmatched):]:
+        yield beam.pvalue.TaggedOutput(set_aside_tag, caption)
 
 
 class SkipDone(beam.PTransform):
     """Split records into those captioned by an earlier run (re-emitted once) and the rest.
 
-    Returns ``{"done": PCollection[caption dict], "todo": PCollection[record element]}``.
+    ``settings_digest`` is the digest of this run's answer settings (``record_fingerprint``).
+    Returns ``{"done": PCollection[caption dict], "todo": PCollection[record element],
+    "set_aside": PCollection[caption dict]}``: set_aside holds the earlier captions that no
+    record of this run may reuse (other content or settings, or a manifest left out).
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, settings_digest: str):
         super().__init__()
         self._output_dir = output_dir
+        self._settings_digest = settings_digest
 
     def expand(self, records):
+        digest = self._settings_digest
         done = (records.pipeline
                 | "ReadDone" >> beam.io.ReadFromText(checkpoint_path(self._output_dir, "*.jsonl"))
-                | "KeyDone" >> beam.FlatMap(_done_by_key))
-        keyed = records | "KeyRecords" >> beam.Map(lambda element: (element["key"], element))
+                | "KeyDone" >> beam.FlatMap(_done_by_fingerprint))
+        keyed = records | "KeyRecords" >> beam.Map(
+            lambda element: (record_fingerprint(element["record"], digest), element))
         split = ({"records": keyed, "done": done}
                  | "Join" >> beam.CoGroupByKey()
-                 | "Split" >> beam.FlatMap(_split, "todo").with_outputs("todo", main="done"))
-        return {"done": split.done, "todo": split.todo}
+                 | "Split" >> beam.FlatMap(_split, "todo", "set_aside").with_outputs(
+                     "todo", "set_aside", main="done"))
+        return {"done": split.done, "todo": split.todo, "set_aside": split.set_aside}

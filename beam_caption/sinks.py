@@ -10,6 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 
 CAPTIONS_PREFIX = "captions"
 FAILURES_PREFIX = "failures"
+SET_ASIDE_PREFIX = "set_aside"
 SUMMARY_FILE = "summary.json"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 
@@ -25,17 +26,19 @@ def to_json_line(element: dict) -> str:
 class WriteJsonLines(beam.PTransform):
     """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN.jsonl``; returns the final file names."""
 
-    def __init__(self, output_dir: str, prefix: str, num_shards: int = 0):
+    def __init__(self, output_dir: str, prefix: str, num_shards: int = 0,
+                 skip_if_empty: bool = False):
         super().__init__()
         self._path = output_path(output_dir, prefix)
         self._num_shards = num_shards
+        self._skip_if_empty = skip_if_empty
 
     def expand(self, elements):
         return (elements
                 | "ToJson" >> beam.Map(to_json_line)
                 | "Write" >> beam.io.WriteToText(
                     self._path, file_name_suffix=".jsonl", num_shards=self._num_shards,
-                    shard_name_template=SHARD_TEMPLATE))
+                    shard_name_template=SHARD_TEMPLATE, skip_if_empty=self._skip_if_empty))
 
 
 class _SummaryFn(beam.CombineFn):
@@ -88,6 +91,7 @@ def summary_from_counts(counts: dict, options: dict) -> dict:
         "failed": failed,
         "images_captioned": counts.get("images", 0),
         "resumed": counts.get("resumed", 0),
+        "set_aside": counts.get("set_aside", 0),
         "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
         "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
         "cache_hits": counts.get("cache_hits", 0),
@@ -116,8 +120,9 @@ def read_summary(output_dir: str) -> dict:
 class WriteSummary(beam.PTransform):
     """Combine captions and failures into ``OUTDIR/summary.json`` (exact, runner-independent).
 
-    Applied to ``{"captions", "failures"[, "resumed"]}``; ``resumed`` holds the captions
-    carried over from an earlier run (they are also inside ``captions``).
+    Applied to ``{"captions", "failures"[, "resumed", "set_aside"]}``; ``resumed`` holds the
+    captions carried over from an earlier run (they are also inside ``captions``), ``set_aside``
+    the earlier captions this run did not reuse.
     """
 
     def __init__(self, output_dir: str, image_key: str, options: dict):
@@ -130,9 +135,10 @@ class WriteSummary(beam.PTransform):
         image_key, output_dir, options = self._image_key, self._output_dir, self._options
         counts = [outputs["captions"] | "CaptionCounts" >> beam.Map(caption_counts, image_key),
                   outputs["failures"] | "FailureCounts" >> beam.Map(failure_counts)]
-        if "resumed" in outputs:
-            counts.append(outputs["resumed"]
-                          | "ResumedCounts" >> beam.Map(lambda _: {"resumed": 1}))
+        for name in ("resumed", "set_aside"):
+            if name in outputs:
+                counts.append(outputs[name] | f"{name.title()}Counts" >> beam.Map(
+                    lambda _, name=name: {name: 1}))
         return (
             counts
             | "AllCounts" >> beam.Flatten()

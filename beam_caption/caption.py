@@ -5,18 +5,23 @@ background thread, one ``VLMClient``, a thread pool for storage reads (image fil
 entries) and one with a thread per core for image decoding and encoding. The DoFn
 hands each record to that loop and keeps up to a window of records in flight across the
 bundle, so a slow request never holds up the others and free slots are refilled at once.
+Image bytes held by records in flight (source files, then request bodies) are bounded by a
+byte budget, so memory does not grow with concurrency or image size.
 Outputs and metrics are emitted from the bundle thread only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import dataclasses
+import functools
+import logging
 import os
 import queue
 import threading
 import weakref
-from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -25,18 +30,22 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient, request_body
-from beam_caption.errors import CaptionError
+from beam_caption.errors import CaptionError, JobStopped
 from beam_caption.images import (ImageSettings, prepare_image_bytes, read_image_bytes,
                                  resolve_image_path)
 from beam_caption.manifest import FAILURES, METRICS_NAMESPACE
 from beam_caption.messages import PromptSettings, build_messages, plan_request
 from beam_caption.options import resolve_api_key
-from beam_caption.resume import CheckpointWriter
+from beam_caption.resume import CheckpointWriter, record_fingerprint, settings_digest
 
 IO_THREADS_MAX = 64
+RECENT_SIZES = 64  # a record's source size is estimated as the largest of this many recent ones
+FIRST_ESTIMATE_SHARE = 8  # before any read, a record is assumed to take 1/8 of the budget
+
+_LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CaptionConfig:
     """Everything a worker needs to caption records; picklable and free of secrets."""
 
@@ -49,6 +58,43 @@ class CaptionConfig:
     checkpoint_dir: str | None = None  # output dir whose .checkpoint/ receives finished captions
     checkpoint_interval: float = 10.0
     cache_dir: str | None = None
+    max_bytes_in_flight: int = 256 * 2**20
+    image_timeout: float = 60.0
+
+    @functools.cached_property
+    def settings_digest(self) -> str:
+        """Digest of every setting that shapes an answer (``caption_meta.fingerprint``)."""
+        images = self.images
+        return settings_digest({
+            "model": self.client.model, "sampling": self.client.sampling_params(),
+            "prompts": dataclasses.asdict(self.prompts), "image_root": self.image_root,
+            "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
+                       "max_pixels": images.max_pixels},
+            "output_key": self.output_key})
+
+
+class ByteBudget:
+    """Bytes held by records in flight; ``acquire`` waits while the budget is spent.
+
+    A record larger than the whole budget still runs, alone. Used from one event loop.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+
+    async def resize(self, old: int, new: int) -> None:
+        """Hold ``new`` bytes instead of ``old`` (without waiting: the bytes exist already)."""
+        async with self._changed:
+            self.used += new - old
+            if new < old:
+                self._changed.notify_all()
 
 
 class CaptionRuntime:
@@ -68,6 +114,10 @@ class CaptionRuntime:
         api_key = resolve_api_key(config.api_key_env)
         self._client = self.call(_make_client(config.client, api_key))
         self._cache = RequestCache(config.cache_dir, self._run_io)
+        self._budget = ByteBudget(config.max_bytes_in_flight)
+        self._recent_sizes: collections.deque[int] = collections.deque(
+            [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
+            maxlen=RECENT_SIZES)
         # Shared keeps the runtime for the life of the worker process; close it at exit.
         self.close = weakref.finalize(self, _shutdown, self._loop, self._client,
                                       (self._io_pool, self._cpu_pool))
@@ -87,13 +137,13 @@ class CaptionRuntime:
         record = element["record"]
         try:
             plan = plan_request(record, self.config.prompts)
-            sources = await self._run_io(self._read_images, plan.image_paths)
-            body, digest = await self._loop.run_in_executor(self._cpu_pool, self._request,
-                                                            plan, sources)
-            completion = await self._cache.complete(digest, lambda: self._client.complete(body))
+            completion = await self._budgeted_completion(plan)
         except CaptionError as error:
             return FAILURES, failure_element(element, error), error.attempts, error.throttled_s
+        except JobStopped:
+            raise
         except Exception as exc:  # a bug must not lose the record: report it as a failure
+            _LOG.exception("internal error while captioning %s", element["key"])
             error = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
             return FAILURES, failure_element(element, error), 0, 0.0
         meta = {
@@ -105,16 +155,51 @@ class CaptionRuntime:
             "finish_reason": completion.finish_reason,
             "cached": completion.cached,
             "key": element["key"],
+            "fingerprint": record_fingerprint(record, self.config.settings_digest),
         }
         output = dict(record)
         output[self.config.output_key] = completion.caption
         output["caption_meta"] = meta
         return None, output, completion.attempts, completion.throttled_s
 
-    def _read_images(self, paths: list[str]) -> list[bytes]:
+    async def _budgeted_completion(self, plan):
+        """Read, prepare and send one record's request within the byte budget.
+
+        The record holds an estimate of its source size before reading (the largest of the
+        recent ones), then the real size, then its request body's size until the answer is in.
+        """
+        held = max(self._recent_sizes)
+        await self._budget.acquire(held)
+        try:
+            sources = await self._read_with_timeout(plan.image_paths)
+            size = sum(map(len, sources))
+            self._recent_sizes.append(size)
+            await self._budget.resize(held, size)
+            held = size
+            body, digest = await self._loop.run_in_executor(self._cpu_pool, self._request,
+                                                            plan, sources)
+            del sources
+            await self._budget.resize(held, len(body))
+            held = len(body)
+            return await self._cache.complete(digest, lambda: self._client.complete(body))
+        finally:
+            await self._budget.resize(held, 0)
+
+    async def _read_with_timeout(self, paths: tuple[str, ...]) -> list[bytes]:
+        timeout = self.config.image_timeout
+        try:
+            return await asyncio.wait_for(self._run_io(self._read_images, paths), timeout)
+        except TimeoutError:
+            raise CaptionError("image", "image_timeout",
+                               f"reading the record's images took over {timeout:g} s "
+                               "(--image_timeout)", retryable=True) from None
+
+    def _read_images(self, paths: tuple[str, ...]) -> list[bytes]:
         """A record's image files, read one after the other: one pool task per record."""
         root, max_bytes = self.config.image_root, self.config.images.max_bytes
-        return [read_image_bytes(resolve_image_path(path, root), max_bytes) for path in paths]
+        timeout = self.config.image_timeout
+        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout)
+                for path in paths]
 
     def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str]:
         """Decode, resize and encode the images; the request body and its cache key."""
@@ -208,17 +293,22 @@ class _CaptionRecords(beam.DoFn):
 
     def _emit(self, future: concurrent.futures.Future):
         timestamp, window = self._pending.pop(future)
-        tag, output, attempts, throttled_s = future.result()
+        try:
+            tag, output, attempts, throttled_s = future.result()
+        except JobStopped:
+            self._checkpoint_finished()
+            raise
         self._count(tag, output, attempts, throttled_s)
         value = WindowedValue(output, timestamp, (window,))
         return beam.pvalue.TaggedOutput(tag, value) if tag else value
 
     def _checkpoint_finished(self):
-        """On Ctrl-C, save the captions that finished but were not emitted yet."""
+        """On Ctrl-C or a stop, save the captions that finished but were not emitted yet."""
         if not self._checkpoints:
             return
         for future in self._pending:
-            if future.done() and not future.cancelled() and future.result()[0] is None:
+            if (future.done() and not future.cancelled() and future.exception() is None
+                    and future.result()[0] is None):
                 self._checkpoints.add(future.result()[1])
         self._checkpoints.flush()
 

@@ -16,6 +16,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass
 
+import aiohttp
 import fsspec
 from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -109,12 +110,13 @@ def _shown(url: str) -> str:
                                     "", ""))
 
 
-def read_image_bytes(url: str, max_bytes: int) -> bytes:
+def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None) -> bytes:
     """The bytes at ``url`` (any fsspec URL or local path), refusing more than max_bytes.
 
     A known size is checked before reading, and at most max_bytes + 1 bytes are ever read (a
     reported size can be wrong). Local paths are read with the builtin ``open``, far cheaper
-    than fsspec's; FIFOs, devices and sockets are refused rather than read.
+    than fsspec's; FIFOs, devices and sockets are refused rather than read. ``timeout`` bounds
+    an http(s) read in seconds (connect and total).
     """
     local = not _URL.match(url)
     if local:
@@ -135,13 +137,18 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
             if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
                 raise _error("image_not_a_file",
                              f"{shown} is not a regular file (a FIFO, device or socket)")
-        with open(url, "rb") if local else fsspec.open(url, "rb") as f:
+        with open(url, "rb") if local else fsspec.open(url, "rb",
+                                                       **_storage_options(url, timeout)) as f:
             size = status.st_size if local else getattr(f, "size", None)
             if size is not None and size > max_bytes:
                 raise too_large(str(size))
             data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
+        if isinstance(e.__cause__, TimeoutError):  # fsspec's http reports any failure so
+            raise failed("image_timeout", e.__cause__, retryable=True) from None
         raise failed("image_not_found", e) from None
+    except TimeoutError as e:
+        raise failed("image_timeout", e, retryable=True) from None
     except IsADirectoryError as e:
         raise failed("image_not_a_file", e) from None
     except PermissionError as e:
@@ -153,6 +160,14 @@ def read_image_bytes(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise too_large(f"{len(data)}" if size is not None else f"more than {max_bytes}")
     return data
+
+
+def _storage_options(url: str, timeout: float | None) -> dict:
+    """fsspec options that bound an http(s) read by ``timeout`` seconds."""
+    if timeout is None or not url.lower().startswith(("http://", "https://")):
+        return {}
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout,
+                                                               sock_connect=timeout)}}
 
 
 def _open(data: bytes) -> Image.Image:

@@ -12,15 +12,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.caption import METRICS_NAMESPACE, CaptionConfig, CaptionImages
 from beam_caption.client import ClientSettings
-from beam_caption.errors import UsageError
+from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import FAILURES, ReadManifests, match_manifests
 from beam_caption.messages import PromptSettings
 from beam_caption.options import CaptionOptions, reported_options, resolve_api_key, split_inputs
 from beam_caption.preflight import preflight
-from beam_caption.resume import SkipDone, clear_checkpoints, prepare_output_dir
-from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, WriteJsonLines, WriteSummary,
-                                read_summary, write_summary)
+from beam_caption.resume import (SkipDone, clear_checkpoints, prepare_output_dir,
+                                 remove_temp_files)
+from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX,
+                                WriteJsonLines, WriteSummary, read_summary, write_summary)
 
 
 def caption_config(options: CaptionOptions) -> CaptionConfig:
@@ -64,7 +65,7 @@ def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list
     read = pipeline | "ReadManifests" >> ReadManifests(manifest_files)
     records = read["records"]
     if resume:
-        split = records | "SkipDone" >> SkipDone(options.output)
+        split = records | "SkipDone" >> SkipDone(options.output, config.settings_digest)
         records = split["todo"]
     captioned = records | "CaptionImages" >> CaptionImages(config)
     failures = ((read[FAILURES], captioned[FAILURES])
@@ -72,8 +73,11 @@ def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list
     outputs = {"captions": captioned["captions"], "failures": failures}
     if resume:
         outputs["resumed"] = split["done"]
+        outputs["set_aside"] = split["set_aside"]
         outputs["captions"] = ((captioned["captions"], split["done"])
                                | "WithDone" >> beam.Flatten())
+        split["set_aside"] | "WriteSetAside" >> WriteJsonLines(
+            options.output, SET_ASIDE_PREFIX, options.num_shards, skip_if_empty=True)
     captions = outputs["captions"]
     captions | "WriteCaptions" >> WriteJsonLines(options.output, CAPTIONS_PREFIX,
                                                   options.num_shards)
@@ -99,8 +103,15 @@ def run(argv: list[str] | None = None) -> dict:
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options, manifest_files, resume=resume)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException as exc:
+        remove_temp_files(options.output)
+        reason = JobStopped.find(str(exc))
+        if reason is not None:
+            raise StoppedError(reason) from None
+        raise
     clear_checkpoints(options.output)
     summary = read_summary(options.output)
     wall = time.monotonic() - started

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (FakeVLM, Row, Spread, Table, load_note, parse_args, run_cli,  # noqa: E402
-                    temp_dir, write_manifest, write_small_images)
+                    temp_dir, write_manifest, write_photo_copies, write_small_images)
 
 MIB = 2**20
 
@@ -101,6 +101,35 @@ def memory_growth(root: Path, small: int, large: int, repeats: int, table: Table
                        f"each record its own prompt; the {large}-record run is done once")
 
 
+def big_photo_memory(root: Path, records: int, table: Table) -> None:
+    """Issue 8: peak RSS with 12 MP phone photos at C=256 stays under a stated bound, whatever the
+    concurrency: bytes in flight are held to --max_bytes_in_flight (default 256 MiB)."""
+    concurrency, latency_ms, bound_mib = 256, 100, 1024
+    photos = write_photo_copies(root / "photos", records, (4000, 3000))
+    manifest = write_manifest(root / "photos.jsonl", photos, records)
+    peaks = {}
+    with FakeVLM(["--latency_ms", str(latency_ms)]) as vlm:
+        for label, flags in (("default budget", ()),
+                             ("no budget (--max_bytes_in_flight 64 GiB)",
+                              ("--max_bytes_in_flight", str(64 * 2**30)))):
+            run = run_cli(manifest, root / f"photos_{len(peaks)}", vlm.url, concurrency, root,
+                          *flags)
+            _check(run.summary, records)
+            peaks[label] = run
+            print(f"  {label}: peak RSS {run.tree_peak_rss / MIB:.0f} MiB, {run.wall_s:.1f} s, "
+                  f"{run.summary['images_per_s']:.1f} images/s", flush=True)
+    default = peaks["default budget"]
+    table.rows += [
+        Row(f"{records} 12 MP JPEGs (3.4 MB), C={concurrency}: peak RSS, default budget",
+            Spread([default.tree_peak_rss / MIB]), "MiB", target=bound_mib,
+            higher_is_better=False),
+        *(Row(f"  {label}: peak RSS", Spread([run.tree_peak_rss / MIB]), "MiB")
+          for label, run in peaks.items() if run is not default),
+        *(Row(f"  {label}: images/s", Spread([run.summary["images_per_s"]]), "images/s")
+          for label, run in peaks.items()),
+    ]
+
+
 def cache_savings(root: Path, records: int, table: Table) -> None:
     """The request cache: a manifest where 30% of the records repeat an earlier record's image
     and prompt (C=10, 100 ms), run twice with the same --cache_dir."""
@@ -157,6 +186,8 @@ def main() -> None:
         print("target 4: memory against dataset size", flush=True)
         # peak RSS repeats within 1 MiB: two small runs and one large keep the run near 5 min
         memory_growth(root, 2000 // scale, 20000 // scale, min(repeats, 2), table)
+        print("issue 8: 12 MP photos at C=256, memory held by the byte budget", flush=True)
+        big_photo_memory(root, 600 // scale, table)
         print("request cache: 30% duplicates, then a second run", flush=True)
         cache_savings(root, 2000 // scale, table)
     table.notes.append(load_note())

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from beam_caption.caption import CaptionConfig
+from beam_caption.client import ClientSettings
+from beam_caption.images import ImageSettings
+from beam_caption.messages import PromptSettings
 from beam_caption.testing import caption_for_images
 
 LEVELS = (0, 51, 102, 153, 204, 255)
@@ -120,3 +124,12 @@ def run_cli(args: list[str], output: Path, *, env: dict | None = None, cwd: Path
 @pytest.fixture
 def dataset_factory(tmp_path):
     return lambda n, **kw: make_dataset(tmp_path / "data", n, **kw)
+
+
+def runtime_config(api_url, image_root, max_concurrency=8, **overrides) -> CaptionConfig:
+    """A worker CaptionConfig for in-process tests of the caption runtime."""
+    return CaptionConfig(
+        client=ClientSettings(api_url=str(api_url), model="fake-vlm",
+                              max_concurrency=max_concurrency),
+        prompts=PromptSettings(system_prompt=None), images=ImageSettings(),
+        image_root=str(image_root), **overrides)

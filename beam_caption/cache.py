@@ -108,7 +108,8 @@ class RequestCache:
             return _as_cached(Completion(
                 caption=entry["caption"], finish_reason=entry.get("finish_reason"),
                 prompt_tokens=entry.get("prompt_tokens"),
-                completion_tokens=entry.get("completion_tokens"), attempts=0, latency_ms=0.0))
+                completion_tokens=entry.get("completion_tokens"), attempts=0, latency_ms=0.0,
+                reasoning_tokens=entry.get("reasoning_tokens")))
         except Exception as exc:  # an unreadable store or entry is a miss, not a failure
             _LOG.warning("request cache: reading %s failed (%s: %s); sending the request",
                          digest, type(exc).__name__, exc)
@@ -133,7 +134,8 @@ class RequestCache:
 def _entry(completion: Completion) -> dict:
     return {"caption": completion.caption, "finish_reason": completion.finish_reason,
             "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens}
+            "completion_tokens": completion.completion_tokens,
+            "reasoning_tokens": completion.reasoning_tokens}
 
 
 def _as_cached(completion: Completion) -> Completion:

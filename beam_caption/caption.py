@@ -66,7 +66,7 @@ class CaptionConfig:
         """Digest of every setting that shapes an answer (``caption_meta.fingerprint``)."""
         images = self.images
         return settings_digest({
-            "model": self.client.model, "sampling": self.client.sampling_params(),
+            "model": self.client.model, "params": self.client.request_params(),
             "prompts": dataclasses.asdict(self.prompts), "image_root": self.image_root,
             "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
                        "max_pixels": images.max_pixels},
@@ -152,6 +152,7 @@ class CaptionRuntime:
             "latency_ms": completion.latency_ms,
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,
+            "reasoning_tokens": completion.reasoning_tokens,
             "finish_reason": completion.finish_reason,
             "cached": completion.cached,
             "key": element["key"],
@@ -247,6 +248,7 @@ class _CaptionRecords(beam.DoFn):
         self._retries = Metrics.counter(METRICS_NAMESPACE, "retries")
         self._prompt_tokens = Metrics.counter(METRICS_NAMESPACE, "prompt_tokens")
         self._completion_tokens = Metrics.counter(METRICS_NAMESPACE, "completion_tokens")
+        self._reasoning_tokens = Metrics.counter(METRICS_NAMESPACE, "reasoning_tokens")
         self._throttled_ms = Metrics.counter(METRICS_NAMESPACE, "throttled_ms")
         self._latency = Metrics.distribution(METRICS_NAMESPACE, "latency_ms")
 
@@ -326,6 +328,7 @@ class _CaptionRecords(beam.DoFn):
         self._captioned.inc()
         self._prompt_tokens.inc(meta["prompt_tokens"] or 0)
         self._completion_tokens.inc(meta["completion_tokens"] or 0)
+        self._reasoning_tokens.inc(meta["reasoning_tokens"] or 0)
         self._latency.update(int(meta["latency_ms"]))
 
 

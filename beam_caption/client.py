@@ -19,12 +19,14 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 from apache_beam.io.components.util import MovingSum
 
 from beam_caption.errors import CaptionError, JobStopped, encodable
 from beam_caption.redact import redact_url, scrub
+from beam_caption.request_params import AcceptedParams, build_body, refused_param
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 SYSTEMIC_STATUS = {401: "the API key was refused", 403: "access was denied",
@@ -52,15 +54,17 @@ class ClientSettings:
     max_requests_per_minute: float | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    reasoning_effort: str | None = None
     max_retry_wait: float = 300.0
     max_response_bytes: int = 4 * 2**20
     max_caption_chars: int = 32_000
     stop_after_refusals: int = 5
 
-    def sampling_params(self) -> dict:
-        """The optional request parameters that are set."""
-        return {k: v for k, v in (("max_tokens", self.max_tokens),
-                                  ("temperature", self.temperature)) if v is not None}
+    def request_params(self) -> dict:
+        """The optional request parameters that are set (see request_params.py for spellings)."""
+        return {k: v for k, v in (("max_completion_tokens", self.max_tokens),
+                                  ("temperature", self.temperature),
+                                  ("reasoning_effort", self.reasoning_effort)) if v is not None}
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Completion:
     latency_ms: float
     throttled_s: float = 0.0
     cached: bool = False
+    reasoning_tokens: int | None = None
 
 
 class OverloadThrottle:
@@ -217,13 +222,25 @@ def error_message(body) -> str:
     return str(body)[:500]
 
 
-def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_caption_chars
-                     ) -> tuple[str, str | None, int | None, int | None]:
-    """(caption, finish_reason, prompt_tokens, completion_tokens) from a response body.
+class ParsedCompletion(NamedTuple):
+    """What a chat completion answer says."""
+
+    caption: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    reasoning_tokens: int | None = None
+
+
+def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_caption_chars,
+                     max_tokens: int | None = None) -> ParsedCompletion:
+    """The caption, finish reason and token counts of a response body.
 
     Raises a retryable CaptionError(stage="response") for anything that is not a chat
-    completion with a non-empty text answer, and a permanent one for a caption longer than
-    ``max_caption_chars``. Token counts that are not plain non-negative integers become None.
+    completion with a non-empty text answer, and a permanent one for an answer that cannot
+    improve on retry: a refusal, no text because the completion limit (``max_tokens``, None:
+    the server's) was spent, a caption longer than ``max_caption_chars``. Token counts that are
+    not plain non-negative integers become None.
     """
     try:
         data = json.loads(body)
@@ -233,25 +250,49 @@ def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_ca
                            retryable=True) from None
     try:
         choice = data["choices"][0]
-        content = choice["message"]["content"]
+        message = choice["message"]
+        content = message["content"]
     except (KeyError, IndexError, TypeError):
         raise CaptionError("response", "not_a_completion",
                            "the response is not a chat completion", retryable=True) from None
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    details = usage.get("completion_tokens_details")
+    parsed = ParsedCompletion(
+        "", _text(choice.get("finish_reason")), token_count(usage.get("prompt_tokens")),
+        token_count(usage.get("completion_tokens")),
+        token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None)
     if isinstance(content, list):  # some servers return content parts
         content = "".join(p["text"] for p in content
                           if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not isinstance(content, str) or not content.strip():
-        raise CaptionError("response", "empty_caption", "the model returned no text",
-                           retryable=True)
+        raise _no_text(parsed, message.get("refusal"), max_tokens)
     caption = encodable(content.strip())
     if len(caption) > max_caption_chars:
         raise CaptionError("response", "caption_too_long",
                            f"the caption has {len(caption)} characters, over the limit of "
                            f"{max_caption_chars} (--max_caption_chars)")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
-    return (caption, encodable(finish) if isinstance(finish, str) else None,
-            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")))
+    return parsed._replace(caption=caption)
+
+
+def _text(value) -> str | None:
+    return encodable(value) if isinstance(value, str) else None
+
+
+def _no_text(parsed: ParsedCompletion, refusal, max_tokens: int | None) -> CaptionError:
+    """Why an answer has no caption: a refusal, a spent completion limit, or (retryable) nothing."""
+    if isinstance(refusal, str) and refusal.strip():
+        return CaptionError("response", "refusal", f"the model refused: {refusal.strip()[:500]}")
+    if parsed.finish_reason == "length":
+        limit = f"--max_tokens {max_tokens}" if max_tokens else "the server's limit"
+        spent = f"{parsed.completion_tokens} completion tokens" \
+            if parsed.completion_tokens is not None else "all completion tokens"
+        if parsed.reasoning_tokens is not None:
+            spent += f", {parsed.reasoning_tokens} of them reasoning"
+        return CaptionError("response", "length",
+                            f"the model spent its completion limit ({limit}) before writing any "
+                            f"text: {spent}; raise --max_tokens or lower --reasoning_effort")
+    return CaptionError("response", "empty_caption", "the model returned no text",
+                        retryable=True)
 
 
 def token_count(value) -> int | None:
@@ -266,8 +307,7 @@ def token_count(value) -> int | None:
 def request_body(settings: ClientSettings, messages: list[dict]) -> bytes:
     """The JSON body of a chat completion request for VLMClient.complete (built off the event
     loop: the image data URLs make it large)."""
-    return json.dumps({"model": settings.model, "messages": messages,
-                       **settings.sampling_params()}, separators=(",", ":")).encode("utf-8")
+    return build_body(settings.model, settings.request_params(), messages)
 
 
 class VLMClient:
@@ -293,6 +333,7 @@ class VLMClient:
                         if settings.max_requests_per_minute else None)
         self._refusals = 0  # consecutive 401/403/404 answers
         self._stopped: JobStopped | None = None
+        self._accepted = AcceptedParams(settings.model, settings.request_params())
 
     async def complete(self, body: bytes) -> Completion:
         """Send one request body (``request_body``), retrying retryable failures; raises
@@ -306,12 +347,14 @@ class VLMClient:
             attempt += 1
             throttled += await self._wait_for_turn()
             try:
-                caption, finish, prompt_tokens, completion_tokens = await self._attempt(body)
+                parsed = await self._attempt(self._accepted.body(body))
             except Exception as exc:  # every failure becomes a typed error below
                 failure = exc if isinstance(exc, HTTPStatusFailure) else None
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
                 error = self._typed_error(exc, attempt, throttled)
                 self._count_refusal(failure, error)
+                if self._adapt_params(failure) and attempt <= self.settings.max_retries:
+                    continue  # the same request again, spelled the way the server accepts
                 if not error.retryable or attempt > self.settings.max_retries:
                     raise error from None
                 retry_after = retry_after_seconds(failure.headers if failure else None)
@@ -326,15 +369,24 @@ class VLMClient:
                 continue
             self._throttle.record(overloaded=False)
             self._refusals = 0
-            return Completion(scrub(caption, self._secrets, urls=False), finish, prompt_tokens,
-                              completion_tokens, attempt,
-                              round((time.monotonic() - started) * 1000, 1), round(throttled, 3))
+            return Completion(scrub(parsed.caption, self._secrets, urls=False),
+                              parsed.finish_reason, parsed.prompt_tokens,
+                              parsed.completion_tokens, attempt,
+                              round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
+                              reasoning_tokens=parsed.reasoning_tokens)
 
     def _typed_error(self, exc: BaseException, attempt: int, throttled: float) -> CaptionError:
         """The CaptionError for a failed attempt, its message scrubbed of the key."""
         error = classify_exception(exc)
         return CaptionError(error.stage, error.type, scrub(error.message, self._secrets),
                             error.retryable, attempt, round(throttled, 3))
+
+    def _adapt_params(self, failure: HTTPStatusFailure | None) -> bool:
+        """After a 400 naming one of our optional parameters, respell or drop it (once)."""
+        if failure is None:
+            return False
+        name = refused_param(failure.status, failure.body, self._accepted.params)
+        return bool(name) and self._accepted.adapt(name, f"model {self.settings.model!r}")
 
     def _count_refusal(self, failure: HTTPStatusFailure | None, error: CaptionError) -> None:
         """Stop the client after ``stop_after_refusals`` consecutive 401/403/404 answers."""
@@ -370,7 +422,7 @@ class VLMClient:
                                                 await _read_capped(response, ERROR_BODY_BYTES,
                                                                    truncate=True))
                     answer = await _read_capped(response, self.settings.max_response_bytes)
-        return parse_completion(answer, self.settings.max_caption_chars)
+        return parse_completion(answer, self.settings.max_caption_chars, self.settings.max_tokens)
 
     async def aclose(self) -> None:
         await self._session.close()

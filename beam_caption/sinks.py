@@ -71,7 +71,8 @@ def caption_counts(element: dict, image_key: str) -> dict:
         counts.update(cache_hits=1, tokens_saved=tokens)
     else:
         counts.update(prompt_tokens=meta["prompt_tokens"] or 0,
-                      completion_tokens=meta["completion_tokens"] or 0)
+                      completion_tokens=meta["completion_tokens"] or 0,
+                      reasoning_tokens=meta.get("reasoning_tokens") or 0)
     return counts
 
 
@@ -100,7 +101,8 @@ def summary_from_counts(counts: dict, options: dict) -> dict:
         "retries": counts.get("retries", 0),
         "tokens": {"prompt": counts.get("prompt_tokens", 0),
                    "completion": counts.get("completion_tokens", 0),
-                   "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0)},
+                   "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0),
+                   "reasoning": counts.get("reasoning_tokens", 0)},
         "options": options,
     }
 

@@ -30,10 +30,12 @@ def test_request_body_is_compact_json_with_the_parameters_that_are_set():
     plain = request_body(ClientSettings(api_url="u", model="m"), messages())
     assert json.loads(plain) == {"model": "m", "messages": messages()}
     assert b" " not in plain.replace(b"Describe.", b"")  # no padding around separators
-    tuned = request_body(ClientSettings(api_url="u", model="m", max_tokens=64, temperature=0.0),
-                         messages())
-    assert json.loads(tuned) == {"model": "m", "messages": messages(), "max_tokens": 64,
-                                 "temperature": 0.0}
+    tuned = request_body(ClientSettings(api_url="u", model="m", max_tokens=64, temperature=0.0,
+                                        reasoning_effort="low"), messages())
+    assert json.loads(tuned) == {"model": "m", "messages": messages(),
+                                 "max_completion_tokens": 64, "temperature": 0.0,
+                                 "reasoning_effort": "low"}
+    assert tuned.startswith(b'{"model":"m","max_completion_tokens":64,')  # parameters first
 
 
 def completion_body(content="A cat.", finish="stop"):
@@ -43,7 +45,25 @@ def completion_body(content="A cat.", finish="stop"):
 
 
 def test_parse_completion_reads_caption_and_usage():
-    assert parse_completion(completion_body(" A cat. ")) == ("A cat.", "stop", 10, 3)
+    assert parse_completion(completion_body(" A cat. ")) == ("A cat.", "stop", 10, 3, None)
+
+
+def test_no_text_after_a_spent_limit_or_a_refusal_is_a_permanent_typed_failure():
+    spent = json.dumps({"choices": [{"message": {"content": ""}, "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 100,
+                                  "completion_tokens_details": {"reasoning_tokens": 100}}})
+    with pytest.raises(CaptionError) as info:
+        parse_completion(spent.encode(), max_tokens=100)
+    assert (info.value.stage, info.value.type, info.value.retryable) == \
+        ("response", "length", False)
+    assert "--max_tokens 100" in info.value.message and "100 of them reasoning" in \
+        info.value.message
+    refused = json.dumps({"choices": [{"message": {"content": None, "refusal": "I can't."},
+                                       "finish_reason": "stop"}]})
+    with pytest.raises(CaptionError) as info:
+        parse_completion(refused.encode())
+    assert (info.value.type, info.value.retryable) == ("refusal", False)
+    assert "I can't." in info.value.message
 
 
 @pytest.mark.parametrize("body, error_type", [
@@ -276,3 +296,47 @@ def test_one_refusal_among_successes_does_not_stop_the_client():
     assert client._stopped is None
     with pytest.raises(JobStopped):
         client._count_refusal(failure, error)
+
+
+def test_reasoning_model_captions_with_max_completion_tokens_and_reports_reasoning():
+    with FakeVLMServer(FakeVLMConfig(reasoning=True, reasoning_ms_per_token=0)) as server:
+        result = run_complete(server, messages(), max_tokens=400)
+    assert result.attempts == 1 and result.reasoning_tokens == 192
+    assert result.caption.startswith("A fake caption")
+
+
+def test_a_limit_spent_on_reasoning_fails_once_and_minimal_effort_fits():
+    with FakeVLMServer(FakeVLMConfig(reasoning=True, reasoning_ms_per_token=0)) as server:
+        with pytest.raises(CaptionError) as info:
+            run_complete(server, messages(), max_tokens=100)
+        assert server.stats()["requests"] == 1  # a spent limit is not paid for again
+        result = run_complete(server, messages(), max_tokens=100, reasoning_effort="minimal")
+    assert (info.value.type, info.value.attempts) == ("length", 1)
+    assert result.caption.startswith("A fake caption") and result.reasoning_tokens == 0
+
+
+def run_several(server, count, **settings):
+    async def go():
+        client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm", **settings),
+                           api_key="k")
+        try:
+            return [await client.complete(request_body(client.settings, messages(text=f"q{i}")))
+                    for i in range(count)]
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("config, settings", [
+    (FakeVLMConfig(reasoning=True, reasoning_ms_per_token=0), {"temperature": 0.2}),
+    (FakeVLMConfig(legacy_params=True), {"max_tokens": 400}),
+    (FakeVLMConfig(), {"reasoning_effort": "low"}),
+], ids=["reasoning_model_refuses_temperature", "old_server_refuses_max_completion_tokens",
+        "chat_model_refuses_reasoning_effort"])
+def test_a_refused_parameter_is_respelled_or_dropped_once_for_the_run(config, settings, caplog):
+    with FakeVLMServer(config) as server:
+        results = run_several(server, 3, **settings)
+        requests = server.stats()["requests"]
+    assert [r.attempts for r in results] == [2, 1, 1]  # learned once, remembered
+    assert requests == 4
+    assert len([r for r in caplog.records if "refuses" in r.getMessage()]) == 1

@@ -72,7 +72,8 @@ def test_valid_request_returns_caption_and_usage(server):
     assert answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
     assert answer["model"] == "fake-vlm"
     assert answer["choices"] == [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": caption}}]
+                                  "message": {"role": "assistant", "content": caption,
+                                              "refusal": None}}]
     image_tokens = math.ceil(64 / 28) * math.ceil(32 / 28)
     prompt_tokens = (4 + math.ceil(len(SYSTEM) / 4)) + (4 + math.ceil(len(PROMPT) / 4) + image_tokens)
     assert answer["usage"] == {"prompt_tokens": prompt_tokens,
@@ -246,3 +247,39 @@ def test_non_loopback_host_is_refused():
     for host in ("0.0.0.0", "192.168.1.10", "example.com"):
         with pytest.raises(ValueError):
             FakeVLMServer(host=host)
+
+
+def test_reasoning_models_follow_openais_rules():
+    caption = "A fake caption: landscape image, colour #ff0000"
+    with FakeVLMServer(FakeVLMConfig(reasoning=True, reasoning_ms_per_token=0)) as srv:
+        status, _, raw = chat(srv, chat_body(data_url(RED), max_tokens=400))
+        assert status == 400 and json.loads(raw)["error"]["param"] == "max_tokens"
+        status, _, raw = chat(srv, chat_body(data_url(RED), temperature=0.2))
+        assert status == 400 and json.loads(raw)["error"]["param"] == "temperature"
+        status, _, raw = chat(srv, chat_body(data_url(RED), max_completion_tokens=400))
+        answer = json.loads(raw)
+        assert answer["choices"][0]["message"]["content"] == caption
+        text_tokens = math.ceil(len(caption) / 4)
+        assert answer["usage"]["completion_tokens"] == 192 + text_tokens
+        assert answer["usage"]["completion_tokens_details"] == {"reasoning_tokens": 192}
+        # The default effort's reasoning uses up a small limit: no text, finish_reason length.
+        status, _, raw = chat(srv, chat_body(data_url(RED), max_completion_tokens=100))
+        choice = json.loads(raw)["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
+        status, _, raw = chat(srv, chat_body(data_url(RED), max_completion_tokens=100,
+                                             reasoning_effort="minimal"))
+        assert json.loads(raw)["choices"][0]["message"]["content"] == caption
+
+
+def test_legacy_servers_and_chat_models_refuse_newer_parameters(server):
+    with FakeVLMServer(FakeVLMConfig(legacy_params=True)) as srv:
+        status, _, raw = chat(srv, chat_body(data_url(RED), max_completion_tokens=10))
+        assert status == 400 and "max_completion_tokens" in json.loads(raw)["error"]["message"]
+    status, _, raw = chat(server, chat_body(data_url(RED), reasoning_effort="low"))
+    assert status == 400 and "reasoning_effort" in json.loads(raw)["error"]["message"]
+
+
+def test_refusal_marker_gets_a_refusal(server):
+    status, _, raw = chat(server, chat_body(data_url(RED), prompt="REFUSE_ME please"))
+    message = json.loads(raw)["choices"][0]["message"]
+    assert status == 200 and message["content"] is None and message["refusal"]

@@ -47,6 +47,9 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 _MALFORMED_BODY = b'{"id": "chatcmpl-fake", "choices": ['
 _ENDLESS_CHUNK = b" " * 65536
 _ENDLESS_MAX_BYTES = 2**31  # even an endless body ends somewhere
+REASONING_TOKENS = {"minimal": 0, "low": 64, "medium": 192, "high": 768}
+DEFAULT_EFFORT = "medium"
+_REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 _REFUSALS = {401: ("Incorrect API key provided.", "invalid_api_key"),
              403: ("You do not have access to this model.", "permission_denied"),
              404: ("The model does not exist or you do not have access to it.",
@@ -84,6 +87,11 @@ class FakeVLMConfig:
     echo_auth: bool = False  # error bodies quote the request's Authorization header
     refuse_after: int | None = None  # after this many captions, answer refuse_status to all
     refuse_status: int = 401
+    # Model rules:
+    reasoning: bool = False  # the models follow OpenAI's reasoning-model rules (see README)
+    reasoning_ms_per_token: float = 0.5  # extra latency per reasoning token
+    legacy_params: bool = False  # refuses max_completion_tokens (older servers know max_tokens)
+    refusal_marker: str | None = "REFUSE_ME"  # a prompt holding it gets a refusal answer
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -178,6 +186,7 @@ class _Chat(NamedTuple):
     messages: list[_Message]
     max_tokens: int | None
     raw_messages: list
+    reasoning_effort: str | None = None
 
 
 class _DecodedImage(NamedTuple):
@@ -185,8 +194,9 @@ class _DecodedImage(NamedTuple):
     description: str
 
 
-def _parse_chat(raw: bytes, models: tuple[str, ...]) -> _Chat:
+def _parse_chat(raw: bytes, config: FakeVLMConfig) -> _Chat:
     """Validate a chat completion request body like a real server does."""
+    models = config.models
     try:
         body = json.loads(raw)
     except ValueError:
@@ -206,7 +216,33 @@ def _parse_chat(raw: bytes, models: tuple[str, ...]) -> _Chat:
     if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
         raise _APIError(400, "temperature must be a number between 0 and 2", param="temperature")
     messages = body.get("messages")
-    return _Chat(model, _parse_messages(messages), _parse_max_tokens(body), messages)
+    _check_model_rules(body, config)
+    return _Chat(model, _parse_messages(messages), _parse_max_tokens(body), messages,
+                 body.get("reasoning_effort"))
+
+
+def _check_model_rules(body: dict, config: FakeVLMConfig) -> None:
+    """Refuse parameters as OpenAI's reasoning models, its chat models or older servers do."""
+    if config.legacy_params and "max_completion_tokens" in body:
+        raise _APIError(400, "Unrecognized request argument supplied: max_completion_tokens")
+    effort = body.get("reasoning_effort")
+    if not config.reasoning:
+        if effort is not None:
+            raise _APIError(400, "Unrecognized request argument supplied: reasoning_effort")
+        return
+    if "max_tokens" in body:
+        raise _APIError(400, "Unsupported parameter: 'max_tokens' is not supported with this "
+                             "model. Use 'max_completion_tokens' instead.", param="max_tokens",
+                        code="unsupported_parameter")
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise _APIError(400, f"Unsupported value: 'temperature' does not support {temperature} "
+                             "with this model. Only the default (1) value is supported.",
+                        param="temperature", code="unsupported_value")
+    if effort is not None and effort not in REASONING_TOKENS:
+        raise _APIError(400, f"Invalid value: '{effort}'. Supported values are: "
+                             f"{', '.join(map(repr, REASONING_TOKENS))}.",
+                        param="reasoning_effort", code="invalid_value")
 
 
 def _parse_max_tokens(body: dict) -> int | None:
@@ -495,17 +531,25 @@ class FakeVLMServer:
                 response = await self._inject(fault, request)
                 if response is not None:
                     return response
-            chat = _parse_chat(raw, self.config.models)
+            chat = _parse_chat(raw, self.config)
             self._check_reject_marker(chat)
             images = [[_decode_image(url) for url in m.image_urls] for m in chat.messages]
             self._check_fail_first(chat)
         except _APIError as exc:
             return self._error_response(exc, request)
-        if self.config.latency_ms:
-            await asyncio.sleep(self.config.latency_ms / 1000)
+        reasoning = self._reasoning_tokens(chat)
+        latency_ms = self.config.latency_ms + reasoning * self.config.reasoning_ms_per_token
+        if latency_ms:
+            await asyncio.sleep(latency_ms / 1000)
         if self.config.endless_body:
             return await self._endless(request)
-        return self._completion(chat, images)
+        return self._completion(chat, images, reasoning)
+
+    def _reasoning_tokens(self, chat: _Chat) -> int:
+        """Tokens a reasoning model thinks before answering (0 for chat models)."""
+        if not self.config.reasoning:
+            return 0
+        return REASONING_TOKENS[chat.reasoning_effort or DEFAULT_EFFORT]
 
     def _error_response(self, exc: _APIError, request: web.Request) -> web.Response:
         """The error answer; with ``echo_auth`` its message quotes the Authorization header."""
@@ -589,28 +633,45 @@ class FakeVLMServer:
             self._stats.fault("fail_first")
             raise _status_error(self.config.fail_first_status, self._retry_headers)
 
-    def _completion(self, chat: _Chat, images: list[list[_DecodedImage]]) -> web.Response:
-        """The chat.completion answer: caption of all the request's images in order, and usage."""
+    def _completion(self, chat: _Chat, images: list[list[_DecodedImage]],
+                    reasoning: int = 0) -> web.Response:
+        """The chat.completion answer: caption of all the request's images in order, and usage.
+
+        Reasoning tokens count against the completion limit first: a limit they use up gives
+        empty content and finish_reason "length", as OpenAI's reasoning models do.
+        """
         caption = _caption([image.description for imgs in images for image in imgs])
         caption = caption.ljust(self.config.caption_chars, ".") + self.config.caption_suffix
-        completion_tokens = math.ceil(len(caption) / 4)
+        refusal = None
+        marker = self.config.refusal_marker
+        if marker and any(marker in text for m in chat.messages for text in m.texts):
+            caption, refusal = None, _REFUSAL_TEXT
+        text_tokens = math.ceil(len(caption) / 4) if caption else 0
         finish_reason = "stop"
-        if chat.max_tokens is not None and chat.max_tokens < completion_tokens:
-            caption = caption[:chat.max_tokens * 4]
-            completion_tokens, finish_reason = chat.max_tokens, "length"
+        limit = chat.max_tokens
+        if limit is not None and limit < reasoning + text_tokens:
+            reasoning = min(reasoning, limit)
+            text_tokens = limit - reasoning
+            caption = caption[:text_tokens * 4] if caption else caption
+            finish_reason = "length"
+        completion_tokens = reasoning + text_tokens
         prompt_tokens = sum(self._message_tokens(m, imgs) for m, imgs in zip(chat.messages, images))
         n_images = sum(len(imgs) for imgs in images)
-        self._stats.succeeded(caption, n_images)
+        if caption:
+            self._stats.succeeded(caption, n_images)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if self.config.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return web.json_response({
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chat.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": caption},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": caption,
+                                                 "refusal": refusal},
                          "finish_reason": finish_reason}],
-            "usage": self.config.usage or {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens},
+            "usage": self.config.usage or usage,
         })
 
     def _message_tokens(self, message: _Message, images: list[_DecodedImage]) -> int:
@@ -689,6 +750,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--refuse_after", type=int,
                         help="after N captions, answer --refuse_status to every request")
     parser.add_argument("--refuse_status", type=int, default=defaults.refuse_status)
+    parser.add_argument("--reasoning", action="store_true",
+                        help="the models follow OpenAI's reasoning-model rules")
+    parser.add_argument("--reasoning_ms_per_token", type=float,
+                        default=defaults.reasoning_ms_per_token)
+    parser.add_argument("--legacy_params", action="store_true",
+                        help="refuse max_completion_tokens as older servers do")
     return parser.parse_args(argv)
 
 

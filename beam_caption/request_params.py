@@ -1,0 +1,89 @@
+"""The optional request parameters, spelled the way the endpoint accepts them.
+
+Servers disagree: OpenAI's reasoning models (gpt-5, o-series) refuse ``max_tokens`` and any
+``temperature`` but the default, older OpenAI-compatible servers refuse
+``max_completion_tokens``, and chat models may refuse ``reasoning_effort``. The completion
+limit is sent as ``max_completion_tokens`` first (OpenAI accepts it for every model); when a
+server answers 400 naming a parameter, the client switches to the other spelling once, or drops
+the parameter with one warning, and keeps that choice for the rest of the run.
+
+A request body is built with the parameters first (``{"model", params..., "messages"}``), so
+a changed spelling replaces a few bytes at its head instead of re-serializing the images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+LIMIT_SPELLINGS = ("max_completion_tokens", "max_tokens")
+_REFUSAL_WORDS = re.compile(
+    r"unsupported|not supported|unrecognized|unknown|extra|not allowed|not permitted|invalid|"
+    r"only the default", re.IGNORECASE)
+_SEPARATORS = (",", ":")
+
+_LOG = logging.getLogger(__name__)
+
+
+def params_head(model: str, params: dict) -> bytes:
+    """The start of a request body: model and parameters, without the closing brace."""
+    return json.dumps({"model": model, **params}, separators=_SEPARATORS).encode("utf-8")[:-1]
+
+
+def build_body(model: str, params: dict, messages: list[dict]) -> bytes:
+    """A chat completion request body (built off the event loop: data URLs make it large)."""
+    return (params_head(model, params) + b',"messages":'
+            + json.dumps(messages, separators=_SEPARATORS).encode("utf-8") + b"}")
+
+
+def refused_param(status: int, body, params: dict) -> str | None:
+    """The parameter of ``params`` that a 400/422 answer refuses, if it names one."""
+    if status not in (400, 422):
+        return None
+    error = body.get("error", body) if isinstance(body, dict) else body
+    named = error.get("param") if isinstance(error, dict) else None
+    if named in params:
+        return named
+    message = str(error.get("message", "") if isinstance(error, dict) else error)
+    if not _REFUSAL_WORDS.search(message):
+        return None
+    for name in params:
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", message):
+            return name
+    return None
+
+
+class AcceptedParams:
+    """What this endpoint accepts, learned from its refusals; one per client."""
+
+    def __init__(self, model: str, params: dict):
+        self._model = model
+        self._sent_head = params_head(model, params)  # the head request bodies are built with
+        self.params = dict(params)
+        self._head = self._sent_head
+        self._renamed: set[str] = set()
+
+    def body(self, body: bytes) -> bytes:
+        """``body`` with its head rewritten to the parameters the endpoint accepts."""
+        if self._head is self._sent_head or not body.startswith(self._sent_head):
+            return body
+        return self._head + body[len(self._sent_head):]
+
+    def adapt(self, name: str, model_text: str) -> bool:
+        """Stop sending ``name`` as it is (other spelling, else dropped); False if already done."""
+        if name not in self.params:
+            return False
+        value = self.params.pop(name)
+        other = next((s for s in LIMIT_SPELLINGS if s != name), None) if name in LIMIT_SPELLINGS \
+            else None
+        if other and other not in self._renamed:
+            self._renamed.add(name)
+            self.params[other] = value
+            _LOG.warning("%s refuses %s: sending the completion limit as %s from now on",
+                         model_text, name, other)
+        else:
+            _LOG.warning("%s refuses %s=%r: running without it from now on", model_text, name,
+                         value)
+        self._head = params_head(self._model, self.params)
+        return True

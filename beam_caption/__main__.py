@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +16,10 @@ logging.getLogger().addFilter(
     lambda record: not (isinstance(record.msg, str)
                         and record.msg.startswith("apitools not found")))
 
-from beam_caption.errors import UsageError  # noqa: E402
-from beam_caption.options import CaptionOptions  # noqa: E402
+from beam_caption.errors import JobStopped, UsageError  # noqa: E402
+from beam_caption.options import DEFAULT_API_KEY_ENVS, CaptionOptions  # noqa: E402
 from beam_caption.pipeline import run  # noqa: E402
+from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 
@@ -80,9 +82,35 @@ def _flag_names(argv: list[str]) -> set[str]:
     return {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
 
 
+def _reported_elsewhere(record: logging.LogRecord) -> bool:
+    """False for Beam's traceback of a stop the CLI reports in one line (JobStopped, Ctrl-C)."""
+    if not record.name.startswith("apache_beam"):
+        return True
+    text = str(record.msg) + (str(record.exc_info[1]) if record.exc_info else "")
+    return JobStopped.MARKER not in text and "KeyboardInterrupt" not in text
+
+
+def _api_keys(argv: list[str]) -> tuple[str, ...]:
+    """The keys this run may hold (default variables and --api_key_env's), to scrub from logs."""
+    names = list(DEFAULT_API_KEY_ENVS)
+    for i, arg in enumerate(argv):
+        if arg == "--api_key_env" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif arg.startswith("--api_key_env="):
+            names.append(arg.split("=", 1)[1])
+    return tuple(filter(None, (clean_key(os.environ.get(name)) for name in names)))
+
+
+def _configure_logging(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_reported_elsewhere)
+        handler.addFilter(ScrubbingFilter(_api_keys(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(argv)
     flags = _flag_names(argv)
     if flags & {"-h", "--help"} and argv[:1] != ["demo"]:
         print_help()

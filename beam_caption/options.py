@@ -81,7 +81,12 @@ class CaptionOptions(PipelineOptions):
         api.add_argument("--max_tokens", type=_positive_int, default=None,
                          help="Upper bound on caption tokens per request (default: server's).")
         api.add_argument("--temperature", type=float, default=None,
-                         help="Sampling temperature (default: server's).")
+                         help="Sampling temperature (default: server's). A model that refuses "
+                              "it (reasoning models) runs without it, with one warning.")
+        api.add_argument("--reasoning_effort", default=None,
+                         choices=("minimal", "low", "medium", "high"),
+                         help="Reasoning effort for reasoning models (gpt-5, o-series); "
+                              "captioning rarely needs more than minimal.")
 
         calls = parser.add_argument_group("requests")
         calls.add_argument("--max_concurrency", type=_positive_int, default=32,
@@ -91,7 +96,18 @@ class CaptionOptions(PipelineOptions):
         calls.add_argument("--max_retries", type=_non_negative_int, default=6,
                            help="Attempts after the first for retryable errors.")
         calls.add_argument("--max_backoff", type=_positive_float, default=60.0,
-                           help="Longest wait between two attempts, Retry-After included.")
+                           help="Longest wait of our own backoff between two attempts.")
+        calls.add_argument("--max_retry_wait", type=_positive_float, default=300.0,
+                           help="Longest Retry-After honoured: a server asking for longer gets "
+                                "the record failed as request/throttled, never retried early.")
+        calls.add_argument("--max_response_bytes", type=_positive_int, default=4 * 2**20,
+                           help="Larger response bodies fail the record (response_too_large).")
+        calls.add_argument("--max_caption_chars", type=_positive_int, default=32_000,
+                           help="Longer captions fail the record (caption_too_long).")
+        calls.add_argument("--max_bytes_in_flight", type=_positive_int, default=256 * 2**20,
+                           help="Image bytes (source files, then request bodies) held by the "
+                                "records in flight per worker process; bounds memory at any "
+                                "concurrency.")
         calls.add_argument("--max_requests_per_minute", type=_positive_float, default=None,
                            help="Cap on request starts per minute per worker process "
                                 "(retries included).")
@@ -109,6 +125,8 @@ class CaptionOptions(PipelineOptions):
                             help="Refuse source images larger than this many bytes.")
         images.add_argument("--jpeg_quality", type=_positive_int, default=85,
                             help="JPEG quality of the re-encoded images.")
+        images.add_argument("--image_timeout", type=_positive_float, default=60.0,
+                            help="Seconds to read one record's images (connect and total).")
 
 
 BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", "project",

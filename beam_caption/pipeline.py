@@ -32,7 +32,10 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             max_concurrency=options.max_concurrency, request_timeout=options.request_timeout,
             max_retries=options.max_retries, max_backoff=options.max_backoff,
             max_requests_per_minute=options.max_requests_per_minute,
-            max_tokens=options.max_tokens, temperature=options.temperature),
+            max_tokens=options.max_tokens, temperature=options.temperature,
+            reasoning_effort=options.reasoning_effort, max_retry_wait=options.max_retry_wait,
+            max_response_bytes=options.max_response_bytes,
+            max_caption_chars=options.max_caption_chars),
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
             image_key=options.image_key, conversation_key=options.conversation_key),
@@ -42,6 +45,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         output_key=options.output_key,
         api_key_env=options.api_key_env,
         cache_dir=options.cache_dir,
+        max_bytes_in_flight=options.max_bytes_in_flight,
+        image_timeout=options.image_timeout,
     )
 
 

@@ -25,6 +25,7 @@ import time
 import uuid
 
 import apache_beam as beam
+import fsspec
 from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.errors import UsageError
@@ -112,16 +113,13 @@ def clear_checkpoints(output_dir: str) -> None:
 
 
 def remove_temp_files(output_dir: str) -> None:
-    """Delete the temp files a failed or interrupted job left in ``output_dir`` (a full disk
+    """Delete the temp folders a failed or interrupted job left in ``output_dir`` (a full disk
     stays full otherwise); checkpoints are kept for --resume."""
     try:
-        temp = _match(output_path(output_dir, f"{BEAM_TEMP_PATTERN}/*"))
+        fs, root = fsspec.core.url_to_fs(output_dir)
+        temp = fs.glob(f"{root.rstrip('/')}/{BEAM_TEMP_PATTERN}")
         if temp:
-            FileSystems.delete(temp)
-        folders = {path.rsplit("/", 1)[0] for path in temp}
-        leftover = [folder for folder in folders if FileSystems.exists(folder)]
-        if leftover:  # local folders; object stores have none left
-            FileSystems.delete(leftover)
+            fs.rm(temp, recursive=True)
     except Exception as exc:  # cleaning up must not hide the error that stopped the job
         _LOG.warning("could not remove temp files in %s: %s", output_dir, exc)
 

@@ -194,3 +194,56 @@ def test_retried_bundles_never_duplicate_output_lines(dataset_factory, tmp_path)
 def test_make_image_helper_gives_distinct_captions(tmp_path):
     captions = [make_image(tmp_path, i)[1] for i in range(648)]
     assert len(set(captions)) == 648
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_revoked_key_or_model_mid_run_stops_the_job_and_resume_finishes(dataset_factory,
+                                                                          tmp_path, status):
+    data = dataset_factory(60, files=1)
+    out = tmp_path / "out"
+    refusing = FakeVLMConfig(refuse_after=20, refuse_status=status, latency_ms=5)
+    with FakeVLMServer(refusing) as server:
+        stopped = run_cli(base_args(data, server, "--max_concurrency", "2",
+                                    "--checkpoint_interval", "0.1"), out)
+        stats = server.stats()
+        sent = stats["requests"]
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert f"HTTP {status}" in stopped.stderr and "--resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    # It stopped after a short run of refusals: 5 in a row, or twice that when a success that
+    # was in flight (--max_concurrency 2) broke the first run.
+    assert stats["by_status"][str(status)] <= 2 * 5 + 2 and sent <= 20 + 2 + 12, stats
+    assert not list(out.glob("captions-*")) and not list(out.glob("failures-*"))
+    assert not list(out.glob("beam-temp-*"))
+    with FakeVLMServer() as server:  # the key (or model) is back
+        resumed = run_cli(base_args(data, server, "--resume"), out)
+        paid_again = server.stats()["requests"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.failures == [] and {r["id"]: r["caption"] for r in resumed.captions} == \
+        data.expected
+    assert paid_again == 60 - resumed.summary["resumed"] and resumed.summary["resumed"] >= 15
+
+
+@pytest.mark.parametrize("hostile", [
+    FakeVLMConfig(caption_suffix="\ud800"),
+    FakeVLMConfig(usage={"prompt_tokens": "12", "completion_tokens": float("nan")}),
+    FakeVLMConfig(usage={"prompt_tokens": 10**31, "completion_tokens": float("inf")}),
+], ids=["lone_surrogate", "string_and_nan_usage", "huge_and_infinite_usage"])
+def test_one_hostile_answer_value_never_kills_the_job(dataset_factory, tmp_path, hostile):
+    data = dataset_factory(6, files=2)
+    out = tmp_path / "out"
+    with FakeVLMServer(hostile) as server:
+        result = run_cli(base_args(data, server), out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        again = run_cli(base_args(data, server, "--resume"), out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for run in (result, again):
+        assert len(run.captions) == 6 and run.failures == []
+        for path in out.glob("*.jsonl"):
+            path.read_text(encoding="utf-8")  # strict UTF-8 throughout
+    captions = {r["id"]: r["caption"] for r in result.captions}
+    suffix = "\ufffd" if hostile.caption_suffix else ""
+    assert captions == {key: value + suffix for key, value in data.expected.items()}
+    if hostile.usage:
+        assert all(r["caption_meta"]["prompt_tokens"] is None for r in result.captions)
+        assert result.summary["tokens"]["total"] == 0

@@ -17,6 +17,11 @@ def encodable(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text) if isinstance(text, str) else text
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (see ``encodable``)."""
+    return _LONE_SURROGATE.search(text) is not None
+
+
 class UsageError(ValueError):
     """A flag or input is missing or wrong: the job cannot start."""
 

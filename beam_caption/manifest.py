@@ -11,20 +11,33 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
+import re
+import zipfile
 from typing import Iterator
 
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
 
-from beam_caption.errors import CaptionError, UsageError
+from beam_caption.errors import CaptionError, UsageError, has_lone_surrogate
 
 FAILURES = "failures"
 METRICS_NAMESPACE = "beam_caption"
 RAW_TEXT_LIMIT = 10_000
+MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse
 _CHUNK_CHARS = 1 << 20
+_CHUNK_BYTES = 1 << 16  # small: a stream that breaks part-way (corrupt gzip) loses little
 _WHITESPACE = " \t\r\n"
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_STRUCTURE = re.compile(r"[\"'\[\]{},]")
+_DOUBLE_QUOTE_END = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
+_SINGLE_QUOTE_END = re.compile(r"(?:[^'\\]|\\.)*'", re.DOTALL)
+_LONE_SURROGATE_PROBLEM = ("lone_surrogate", "holds a lone surrogate escape (such as \\ud800), "
+                                             "which is not valid Unicode text")
+
+_LOG = logging.getLogger(__name__)
 
 
 def match_manifests(patterns: list[str]) -> list[str]:
@@ -72,8 +85,9 @@ def parse_key(key: str) -> tuple[str, int]:
 def iter_manifest(file: str) -> Iterator[dict]:
     """Stream one manifest's elements (records and read failures) without loading it whole.
 
-    A file that stops being readable part-way (bad UTF-8, corrupt gzip, storage error)
-    yields one failure element at the next index, saying from where on it was not read.
+    One bad line or array item is one failure, and reading goes on. A file that stops being
+    readable part-way (corrupt gzip, not a zip, storage error) yields one failure element at
+    the next index, saying from where on it was not read.
     """
     next_index = 0
     try:
@@ -85,7 +99,9 @@ def iter_manifest(file: str) -> Iterator[dict]:
             for element in elements:
                 next_index = element["source"]["index"] + 1
                 yield element
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+    except Exception as exc:  # any storage or format error costs this manifest's rest only
+        if not isinstance(exc, (OSError, UnicodeDecodeError, EOFError, zipfile.BadZipFile)):
+            _LOG.exception("unexpected error reading %s", file)
         yield _failure_element(
             record_key(file, next_index), {"file": file, "index": next_index}, "",
             "manifest_unreadable",
@@ -107,13 +123,53 @@ def _is_json_array(file: str, handle) -> bool:
     return first == b"["
 
 
-def _record_element(file: str, index: int, value) -> dict:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _decode_error(exc: Exception) -> tuple[str, str]:
+    """(type, message) of a value that could not be decoded."""
+    if isinstance(exc, RecursionError):
+        return "too_deep", "nested too deeply to decode"
+    if isinstance(exc, json.JSONDecodeError):
+        return "malformed_json", f"{exc.msg} at column {exc.colno}"
+    return "malformed_json", str(exc)  # NaN/Infinity, integers over 4,300 digits
+
+
+def _value_problem(value) -> tuple[str, str] | None:
+    """(type, message) when a decoded value cannot travel through the pipeline, else None:
+    nested deeper than MAX_DEPTH (coders and json.dumps recurse), or a string holding a lone
+    surrogate (not encodable as UTF-8)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                return "too_deep", f"nested deeper than {MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                if any(map(has_lone_surrogate, item)):
+                    return _LONE_SURROGATE_PROBLEM
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and has_lone_surrogate(item):
+            return _LONE_SURROGATE_PROBLEM
+    return None
+
+
+def _record_element(file: str, index: int, value, raw: str, where: str) -> dict:
     source = {"file": file, "index": index}
     key = record_key(file, index)
+    problem = _value_problem(value)
+    if problem:
+        return _failure_element(key, source, raw[:RAW_TEXT_LIMIT], problem[0],
+                                f"{where}: {problem[1]}")
     if not isinstance(value, dict):
         return _failure_element(
-            key, source, json.dumps(value, ensure_ascii=False)[:RAW_TEXT_LIMIT],
-            "record_not_object", f"record is a JSON {type(value).__name__}, not an object")
+            key, source, raw[:RAW_TEXT_LIMIT], "record_not_object",
+            f"{where}: record is a JSON {type(value).__name__}, not an object")
     return {"key": key, "source": source, "record": value}
 
 
@@ -122,33 +178,77 @@ def _failure_element(key: str, source: dict, raw: str, type_: str, message: str)
     return {"key": key, "source": source, "raw": raw, "error": error.to_dict()}
 
 
+def _lines(handle) -> Iterator[bytes]:
+    """The lines of a binary handle, ended by \\n, \\r\\n or a lone \\r, read in chunks."""
+    rest = b""
+    read = getattr(handle, "read1", handle.read)  # read1: what is there, not a full chunk
+    while chunk := read(_CHUNK_BYTES):
+        data = rest + chunk
+        held = data.endswith(b"\r")  # maybe the first half of \r\n: decide with the next chunk
+        *lines, rest = _LINE_END.split(data[:-1] if held else data)
+        if held:
+            rest += b"\r"
+        yield from lines
+    *lines, last = _LINE_END.split(rest)
+    yield from lines
+    if last:
+        yield last
+
+
 def _iter_jsonl(file: str, handle) -> Iterator[dict]:
     """Lines of a binary handle; each is decoded on its own, so one bad line loses one record."""
-    for index, line in enumerate(handle):
+    for index, line in enumerate(_lines(handle)):
         raw = line.strip().removeprefix(b"\xef\xbb\xbf") if index == 0 else line.strip()
         if not raw:
             continue
         source = {"file": file, "index": index}
+        where = f"line {index + 1} of {file}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield _failure_element(
                 record_key(file, index), source, raw.decode("utf-8", "replace")[:RAW_TEXT_LIMIT],
-                "bad_utf8", f"line {index + 1} of {file}: not UTF-8 ({exc.reason})")
+                "bad_utf8", f"{where}: not UTF-8 ({exc.reason})")
             continue
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield _failure_element(
-                record_key(file, index), source, text[:RAW_TEXT_LIMIT],
-                "malformed_json", f"line {index + 1} of {file}: {exc.msg} at column {exc.colno}")
+            value = _DECODER.decode(text)
+        except (ValueError, RecursionError) as exc:
+            type_, message = _decode_error(exc)
+            yield _failure_element(record_key(file, index), source, text[:RAW_TEXT_LIMIT],
+                                   type_, f"{where}: {message}")
             continue
-        yield _record_element(file, index, value)
+        yield _record_element(file, index, value, text, where)
+
+
+def _item_end(buffer: str, pos: int) -> int | None:
+    """Where the array item starting at ``pos`` ends: the index of the ',' or ']' that follows
+    it at the array's own level, or None when the buffer ends first. Tolerant of broken items:
+    single-quoted strings are skipped like double-quoted ones."""
+    depth = 0
+    while True:
+        match = _STRUCTURE.search(buffer, pos)
+        if match is None:
+            return None
+        char, pos = match.group(), match.end()
+        if char in "\"'":
+            closing = _DOUBLE_QUOTE_END if char == '"' else _SINGLE_QUOTE_END
+            end = closing.search(buffer, pos)
+            if end is None:
+                return None
+            pos = end.end()
+        elif char in "[{":
+            depth += 1
+        elif depth == 0:  # ',' or a closing bracket of the array itself
+            return match.start()
+        elif char in "]}":
+            depth -= 1
 
 
 def _iter_json_array(file: str, handle) -> Iterator[dict]:
-    """Items of a top-level JSON array, decoded one at a time from a growing buffer."""
-    decoder = json.JSONDecoder()
+    """Items of a top-level JSON array, decoded one at a time from a growing buffer.
+
+    A bad item is one failure: reading goes on at the next item boundary.
+    """
     buffer = ""
     pos = 0
     eof = False
@@ -184,13 +284,14 @@ def _iter_json_array(file: str, handle) -> Iterator[dict]:
             pos += 1
             expect = "item_or_end"
             continue
-        if expect in ("item_or_end", "comma_or_end") and char == "]":
-            expect = "done"
+        if expect in ("item_or_end", "comma_or_end", "item") and char == "]":
+            expect = "done"  # "item" here: a trailing comma, a common hand edit
             pos += 1
             continue
         if expect == "comma_or_end":
             if char != ",":
-                yield _bad_array(file, index, buffer[pos:pos + 200], f"expected ',' or ']', got {char!r}")
+                yield _bad_array(file, index, buffer[pos:pos + 200],
+                                 f"expected ',' or ']', got {char!r}")
                 return
             pos += 1
             expect = "item"
@@ -198,17 +299,25 @@ def _iter_json_array(file: str, handle) -> Iterator[dict]:
         if expect == "done":
             yield _bad_array(file, index, buffer[pos:pos + 200], "extra data after the closing ']'")
             return
+        where = f"item {index} of {file}"
         while True:
             try:
-                value, end = decoder.raw_decode(buffer, pos)
+                value, end = _DECODER.raw_decode(buffer, pos)
+                yield _record_element(file, index, value, buffer[pos:end], where)
                 break
-            except json.JSONDecodeError as exc:
-                if eof or not fill():
-                    yield _bad_array(file, index, buffer[pos:pos + RAW_TEXT_LIMIT],
-                                     f"item {index}: {exc.msg}")
+            except (ValueError, RecursionError) as exc:
+                end = _item_end(buffer, pos)
+                if end is None and not eof and fill():
+                    continue  # the item may just be cut by the chunk boundary
+                if end is None:
+                    yield _truncated_array(file, index)
                     return
+                type_, message = _decode_error(exc)
+                yield _failure_element(record_key(file, index), {"file": file, "index": index},
+                                       buffer[pos:end].strip()[:RAW_TEXT_LIMIT], type_,
+                                       f"{where}: {message}")
+                break
         pos = end
-        yield _record_element(file, index, value)
         index += 1
         expect = "comma_or_end"
 

@@ -152,3 +152,88 @@ def test_read_manifests_transform(tmp_path):
                     equal_to([f"{a}#{i}" for i in range(3)] + [f"{b}#0"]), label="records")
         assert_that(out["failures"] | beam.Map(lambda e: (e["key"], e["raw"])),
                     equal_to([(f"{b}#1", "nope")]), label="failures")
+
+
+def elements_of(path) -> tuple[list[dict], list[dict]]:
+    elements = list(iter_manifest(str(path)))
+    for element in elements:  # everything emitted can be encoded
+        json.dumps(element, ensure_ascii=False).encode("utf-8")
+    return ([e for e in elements if "record" in e], [e for e in elements if "error" in e])
+
+
+def nested(depth: int) -> str:
+    return '{"image": "a.png", "x": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.mark.parametrize("bad_line, error_type", [
+    (nested(1200), "too_deep"),  # RecursionError in json
+    (nested(150), "too_deep"),  # parses, but deeper than later stages may recurse
+    ('{"image": "a.png", "n": ' + "9" * 5000 + "}", "malformed_json"),  # int over 4,300 digits
+    ('{"image": "a\\ud800.png"}', "lone_surrogate"),
+    ('{"image": "a.png", "\\udfff": 1}', "lone_surrogate"),
+    ('{"image": "a.png", "score": NaN}', "malformed_json"),
+    ('{"image": "a.png", "score": -Infinity}', "malformed_json"),
+])
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_one_hostile_value_is_one_failure_and_reading_goes_on(tmp_path, bad_line, error_type,
+                                                              layout):
+    lines = [json.dumps(RECORDS[0]), bad_line, json.dumps(RECORDS[1])]
+    if layout == "jsonl":
+        path = tmp_path / "m.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path = tmp_path / "m.json"
+        path.write_text("[\n" + ",\n".join(lines) + "\n]")
+    good, bad = elements_of(path)
+    assert [e["record"] for e in good] == RECORDS[:2]
+    assert [(e["source"]["index"], e["error"]["type"]) for e in bad] == [(1, error_type)]
+    assert bad[0]["raw"] and bad[0]["error"]["message"]
+
+
+def test_a_bad_array_item_costs_that_item_only(tmp_path):
+    items = [json.dumps({"id": i, "image": f"{i}.png"}) for i in range(500)]
+    items[3] = "{'id': 3, 'image': 'a], {b.png'}"  # single quotes, brackets inside
+    path = tmp_path / "m.json"
+    path.write_text("[" + ",\n ".join(items) + "]")
+    good, bad = elements_of(path)
+    assert [e["record"]["id"] for e in good] == [i for i in range(500) if i != 3]
+    assert [e["source"]["index"] for e in good] == [i for i in range(500) if i != 3]
+    assert len(bad) == 1 and bad[0]["source"]["index"] == 3
+    assert bad[0]["raw"] == items[3] and "item 3" in bad[0]["error"]["message"]
+
+
+def test_a_bad_item_at_a_chunk_boundary_is_found_by_reading_on(tmp_path, monkeypatch):
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 5)
+    items = [json.dumps(r) for r in RECORDS]
+    items[2] = "{'broken': [1, 2, {'x': '}'}]}"
+    path = tmp_path / "m.json"
+    path.write_text("[" + ", ".join(items) + "]")
+    good, bad = elements_of(path)
+    assert [e["record"] for e in good] == [r for i, r in enumerate(RECORDS) if i != 2]
+    assert [e["source"]["index"] for e in bad] == [2]
+
+
+def test_a_trailing_comma_is_accepted(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(RECORDS)[:-1] + ",\n]")
+    good, bad = elements_of(path)
+    assert [e["record"] for e in good] == RECORDS and bad == []
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n", "\n"])
+def test_every_line_ending_separates_records(tmp_path, monkeypatch, newline):
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_BYTES", 7)  # "\r\n" split across reads
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(newline.join(json.dumps(r) for r in RECORDS).encode() + newline.encode())
+    good, bad = elements_of(path)
+    assert [e["record"] for e in good] == RECORDS and bad == []
+    assert [e["source"]["index"] for e in good] == list(range(5))
+
+
+def test_a_file_that_is_not_a_zip_is_one_failure(tmp_path):
+    path = tmp_path / "m.jsonl.zip"
+    path.write_text(json.dumps(RECORDS[0]) + "\n")
+    good, bad = elements_of(path)
+    assert good == [] and len(bad) == 1
+    assert bad[0]["error"]["type"] == "manifest_unreadable"
+    assert "BadZipFile" in bad[0]["error"]["message"]

@@ -1,11 +1,18 @@
-"""``python -m beam_caption [flags]`` runs a caption job; ``python -m beam_caption demo`` shows one."""
+"""``python -m beam_caption [flags]`` runs a caption job; ``python -m beam_caption demo`` shows one.
+
+Beam is imported inside ``main``, where Ctrl-C and SIGTERM are handled: the import takes
+seconds, and an interrupt during it must end with one line, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,11 +24,10 @@ logging.getLogger().addFilter(
                         and record.msg.startswith("apitools not found")))
 
 from beam_caption.errors import JobStopped, UsageError  # noqa: E402
-from beam_caption.options import DEFAULT_API_KEY_ENVS, CaptionOptions  # noqa: E402
-from beam_caption.pipeline import run  # noqa: E402
 from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
+COMMANDS = ("demo",)
 
 
 def print_summary(summary: dict) -> None:
@@ -39,6 +45,7 @@ def print_summary(summary: dict) -> None:
 
 def demo(argv: list[str]) -> int:
     """Caption the bundled sample images with the bundled fake VLM server."""
+    from beam_caption.pipeline import run
     from beam_caption.testing.fake_vlm import FakeVLMServer
 
     parser = argparse.ArgumentParser(prog="python -m beam_caption demo", description=demo.__doc__)
@@ -65,6 +72,8 @@ def demo(argv: list[str]) -> int:
 
 
 def print_help() -> None:
+    from beam_caption.options import CaptionOptions
+
     parser = argparse.ArgumentParser(
         prog="python -m beam_caption",
         description="Caption the images of JSON/JSONL manifests with an OpenAI-compatible VLM "
@@ -92,6 +101,8 @@ def _reported_elsewhere(record: logging.LogRecord) -> bool:
 
 def _api_keys(argv: list[str]) -> tuple[str, ...]:
     """The keys this run may hold (default variables and --api_key_env's), to scrub from logs."""
+    from beam_caption.options import DEFAULT_API_KEY_ENVS
+
     names = list(DEFAULT_API_KEY_ENVS)
     for i, arg in enumerate(argv):
         if arg == "--api_key_env" and i + 1 < len(argv):
@@ -108,32 +119,76 @@ def _configure_logging(argv: list[str]) -> None:
         handler.addFilter(ScrubbingFilter(_api_keys(argv)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    _configure_logging(argv)
-    flags = _flag_names(argv)
-    if flags & {"-h", "--help"} and argv[:1] != ["demo"]:
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The command ``argv`` starts with (None: a caption job, which takes flags only) and the
+    rest of ``argv``; a first word that is no command is refused, never run as the demo."""
+    if not argv or argv[0].startswith("-"):
+        return None, argv
+    if argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UsageError(f"unknown command {argv[0]!r} ({hint}commands: {', '.join(COMMANDS)}; "
+                     "a caption job takes flags only, see --help)")
+
+
+def _dispatch(argv: list[str]) -> int:
+    """Run what ``argv`` asks for; returns the exit status."""
+    command, args = _split_command(argv)
+    _configure_logging(args)
+    flags = _flag_names(args)
+    if flags & {"-h", "--help"}:
+        if command == "demo":
+            return demo(args)  # its parser prints its help and exits
         print_help()
         return 0
+    from beam_caption.options import check_flags
+
+    check_flags(args)
+    if command is None and not flags & {"--input", "--api_url"}:
+        print("No --input and no --api_url: running the demo (see --help).")
+        command = "demo"
+    if command == "demo":
+        return demo(args)
+    from beam_caption.pipeline import run
+
+    print_summary(run(args))
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (what schedulers and ``timeout`` send) raises KeyboardInterrupt, as Ctrl-C does,
+    so finished captions are checkpointed and the exit is 130 either way."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        if argv[:1] == ["demo"]:
-            return demo(argv[1:])
-        if not flags & {"--input", "--api_url"}:
-            print("No --input and no --api_url: running the demo (see --help).")
-            return demo(argv)
-        print_summary(run(argv))
-        return 0
-    except UsageError as exc:
-        print(f"beam_caption: error: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, RuntimeError) as exc:
-        # Beam re-raises Ctrl-C inside a transform as RuntimeError("KeyboardInterrupt [...]").
-        if not isinstance(exc, KeyboardInterrupt) and not str(exc).startswith("KeyboardInterrupt"):
-            raise
-        print("beam_caption: interrupted. Captions finished so far are checkpointed in the "
-              "output directory; run the same command with --resume to continue.",
-              file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, also as Beam re-raises it from a transform:
+    RuntimeError("KeyboardInterrupt [...]")."""
+    return isinstance(exc, KeyboardInterrupt) or str(exc).startswith("KeyboardInterrupt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns 0, 2 after a usage error (one line) or 130 when interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    with _sigterm_as_ctrl_c():
+        try:
+            return _dispatch(argv)
+        except UsageError as exc:
+            print(f"beam_caption: error: {exc}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            if not _is_interrupt(exc):
+                raise
+            print("beam_caption: interrupted. Captions finished so far are checkpointed in the "
+                  "output directory; run the same command with --resume to continue.",
+                  file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

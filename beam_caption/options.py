@@ -3,34 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+# _BeamArgumentParser: the parser class Beam's options expect (add_value_provider_argument).
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
+from beam_caption.errors import UsageError
+from beam_caption.redact import clean_key, redact_url
 
 DEFAULT_API_KEY_ENVS = ("DF_API_KEY", "OPENAI_API_KEY")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """An argparse type: a number of ``kind`` from ``low`` (excluded when ``above``) to ``high``.
+
+    ``validate_options`` checks the same range on values set without argparse (keyword options).
+    """
+
+    kind: type
+    low: float
+    high: float | None = None
+    above: bool = False
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            noun = "an integer" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range, or None. NaN is out of every range."""
+        too_low = not (value > self.low if self.above else value >= self.low)
+        if too_low or (self.high is not None and not value <= self.high):
+            return f"must be {self._bounds()}, got {value}"
+        return None
+
+    def _bounds(self) -> str:
+        if self.high is not None:
+            return f"from {self.low} to {self.high}"
+        return f"{'>' if self.above else '>='} {self.low}"
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
-    return value
+_POSITIVE_INT = _Range(int, 1)
+_NON_NEGATIVE_INT = _Range(int, 0)
+_POSITIVE_FLOAT = _Range(float, 0, above=True)
 
 
 class CaptionOptions(PipelineOptions):
@@ -53,7 +78,7 @@ class CaptionOptions(PipelineOptions):
                         help="Record field holding the conversation turns.")
         io.add_argument("--output_key", default="caption",
                         help="Field the caption is written to.")
-        io.add_argument("--num_shards", type=_non_negative_int, default=0,
+        io.add_argument("--num_shards", type=_NON_NEGATIVE_INT, default=0,
                         help="Output shards per file set (0 = the runner decides).")
         io.add_argument("--resume", action="store_true", default=False,
                         help="Keep the captions already in --output (final or checkpointed) and "
@@ -61,7 +86,7 @@ class CaptionOptions(PipelineOptions):
         io.add_argument("--overwrite", action="store_true", default=False,
                         help="Delete earlier outputs in --output before running (without "
                              "--resume or --overwrite, a non-empty --output is refused).")
-        io.add_argument("--checkpoint_interval", type=_positive_float, default=10.0,
+        io.add_argument("--checkpoint_interval", type=_POSITIVE_FLOAT, default=10.0,
                         help="Seconds between checkpoint writes of finished captions, which "
                              "--resume reuses after a crash or Ctrl-C.")
 
@@ -78,9 +103,9 @@ class CaptionOptions(PipelineOptions):
         api.add_argument("--prompt", default=None,
                          help="User prompt for every image; by default the record's human turns "
                               "from --conversation_key are used.")
-        api.add_argument("--max_tokens", type=_positive_int, default=None,
+        api.add_argument("--max_tokens", type=_POSITIVE_INT, default=None,
                          help="Upper bound on caption tokens per request (default: server's).")
-        api.add_argument("--temperature", type=float, default=None,
+        api.add_argument("--temperature", type=_Range(float, 0), default=None,
                          help="Sampling temperature (default: server's). A model that refuses "
                               "it (reasoning models) runs without it, with one warning.")
         api.add_argument("--reasoning_effort", default=None,
@@ -89,26 +114,26 @@ class CaptionOptions(PipelineOptions):
                               "captioning rarely needs more than minimal.")
 
         calls = parser.add_argument_group("requests")
-        calls.add_argument("--max_concurrency", type=_positive_int, default=32,
+        calls.add_argument("--max_concurrency", type=_POSITIVE_INT, default=32,
                            help="Requests in flight per worker process.")
-        calls.add_argument("--request_timeout", type=_positive_float, default=120.0,
+        calls.add_argument("--request_timeout", type=_POSITIVE_FLOAT, default=120.0,
                            help="Seconds per attempt.")
-        calls.add_argument("--max_retries", type=_non_negative_int, default=6,
+        calls.add_argument("--max_retries", type=_NON_NEGATIVE_INT, default=6,
                            help="Attempts after the first for retryable errors.")
-        calls.add_argument("--max_backoff", type=_positive_float, default=60.0,
+        calls.add_argument("--max_backoff", type=_POSITIVE_FLOAT, default=60.0,
                            help="Longest wait of our own backoff between two attempts.")
-        calls.add_argument("--max_retry_wait", type=_positive_float, default=300.0,
+        calls.add_argument("--max_retry_wait", type=_POSITIVE_FLOAT, default=300.0,
                            help="Longest Retry-After honoured: a server asking for longer gets "
                                 "the record failed as request/throttled, never retried early.")
-        calls.add_argument("--max_response_bytes", type=_positive_int, default=4 * 2**20,
+        calls.add_argument("--max_response_bytes", type=_POSITIVE_INT, default=4 * 2**20,
                            help="Larger response bodies fail the record (response_too_large).")
-        calls.add_argument("--max_caption_chars", type=_positive_int, default=32_000,
+        calls.add_argument("--max_caption_chars", type=_POSITIVE_INT, default=32_000,
                            help="Longer captions fail the record (caption_too_long).")
-        calls.add_argument("--max_bytes_in_flight", type=_positive_int, default=256 * 2**20,
+        calls.add_argument("--max_bytes_in_flight", type=_POSITIVE_INT, default=256 * 2**20,
                            help="Image bytes (source files, then request bodies) held by the "
                                 "records in flight per worker process; bounds memory at any "
                                 "concurrency.")
-        calls.add_argument("--max_requests_per_minute", type=_positive_float, default=None,
+        calls.add_argument("--max_requests_per_minute", type=_POSITIVE_FLOAT, default=None,
                            help="Cap on request starts per minute per worker process "
                                 "(retries included).")
         calls.add_argument("--cache_dir", default=None,
@@ -119,40 +144,135 @@ class CaptionOptions(PipelineOptions):
                            help="Do not check endpoint, key and model before the job starts.")
 
         images = parser.add_argument_group("images")
-        images.add_argument("--max_image_side", type=_non_negative_int, default=1024,
+        images.add_argument("--max_image_side", type=_NON_NEGATIVE_INT, default=1024,
                             help="Longest side sent to the model in pixels (0 keeps the size).")
-        images.add_argument("--max_image_bytes", type=_positive_int, default=50 * 2**20,
+        images.add_argument("--max_image_bytes", type=_POSITIVE_INT, default=50 * 2**20,
                             help="Refuse source images larger than this many bytes.")
-        images.add_argument("--jpeg_quality", type=_positive_int, default=85,
+        images.add_argument("--jpeg_quality", type=_Range(int, 1, 100), default=85,
                             help="JPEG quality of the re-encoded images.")
-        images.add_argument("--image_timeout", type=_positive_float, default=60.0,
+        images.add_argument("--image_timeout", type=_POSITIVE_FLOAT, default=60.0,
                             help="Seconds to read one record's images (connect and total).")
 
 
 BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", "project",
                          "region", "job_name", "num_workers", "max_num_workers",
                          "temp_location", "staging_location")
+REQUIRED_FLAGS = ("input", "output", "api_url", "model")
+# Options that name a place; a URL there can carry credentials or a signed query.
+_LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "temp_location",
+                     "staging_location")
+
+
+class _FlagParser(_BeamArgumentParser):
+    """Beam's own parser class (it has add_value_provider_argument), raising UsageError
+    instead of printing the usage of every Beam flag and exiting."""
+
+    def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            return  # a required flag is checked by whoever defines it, not a typo
+        if message.endswith("expected one argument"):
+            message += " (a value that starts with '-' is written --flag=VALUE)"
+        raise UsageError(message)
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls``, at any depth."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def _every_flag_parser() -> _FlagParser:
+    """A parser of every flag that some PipelineOptions subclass defines (Beam's, ours)."""
+    parser = _FlagParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    for options_class in _subclasses(PipelineOptions):
+        options_class._add_argparse_args(parser)
+    return parser
+
+
+def check_flags(argv: list[str]) -> None:
+    """Raise UsageError for what Beam would only warn about and drop: a flag no options class
+    defines (a typo), a stray argument, or a flag value of the wrong type or range."""
+    parser = _every_flag_parser()
+    _, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return
+    if not unknown[0].startswith("-"):
+        raise UsageError(f"unexpected argument {unknown[0]!r} (a flag takes one value: repeat "
+                         "--input or join manifests with commas)")
+    flag = unknown[0].split("=", 1)[0]
+    known = [name for action in parser._actions for name in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1)
+    raise UsageError(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def _caption_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    CaptionOptions._add_argparse_args(parser)
+    return parser
+
+
+def validate_options(options: CaptionOptions) -> None:
+    """Raise UsageError, before anything is read or sent, for options a job cannot run with."""
+    missing = [f"--{name}" for name in REQUIRED_FLAGS if not getattr(options, name)]
+    if missing:
+        raise UsageError("missing required flag(s): " + ", ".join(missing))
+    if not split_inputs(options.input):
+        raise UsageError("--input is empty: name a manifest file, glob or URL")
+    out_of_range = _out_of_range(options)
+    if out_of_range:
+        raise UsageError(out_of_range)
+    if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
+        raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
+    _check_output_dir(options.output)
+
+
+def _out_of_range(options: CaptionOptions) -> str | None:
+    """The first numeric option out of its range (possible when set by keyword), or None."""
+    for action in _caption_parser()._actions:
+        if not isinstance(action.type, _Range):
+            continue
+        value = getattr(options, action.dest)
+        problem = value is not None and action.type.problem(value)
+        if problem:
+            return f"--{action.dest} {problem}"
+    return None
+
+
+def _check_output_dir(output: str) -> None:
+    """Refuse a local --output that is a file or cannot be created or written (URLs pass)."""
+    if "://" in output:
+        return
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output {output}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: {existing} is not writable")
 
 
 def reported_options(options: PipelineOptions) -> dict:
     """The options a summary shows: every beam_caption flag and the main Beam ones.
 
-    Holds no secret: the API key is never an option, only the name of its variable.
+    Holds no secret: the API key is never an option, only the name of its variable, and URL
+    credentials and queries are redacted.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    CaptionOptions._add_argparse_args(parser)
-    names = [*vars(parser.parse_args([])), *BEAM_OPTIONS_REPORTED]
+    names = [*vars(_caption_parser().parse_args([])), *BEAM_OPTIONS_REPORTED]
     values = options.get_all_options(drop_default=False)
-    return {name: values.get(name) for name in names}
+    reported = {name: values.get(name) for name in names}
+    for name in _LOCATION_OPTIONS:
+        reported[name] = redact_url(reported[name])
+    reported["input"] = [redact_url(path) for path in split_inputs(reported["input"])]
+    return reported
 
 
 def resolve_api_key(api_key_env: str | None) -> str | None:
-    """The API key from the named variable, else DF_API_KEY, else OPENAI_API_KEY."""
+    """The API key from the named variable, else DF_API_KEY, else OPENAI_API_KEY; stripped
+    (a mounted secret ends in a newline), and None when unset or blank."""
     names = (api_key_env,) if api_key_env else DEFAULT_API_KEY_ENVS
     for name in names:
-        value = os.environ.get(name)
-        if value:
-            return value
+        key = clean_key(os.environ.get(name))
+        if key:
+            return key
     return None
 
 

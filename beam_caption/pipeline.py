@@ -16,7 +16,8 @@ from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import FAILURES, ReadManifests, match_manifests
 from beam_caption.messages import PromptSettings
-from beam_caption.options import CaptionOptions, reported_options, resolve_api_key, split_inputs
+from beam_caption.options import (CaptionOptions, check_flags, reported_options, resolve_api_key,
+                                  split_inputs, validate_options)
 from beam_caption.preflight import preflight
 from beam_caption.resume import (SkipDone, clear_checkpoints, prepare_output_dir,
                                  remove_temp_files)
@@ -48,15 +49,6 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         max_bytes_in_flight=options.max_bytes_in_flight,
         image_timeout=options.image_timeout,
     )
-
-
-def check_options(options: CaptionOptions) -> None:
-    missing = [flag for flag in ("input", "output", "api_url", "model")
-               if not getattr(options, flag)]
-    if missing:
-        raise UsageError("missing required flag(s): " + ", ".join(f"--{m}" for m in missing))
-    if options.api_key_env and not os.environ.get(options.api_key_env):
-        raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set")
 
 
 def build(pipeline: beam.Pipeline, options: CaptionOptions, manifest_files: list[str],
@@ -99,8 +91,9 @@ def run(argv: list[str] | None = None) -> dict:
     Raises UsageError (or PreflightError) before anything runs when the job cannot work.
     """
     started = time.monotonic()
+    check_flags(list(argv or []))
     options = PipelineOptions(argv).view_as(CaptionOptions)
-    check_options(options)
+    validate_options(options)
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
     if not options.skip_preflight:

@@ -2,8 +2,10 @@
 
 Each element is a dict ``{"key", "source": {"file", "index"}, "record"}``; the key
 ``FILE#INDEX`` is stable across runs as long as the manifest is unchanged, which is what
-resume relies on. Lines or array items that cannot be parsed become failure elements
-``{"key", "source", "raw", "error"}`` on the ``failures`` output, so nothing is lost.
+resume relies on. A line or array item that cannot be read (malformed, too deep, too large,
+not UTF-8, not strict JSON) becomes one failure element ``{"key", "source", "raw", "error"}`` on
+the ``failures`` output and reading goes on, so nothing is lost and one bad value never stops
+the job; everything emitted is strict JSON and encodable as UTF-8.
 """
 
 from __future__ import annotations
@@ -12,30 +14,35 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import re
 import zipfile
-from typing import Iterator
+import zlib
+from collections.abc import Iterator
 
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
 
-from beam_caption.errors import CaptionError, UsageError, has_lone_surrogate
+from beam_caption.errors import CaptionError, UsageError, encodable, has_lone_surrogate
 
 FAILURES = "failures"
 METRICS_NAMESPACE = "beam_caption"
 RAW_TEXT_LIMIT = 10_000
 MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse
+MAX_RECORD_SIZE = 1 << 24  # longer lines (bytes) and array items (characters) are refused
 _CHUNK_CHARS = 1 << 20
 _CHUNK_BYTES = 1 << 16  # small: a stream that breaks part-way (corrupt gzip) loses little
 _WHITESPACE = " \t\r\n"
+_BOM = b"\xef\xbb\xbf"
+_NOT_WHITESPACE = re.compile(f"[^{_WHITESPACE}\ufeff]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _STRUCTURE = re.compile(r"[\"'\[\]{},]")
-_DOUBLE_QUOTE_END = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
-_SINGLE_QUOTE_END = re.compile(r"(?:[^'\\]|\\.)*'", re.DOTALL)
-_LONE_SURROGATE_PROBLEM = ("lone_surrogate", "holds a lone surrogate escape (such as \\ud800), "
-                                             "which is not valid Unicode text")
+_STRICT_STRUCTURE = re.compile(r'["\[\]{},]')
+_STRING_STOP = {'"': re.compile(r'["\\]'), "'": re.compile(r"['\\]")}
+_LONE_SURROGATE_PROBLEM = ("lone_surrogate", ("holds a lone surrogate escape (such as \\ud800), "
+                                              "which is not valid Unicode text"))
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,7 +51,8 @@ def match_manifests(patterns: list[str]) -> list[str]:
     """Expand paths, globs and URLs to a sorted list of manifest files.
 
     Raises UsageError naming the pattern when one matches nothing, so a typo fails the
-    launch instead of producing an empty run.
+    launch instead of producing an empty run, and naming a file whose name is not UTF-8 (its
+    keys could not be written).
     """
     files: list[str] = []
     for pattern in patterns:
@@ -60,6 +68,10 @@ def match_manifests(patterns: list[str]) -> list[str]:
         if not matched:
             raise UsageError(f"no manifest file matches {pattern!r}")
         files.extend(_full_name(fs, p) for p in matched)
+    for file in files:
+        if has_lone_surrogate(file):  # os.fsdecode keeps undecodable bytes as lone surrogates
+            raise UsageError(f"manifest file name {encodable(file)!r} is not valid UTF-8: "
+                             "rename the file")
     return list(dict.fromkeys(files))
 
 
@@ -93,19 +105,21 @@ def iter_manifest(file: str) -> Iterator[dict]:
     try:
         with fsspec.open(file, "rb", compression="infer") as handle:
             if _is_json_array(file, handle):
-                elements = _iter_json_array(file, io.TextIOWrapper(handle, encoding="utf-8"))
+                text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape")
+                elements = _iter_json_array(file, text)  # bad bytes cost their item only
             else:
                 elements = _iter_jsonl(file, handle)
             for element in elements:
                 next_index = element["source"]["index"] + 1
                 yield element
     except Exception as exc:  # any storage or format error costs this manifest's rest only
-        if not isinstance(exc, (OSError, UnicodeDecodeError, EOFError, zipfile.BadZipFile)):
+        if not isinstance(exc, (OSError, EOFError, zipfile.BadZipFile, zlib.error)):
             _LOG.exception("unexpected error reading %s", file)
         yield _failure_element(
             record_key(file, next_index), {"file": file, "index": next_index}, "",
             "manifest_unreadable",
-            f"{file} could not be read from record {next_index} on: {type(exc).__name__}: {exc}")
+            f"{file} could not be read from record {next_index} on: {type(exc).__name__}: "
+            + " ".join(str(exc).split()))  # one line
 
 
 def _is_json_array(file: str, handle) -> bool:
@@ -118,7 +132,7 @@ def _is_json_array(file: str, handle) -> bool:
         chunk = handle.read(4096)
         if not chunk:
             break
-        first = chunk.lstrip(_WHITESPACE.encode() + b"\xef\xbb\xbf")[:1]
+        first = chunk.lstrip(_WHITESPACE.encode() + _BOM)[:1]
     handle.seek(0)
     return first == b"["
 
@@ -127,7 +141,14 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: json.dumps would write it as Infinity
+        raise ValueError("a number too large for a float")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _decode_error(exc: Exception) -> tuple[str, str]:
@@ -136,7 +157,7 @@ def _decode_error(exc: Exception) -> tuple[str, str]:
         return "too_deep", "nested too deeply to decode"
     if isinstance(exc, json.JSONDecodeError):
         return "malformed_json", f"{exc.msg} at column {exc.colno}"
-    return "malformed_json", str(exc)  # NaN/Infinity, integers over 4,300 digits
+    return "malformed_json", str(exc)  # NaN/Infinity, 1e400, integers over 4,300 digits
 
 
 def _value_problem(value) -> tuple[str, str] | None:
@@ -159,171 +180,273 @@ def _value_problem(value) -> tuple[str, str] | None:
     return None
 
 
+def _text_element(file: str, index: int, raw: str, where: str) -> dict:
+    """The element of one record's JSON text: the record, or a failure saying what is wrong."""
+    source = {"file": file, "index": index}
+    if has_lone_surrogate(raw):  # undecodable bytes, kept by the "surrogateescape" handler
+        return _failure_element(record_key(file, index), source, raw, "bad_utf8",
+                                f"{where}: not UTF-8")
+    try:
+        value = _DECODER.decode(raw)
+    except (ValueError, RecursionError) as exc:
+        type_, message = _decode_error(exc)
+        return _failure_element(record_key(file, index), source, raw, type_, f"{where}: {message}")
+    return _record_element(file, index, value, raw, where)
+
+
 def _record_element(file: str, index: int, value, raw: str, where: str) -> dict:
     source = {"file": file, "index": index}
     key = record_key(file, index)
     problem = _value_problem(value)
     if problem:
-        return _failure_element(key, source, raw[:RAW_TEXT_LIMIT], problem[0],
-                                f"{where}: {problem[1]}")
+        return _failure_element(key, source, raw, problem[0], f"{where}: {problem[1]}")
     if not isinstance(value, dict):
-        return _failure_element(
-            key, source, raw[:RAW_TEXT_LIMIT], "record_not_object",
-            f"{where}: record is a JSON {type(value).__name__}, not an object")
+        return _failure_element(key, source, raw, "record_not_object",
+                                f"{where}: record is a JSON {type(value).__name__}, not an object")
     return {"key": key, "source": source, "record": value}
 
 
 def _failure_element(key: str, source: dict, raw: str, type_: str, message: str) -> dict:
+    """A read failure; ``raw`` is capped at RAW_TEXT_LIMIT and made encodable."""
     error = CaptionError("read", type_, message)
-    return {"key": key, "source": source, "raw": raw, "error": error.to_dict()}
+    return {"key": key, "source": source, "raw": encodable(raw[:RAW_TEXT_LIMIT]),
+            "error": error.to_dict()}
 
 
-def _lines(handle) -> Iterator[bytes]:
-    """The lines of a binary handle, ended by \\n, \\r\\n or a lone \\r, read in chunks."""
+def _lines(handle) -> Iterator[tuple[bytes, bool]]:
+    """The lines of a binary handle, ended by \\n, \\r\\n or a lone \\r, read in chunks.
+
+    Yields (line, True), or (its first RAW_TEXT_LIMIT bytes, False) for a line longer than
+    MAX_RECORD_SIZE bytes, whose rest is skipped without being kept.
+    """
     rest = b""
+    skipping = False  # in the rest of a line that was too long
+
+    def complete(lines: list[bytes]) -> Iterator[tuple[bytes, bool]]:
+        nonlocal skipping
+        for line in lines:
+            if skipping:  # the end of the long line
+                skipping = False
+            else:
+                yield line, True
+
     read = getattr(handle, "read1", handle.read)  # read1: what is there, not a full chunk
     while chunk := read(_CHUNK_BYTES):
         data = rest + chunk
         held = data.endswith(b"\r")  # maybe the first half of \r\n: decide with the next chunk
         *lines, rest = _LINE_END.split(data[:-1] if held else data)
+        yield from complete(lines)
+        if not skipping and len(rest) > MAX_RECORD_SIZE:
+            yield rest[:RAW_TEXT_LIMIT], False
+            skipping = True
+        if skipping:
+            rest = b""
         if held:
             rest += b"\r"
-        yield from lines
     *lines, last = _LINE_END.split(rest)
-    yield from lines
-    if last:
-        yield last
+    yield from complete(lines + [last] if last else lines)
 
 
 def _iter_jsonl(file: str, handle) -> Iterator[dict]:
     """Lines of a binary handle; each is decoded on its own, so one bad line loses one record."""
-    for index, line in enumerate(_lines(handle)):
-        raw = line.strip().removeprefix(b"\xef\xbb\xbf") if index == 0 else line.strip()
+    for index, (line, whole) in enumerate(_lines(handle)):
+        raw = line.strip().removeprefix(_BOM) if index == 0 else line.strip()
         if not raw:
             continue
         source = {"file": file, "index": index}
         where = f"line {index + 1} of {file}"
+        if not whole:
+            yield _failure_element(record_key(file, index), source, raw.decode("utf-8", "replace"),
+                                   "record_too_large",
+                                   f"{where}: longer than {MAX_RECORD_SIZE} bytes")
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield _failure_element(
-                record_key(file, index), source, raw.decode("utf-8", "replace")[:RAW_TEXT_LIMIT],
-                "bad_utf8", f"{where}: not UTF-8 ({exc.reason})")
+            yield _failure_element(record_key(file, index), source, raw.decode("utf-8", "replace"),
+                                   "bad_utf8", f"{where}: not UTF-8 ({exc.reason})")
             continue
-        try:
-            value = _DECODER.decode(text)
-        except (ValueError, RecursionError) as exc:
-            type_, message = _decode_error(exc)
-            yield _failure_element(record_key(file, index), source, text[:RAW_TEXT_LIMIT],
-                                   type_, f"{where}: {message}")
-            continue
-        yield _record_element(file, index, value, text, where)
+        yield _text_element(file, index, text, where)
 
 
-def _item_end(buffer: str, pos: int) -> int | None:
-    """Where the array item starting at ``pos`` ends: the index of the ',' or ']' that follows
-    it at the array's own level, or None when the buffer ends first. Tolerant of broken items:
-    single-quoted strings are skipped like double-quoted ones."""
-    depth = 0
-    while True:
-        match = _STRUCTURE.search(buffer, pos)
-        if match is None:
-            return None
-        char, pos = match.group(), match.end()
-        if char in "\"'":
-            closing = _DOUBLE_QUOTE_END if char == '"' else _SINGLE_QUOTE_END
-            end = closing.search(buffer, pos)
-            if end is None:
-                return None
-            pos = end.end()
-        elif char in "[{":
-            depth += 1
-        elif depth == 0:  # ',' or a closing bracket of the array itself
-            return match.start()
-        elif char in "]}":
-            depth -= 1
+class _TextWindow:
+    """The unread text of a handle: read on in chunks of _CHUNK_CHARS when asked, dropping what
+    lies before ``pos``; ``base`` is where ``text`` starts in the whole stream."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.text = ""
+        self.pos = 0
+        self.base = 0
+        self.eof = False
+
+    def read_more(self) -> bool:
+        """Append one chunk; False at the end of the stream."""
+        chunk = self._handle.read(_CHUNK_CHARS)
+        if not chunk:
+            self.eof = True
+            return False
+        self.base += self.pos
+        self.text = self.text[self.pos:] + chunk
+        self.pos = 0
+        return True
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace ('' at the end); ``pos`` moves onto it."""
+        while (match := _NOT_WHITESPACE.search(self.text, self.pos)) is None:
+            self.pos = len(self.text)
+            if not self.read_more():
+                return ""
+        self.pos = match.start()
+        return match.group()
+
+
+class _ItemScanner:
+    """Finds where an array item ends: at the ',' or ']' after it on the array's own level.
+
+    It tracks nesting of [] {} and skips quoted strings (with escapes), text fed piece by piece.
+    Being for broken items, it ignores a stray '}' and, unless ``strict``, skips '...' strings
+    like "..." ones (Python-style dicts).
+    """
+
+    def __init__(self, at: int, strict: bool = False):
+        self._at = at  # stream position reached
+        self._structure = _STRICT_STRUCTURE if strict else _STRUCTURE
+        self._depth = 0
+        self._quote = ""  # the quote of the string being read, "" outside strings
+
+    def scan(self, text: str, base: int) -> int | None:
+        """Read on in ``text`` (which starts at stream position ``base``); the stream position
+        of the item's end, or None when ``text`` ends first."""
+        pos = self._at - base
+        while pos < len(text):
+            if self._quote:
+                match = _STRING_STOP[self._quote].search(text, pos)
+                if match is None:
+                    pos = len(text)
+                elif match.group() == "\\":
+                    pos = match.end() + 1  # past the escaped character, maybe in the next text
+                else:
+                    pos, self._quote = match.end(), ""
+                continue
+            match = self._structure.search(text, pos)
+            if match is None:
+                pos = len(text)
+                continue
+            char, pos = match.group(), match.end()
+            if char in "\"'":
+                self._quote = char
+            elif char in "[{":
+                self._depth += 1
+            elif char in "]}" and self._depth:
+                self._depth -= 1
+            elif not self._depth and char != "}":  # ',' or ']' on the array's own level
+                self._at = base + match.start()
+                return self._at
+        self._at = base + pos
+        return None
 
 
 def _iter_json_array(file: str, handle) -> Iterator[dict]:
-    """Items of a top-level JSON array, decoded one at a time from a growing buffer.
+    """Items of a top-level JSON array, decoded one at a time from a window on the text.
 
-    A bad item is one failure: reading goes on at the next item boundary.
+    A bad item is one failure and reading goes on at the next item boundary. A trailing comma
+    is accepted; a missing one costs the item after it.
     """
-    buffer = ""
-    pos = 0
-    eof = False
+    window = _TextWindow(handle)
+    window.next_char()  # the '[' that _is_json_array saw
+    window.pos += 1
     index = 0
-    expect = "["
-
-    def fill() -> bool:
-        nonlocal buffer, pos, eof
-        chunk = handle.read(_CHUNK_CHARS)
-        if not chunk:
-            eof = True
-            return False
-        buffer = buffer[pos:] + chunk
-        pos = 0
-        return True
-
-    def skip_ws() -> None:
-        nonlocal pos
-        while True:
-            while pos < len(buffer) and buffer[pos] in _WHITESPACE + "\ufeff":
-                pos += 1
-            if pos < len(buffer) or not fill():
-                return
-
-    while True:
-        skip_ws()
-        if pos >= len(buffer):
-            if expect != "done":
-                yield _truncated_array(file, index)
+    after_item = False
+    while char := window.next_char():
+        if char == "]":
+            window.pos += 1
+            if window.next_char():
+                yield _bad_array(file, index, window.text[window.pos:window.pos + 200],
+                                 "extra data after the closing ']'")
             return
-        char = buffer[pos]
-        if expect == "[":
-            pos += 1
-            expect = "item_or_end"
+        if char == "," and after_item:
+            window.pos += 1
+            after_item = False
             continue
-        if expect in ("item_or_end", "comma_or_end", "item") and char == "]":
-            expect = "done"  # "item" here: a trailing comma, a common hand edit
-            pos += 1
-            continue
-        if expect == "comma_or_end":
-            if char != ",":
-                yield _bad_array(file, index, buffer[pos:pos + 200],
-                                 f"expected ',' or ']', got {char!r}")
-                return
-            pos += 1
-            expect = "item"
-            continue
-        if expect == "done":
-            yield _bad_array(file, index, buffer[pos:pos + 200], "extra data after the closing ']'")
-            return
-        where = f"item {index} of {file}"
-        while True:
-            try:
-                value, end = _DECODER.raw_decode(buffer, pos)
-                yield _record_element(file, index, value, buffer[pos:end], where)
-                break
-            except (ValueError, RecursionError) as exc:
-                end = _item_end(buffer, pos)
-                if end is None and not eof and fill():
-                    continue  # the item may just be cut by the chunk boundary
-                if end is None:
-                    yield _truncated_array(file, index)
-                    return
-                type_, message = _decode_error(exc)
-                yield _failure_element(record_key(file, index), {"file": file, "index": index},
-                                       buffer[pos:end].strip()[:RAW_TEXT_LIMIT], type_,
-                                       f"{where}: {message}")
-                break
-        pos = end
+        element = _read_item(window, file, index, missing_comma=after_item)
+        if element is None:
+            break
+        yield element
         index += 1
-        expect = "comma_or_end"
+        after_item = True
+    yield _truncated_array(file, index, window.text[window.pos:].strip())
 
 
-def _truncated_array(file: str, index: int) -> dict:
-    return _bad_array(file, index, "", f"JSON array ends early after {index} items")
+def _read_item(window: _TextWindow, file: str, index: int, missing_comma: bool) -> dict | None:
+    """The element of the array item at the window's position, which moves past the item;
+    None when the stream ends inside the item."""
+    where = f"item {index} of {file}"
+    if not missing_comma:
+        element = _decode_in_place(window, file, index, where)
+        if element is not None:
+            return element
+    end = _item_end(window)
+    if end is None and window.eof:  # no ']' after it, or cut: whole or not, it is all read
+        return None if missing_comma else _decode_in_place(window, file, index, where)
+    if end is None:
+        return _skip_long_item(window, file, index, where)
+    raw = window.text[window.pos:end].strip()
+    window.pos = end
+    if missing_comma:
+        return _failure_element(record_key(file, index), {"file": file, "index": index}, raw,
+                                "malformed_json", f"{where}: expected ',' or ']' before it")
+    return _text_element(file, index, raw, where)
+
+
+def _decode_in_place(window: _TextWindow, file: str, index: int, where: str) -> dict | None:
+    """The fast path: the element of a clean item decoded where it lies; None when it does not
+    decode there (a broken item, or one cut by the window's end)."""
+    while True:
+        try:
+            value, end = _DECODER.raw_decode(window.text, window.pos)
+        except (ValueError, RecursionError):
+            return None
+        if end < len(window.text) or not window.read_more():
+            break  # else a number may go on in the next chunk: decode again
+    raw = window.text[window.pos:end]
+    if has_lone_surrogate(raw):
+        return None  # bad UTF-8: a failure
+    window.pos = end
+    return _record_element(file, index, value, raw, where)
+
+
+def _item_end(window: _TextWindow) -> int | None:
+    """Index in the window's text where the item at its position ends (see _ItemScanner),
+    reading on while the item is at most MAX_RECORD_SIZE characters; None when the stream or
+    that limit ends first. When a stray apostrophe opened a '...' string that swallows the
+    rest, a strict scan of the text read so far may still find the end."""
+    scanner = _ItemScanner(window.base + window.pos)
+    while (end := scanner.scan(window.text, window.base)) is None:
+        if len(window.text) - window.pos > MAX_RECORD_SIZE or not window.read_more():
+            strict = _ItemScanner(window.base + window.pos, strict=True)
+            end = strict.scan(window.text, window.base)
+            break
+    return None if end is None else end - window.base
+
+
+def _skip_long_item(window: _TextWindow, file: str, index: int, where: str) -> dict | None:
+    """The failure for an item longer than MAX_RECORD_SIZE characters, once the window is past
+    it (read on without keeping it); None when the stream ends inside it."""
+    raw = window.text[window.pos:window.pos + RAW_TEXT_LIMIT]
+    scanner = _ItemScanner(window.base + window.pos)
+    while (end := scanner.scan(window.text, window.base)) is None:
+        window.pos = len(window.text)
+        if not window.read_more():
+            return None
+    window.pos = end - window.base
+    return _failure_element(record_key(file, index), {"file": file, "index": index}, raw,
+                            "record_too_large",
+                            f"{where}: longer than {MAX_RECORD_SIZE} characters")
+
+
+def _truncated_array(file: str, index: int, raw: str) -> dict:
+    return _bad_array(file, index, raw, f"JSON array ends early after {index} items")
 
 
 def _bad_array(file: str, index: int, raw: str, message: str) -> dict:

@@ -2,6 +2,8 @@ import gzip
 import json
 import os
 
+import fsspec
+
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -134,7 +136,6 @@ def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):
 
 
 def test_memory_filesystem_urls(tmp_path):
-    import fsspec
     with fsspec.open("memory://bucket/m.jsonl", "w") as f:
         f.write(json.dumps(RECORDS[0]) + "\n")
     files = match_manifests(["memory://bucket/*.jsonl"])
@@ -173,6 +174,7 @@ def nested(depth: int) -> str:
     ('{"image": "a.png", "\\udfff": 1}', "lone_surrogate"),
     ('{"image": "a.png", "score": NaN}', "malformed_json"),
     ('{"image": "a.png", "score": -Infinity}', "malformed_json"),
+    ('{"image": "a.png", "score": 1e400}', "malformed_json"),  # a float overflowing to inf
 ])
 @pytest.mark.parametrize("layout", ["jsonl", "array"])
 def test_one_hostile_value_is_one_failure_and_reading_goes_on(tmp_path, bad_line, error_type,
@@ -237,3 +239,94 @@ def test_a_file_that_is_not_a_zip_is_one_failure(tmp_path):
     assert good == [] and len(bad) == 1
     assert bad[0]["error"]["type"] == "manifest_unreadable"
     assert "BadZipFile" in bad[0]["error"]["message"]
+
+
+def write_array(path, items: list[str], separator=",\n ") -> str:
+    path.write_text("[" + separator.join(items) + "]")
+    return str(path)
+
+
+ITEMS = [json.dumps({"id": i, "image": f"{i}.png"}) for i in range(300)]
+
+
+@pytest.mark.parametrize("max_size", [None, 1000])
+def test_a_stray_apostrophe_in_a_broken_item_costs_that_item_only(tmp_path, monkeypatch,
+                                                                  max_size):
+    if max_size:  # the rest of the file is longer than the limit: found again all the same
+        monkeypatch.setattr("beam_caption.manifest.MAX_RECORD_SIZE", max_size, raising=False)
+    items = ITEMS.copy()
+    items[1] = "{'id': 1, 'image': it's.png}"
+    good, bad = elements_of(write_array(tmp_path / "m.json", items))
+    assert [e["source"]["index"] for e in good] == [i for i in range(300) if i != 1]
+    assert [(e["source"]["index"], e["raw"]) for e in bad] == [(1, items[1])]
+
+
+@pytest.mark.parametrize("first, raw", [
+    (f"{ITEMS[0]} {ITEMS[1]}", ITEMS[1]),  # no comma between two items
+    (f"{ITEMS[0]} x", "x"),
+    (ITEMS[0] + "}", "}"),
+])
+def test_a_missing_comma_or_stray_text_costs_one_item(tmp_path, first, raw):
+    good, bad = elements_of(write_array(tmp_path / "m.json", [first, *ITEMS[2:5]]))
+    assert [(e["source"]["index"], e["raw"], e["error"]["type"]) for e in bad] == [
+        (1, raw, "malformed_json")]
+    assert "item 1" in bad[0]["error"]["message"]
+    assert [e["record"]["id"] for e in good] == [e["source"]["index"] for e in good] == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 1000])
+def test_items_cut_by_a_chunk_end_are_read_whole(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", chunk)
+    path = tmp_path / "m.json"
+    path.write_text('[123456, {"a": 1}, {"b": 2}\n')  # a number, and no closing ']'
+    good, bad = elements_of(path)
+    assert [(e["source"]["index"], e["raw"], e["error"]["type"]) for e in bad] == [
+        (0, "123456", "record_not_object"), (3, "", "malformed_json")]
+    assert [e["record"] for e in good] == [{"a": 1}, {"b": 2}]
+
+
+def test_bad_utf8_in_an_array_costs_that_item_only(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_bytes(b"[" + ITEMS[0].encode() + b', {"image": "\xff.png"},\n'
+                     + ITEMS[2].encode() + b"]")
+    good, bad = elements_of(path)
+    assert [e["source"]["index"] for e in good] == [0, 2]
+    assert [(e["source"]["index"], e["error"]["type"]) for e in bad] == [(1, "bad_utf8")]
+    assert bad[0]["raw"] == '{"image": "\ufffd.png"}'
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_an_overlong_record_is_one_failure_and_is_not_held(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr("beam_caption.manifest.MAX_RECORD_SIZE", 1000, raising=False)
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_BYTES", 64)
+    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 64)
+    long = json.dumps({"image": "a.png", "note": "x" * 5000})
+    lines = [ITEMS[0], long, ITEMS[2], long]
+    if layout == "jsonl":
+        path = tmp_path / "m.jsonl"
+        path.write_text("\r".join(lines))
+    else:
+        path = write_array(tmp_path / "m.json", lines)
+    good, bad = elements_of(path)
+    assert [e["source"]["index"] for e in good] == [0, 2]
+    assert [(e["source"]["index"], e["error"]["type"]) for e in bad] == [
+        (1, "record_too_large"), (3, "record_too_large")]
+    assert long.startswith(bad[0]["raw"]) and 1000 <= len(bad[0]["raw"]) < len(long)
+
+
+def test_a_manifest_name_that_is_not_utf8_fails_the_launch(tmp_path):
+    (tmp_path / "ok.jsonl").write_text(ITEMS[0] + "\n")
+    with open(os.fsencode(tmp_path) + b"/\xff.jsonl", "wb") as handle:
+        handle.write(ITEMS[0].encode() + b"\n")
+    with pytest.raises(UsageError, match="not valid UTF-8") as raised:
+        match_manifests([str(tmp_path / "*.jsonl")])
+    str(raised.value).encode("utf-8")
+
+
+def test_any_error_opening_a_manifest_is_one_one_line_failure(tmp_path, monkeypatch):
+    def broken_open(*args, **kwargs):
+        raise RuntimeError("storage said no\nsecond line")
+    monkeypatch.setattr(fsspec, "open", broken_open)
+    good, bad = elements_of(tmp_path / "m.jsonl")
+    assert good == [] and [e["error"]["type"] for e in bad] == ["manifest_unreadable"]
+    assert bad[0]["error"]["message"].endswith("RuntimeError: storage said no second line")

@@ -346,6 +346,7 @@ class VLMClient:
                 raise self._stopped
             attempt += 1
             throttled += await self._wait_for_turn()
+            sent_params = self._accepted.params
             try:
                 parsed = await self._attempt(self._accepted.body(body))
             except Exception as exc:  # every failure becomes a typed error below
@@ -353,7 +354,8 @@ class VLMClient:
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
                 error = self._typed_error(exc, attempt, throttled)
                 self._count_refusal(failure, error)
-                if self._adapt_params(failure) and attempt <= self.settings.max_retries:
+                if self._adapt_params(failure, sent_params) and \
+                        attempt <= self.settings.max_retries:
                     continue  # the same request again, spelled the way the server accepts
                 if not error.retryable or attempt > self.settings.max_retries:
                     raise error from None
@@ -381,12 +383,16 @@ class VLMClient:
         return CaptionError(error.stage, error.type, scrub(error.message, self._secrets),
                             error.retryable, attempt, round(throttled, 3))
 
-    def _adapt_params(self, failure: HTTPStatusFailure | None) -> bool:
-        """After a 400 naming one of our optional parameters, respell or drop it (once)."""
+    def _adapt_params(self, failure: HTTPStatusFailure | None, sent_params: dict) -> bool:
+        """Whether a 400 refused one of the optional parameters the attempt was sent with; if
+        so they are respelled or dropped (once for the run) and the record is sent again."""
         if failure is None:
             return False
-        name = refused_param(failure.status, failure.body, self._accepted.params)
-        return bool(name) and self._accepted.adapt(name, f"model {self.settings.model!r}")
+        name = refused_param(failure.status, failure.body, sent_params)
+        if name is None:
+            return False
+        self._accepted.adapt(name, f"model {self.settings.model!r}")
+        return True
 
     def _count_refusal(self, failure: HTTPStatusFailure | None, error: CaptionError) -> None:
         """Stop the client after ``stop_after_refusals`` consecutive 401/403/404 answers."""

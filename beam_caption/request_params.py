@@ -70,10 +70,12 @@ class AcceptedParams:
             return body
         return self._head + body[len(self._sent_head):]
 
-    def adapt(self, name: str, model_text: str) -> bool:
-        """Stop sending ``name`` as it is (other spelling, else dropped); False if already done."""
+    def adapt(self, name: str, model_text: str) -> None:
+        """Stop sending ``name`` as it is: the other spelling, else none. Requests already on the
+        wire with the old parameters may be refused too; their retry needs no second change."""
         if name not in self.params:
-            return False
+            return
+        self.params = dict(self.params)  # a new dict: what a request was sent with stays as is
         value = self.params.pop(name)
         other = next((s for s in LIMIT_SPELLINGS if s != name), None) if name in LIMIT_SPELLINGS \
             else None
@@ -86,4 +88,3 @@ class AcceptedParams:
             _LOG.warning("%s refuses %s=%r: running without it from now on", model_text, name,
                          value)
         self._head = params_head(self._model, self.params)
-        return True

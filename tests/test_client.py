@@ -340,3 +340,21 @@ def test_a_refused_parameter_is_respelled_or_dropped_once_for_the_run(config, se
     assert [r.attempts for r in results] == [2, 1, 1]  # learned once, remembered
     assert requests == 4
     assert len([r for r in caplog.records if "refuses" in r.getMessage()]) == 1
+
+
+def test_requests_in_flight_when_a_parameter_is_refused_are_sent_again_not_failed(caplog):
+    async def go(server):
+        client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm", temperature=0.2),
+                           api_key="k")
+        try:
+            return await asyncio.gather(*(
+                client.complete(request_body(client.settings, messages(text=f"q{i}")))
+                for i in range(8)))
+        finally:
+            await client.aclose()
+
+    config = FakeVLMConfig(reasoning=True, reasoning_ms_per_token=0, latency_ms=50)
+    with FakeVLMServer(config) as server:
+        results = asyncio.run(go(server))
+    assert all(1 <= r.attempts <= 2 for r in results)
+    assert len([r for r in caplog.records if "refuses" in r.getMessage()]) == 1

@@ -12,6 +12,7 @@ import re
 import urllib.parse
 
 REDACTED = "[REDACTED]"
+URL_REDACTED = "REDACTED"  # no brackets: a redacted URL must parse again (idempotent)
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
 _URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 _MIN_SECRET_CHARS = 4  # shorter "secrets" (a test's "x") would blank out ordinary words
@@ -40,9 +41,9 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc
     if "@" in netloc:
-        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
-    query = REDACTED if parts.query else ""
-    fragment = REDACTED if parts.fragment else ""
+        netloc = f"{URL_REDACTED}@{netloc.rpartition('@')[2]}"
+    query = URL_REDACTED if parts.query else ""
+    fragment = URL_REDACTED if parts.fragment else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 

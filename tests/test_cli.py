@@ -168,9 +168,9 @@ def test_reported_options_redact_url_credentials_and_queries(tmp_path):
     text = json.dumps(reported)
     assert not [secret for secret in ("PASSWORD1", "SECRET2", "SECRET3", "SECRET4", "SECRET5",
                                       "SECRET6", "SECRET7") if secret in text], text
-    assert reported["api_url"] == "https://[REDACTED]@gateway.example/v1?[REDACTED]"
-    assert reported["input"] == ["https://data.example/a.jsonl?[REDACTED]", "gs://bucket/b.jsonl",
-                                 "s3://[REDACTED]@bucket/c.jsonl"]
+    assert reported["api_url"] == "https://REDACTED@gateway.example/v1?REDACTED"
+    assert reported["input"] == ["https://data.example/a.jsonl?REDACTED", "gs://bucket/b.jsonl",
+                                 "s3://REDACTED@bucket/c.jsonl"]
     assert reported["model"] == "m"
 
 

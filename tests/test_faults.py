@@ -145,7 +145,7 @@ def test_preflight_fails_fast_with_one_clear_line(dataset_factory, tmp_path, con
     with FakeVLMServer(config) as server:
         result = run_cli(base_args(data, server, *flags), tmp_path / "out",
                          env={"DF_API_KEY": "wrong-key"}, timeout=60)
-        assert server.stats()["requests"] == 0  # no record was sent
+        assert server.stats()["images"] == 0  # no record was sent
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "wrong-key" not in result.stderr + result.stdout

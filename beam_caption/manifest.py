@@ -26,9 +26,9 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from beam_caption.errors import CaptionError, UsageError, encodable, has_lone_surrogate
+from beam_caption.records import (FAILURES, METRICS_NAMESPACE, RECORDS, failure_element,
+                                  record_element, record_key)
 
-FAILURES = "failures"
-METRICS_NAMESPACE = "beam_caption"
 RAW_TEXT_LIMIT = 10_000
 MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse
 MAX_RECORD_SIZE = 1 << 24  # longer lines (bytes) and array items (characters) are refused
@@ -83,15 +83,6 @@ def _full_name(fs, path: str) -> str:
 
 def _protocols(fs) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-
-
-def record_key(file: str, index: int) -> str:
-    return f"{file}#{index}"
-
-
-def parse_key(key: str) -> tuple[str, int]:
-    file, _, index = key.rpartition("#")
-    return file, int(index)
 
 
 def iter_manifest(file: str) -> Iterator[dict]:
@@ -203,14 +194,13 @@ def _record_element(file: str, index: int, value, raw: str, where: str) -> dict:
     if not isinstance(value, dict):
         return _failure_element(key, source, raw, "record_not_object",
                                 f"{where}: record is a JSON {type(value).__name__}, not an object")
-    return {"key": key, "source": source, "record": value}
+    return record_element(file, index, value)
 
 
 def _failure_element(key: str, source: dict, raw: str, type_: str, message: str) -> dict:
     """A read failure; ``raw`` is capped at RAW_TEXT_LIMIT and made encodable."""
-    error = CaptionError("read", type_, message)
-    return {"key": key, "source": source, "raw": encodable(raw[:RAW_TEXT_LIMIT]),
-            "error": error.to_dict()}
+    return failure_element(key, source, CaptionError("read", type_, message),
+                           raw=encodable(raw[:RAW_TEXT_LIMIT]))
 
 
 def _lines(handle) -> Iterator[tuple[bytes, bool]]:
@@ -482,11 +472,11 @@ class ReadManifests(beam.PTransform):
             raise ValueError("ReadManifests needs at least one file")
         self._files = list(files)
 
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
         read = (
             pbegin
             | "ManifestFiles" >> beam.Create(self._files)
             | "ReshuffleFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadManifestFile()).with_outputs(FAILURES, main="records"))
-        records = read.records | "ReshuffleRecords" >> beam.Reshuffle()
-        return {"records": records, FAILURES: read[FAILURES]}
+            | "ReadFiles" >> beam.ParDo(_ReadManifestFile()).with_outputs(FAILURES, main=RECORDS))
+        records = read[RECORDS] | "ReshuffleRecords" >> beam.Reshuffle()
+        return {RECORDS: records, FAILURES: read[FAILURES]}

@@ -109,9 +109,10 @@ def big_photo_memory(root: Path, records: int, table: Table) -> None:
     manifest = write_manifest(root / "photos.jsonl", photos, records)
     peaks = {}
     with FakeVLM(["--latency_ms", str(latency_ms)]) as vlm:
-        for label, flags in (("default budget", ()),
-                             ("no budget (--max_bytes_in_flight 64 GiB)",
-                              ("--max_bytes_in_flight", str(64 * 2**30)))):
+        # The photo files were just written, so both runs find them in the page cache.
+        for label, flags in (("no budget (--max_bytes_in_flight 64 GiB)",
+                              ("--max_bytes_in_flight", str(64 * 2**30))),
+                             ("default budget", ())):
             run = run_cli(manifest, root / f"photos_{len(peaks)}", vlm.url, concurrency, root,
                           *flags)
             _check(run.summary, records)

@@ -30,9 +30,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from beam_caption.caption import CaptionConfig, _CaptionRecords
+from beam_caption.caption import _CaptionRecords
 from beam_caption.options import CaptionOptions
-from beam_caption.pipeline import caption_config
+from beam_caption.runtime import CaptionConfig
+from beam_caption.transform import caption_config
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
 
 SAMPLE_INTERVAL_S = 0.05

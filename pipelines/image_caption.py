@@ -1,42 +1,39 @@
-"""Caption images with an OpenAI-compatible VLM: read -> caption -> write.
+"""Caption images with an OpenAI-compatible VLM: the recipe to copy.
 
-The recipe to copy. Run from the repository root, e.g. against the bundled fake server:
+It runs the same composite transform as ``python -m beam_caption`` (CaptionManifests: read ->
+[skip done] -> caption -> write). Run from the repository root, e.g. against the bundled fake
+server:
 
     python -m beam_caption.testing.fake_vlm --port 8011 &
     python pipelines/image_caption.py --images_file data/image_caption/sample_data.json \\
         --output out/ --api_url http://127.0.0.1:8011/v1 --model fake-vlm
 
-Every flag of ``python -m beam_caption --help`` works here too (they are CaptionOptions).
+``--images_file`` and ``--cache_path`` are the flag names of the pipeline this project replaces
+(``--input`` and ``--output`` work too); every flag of ``python -m beam_caption --help`` works.
 """
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.caption import CaptionImages
-from beam_caption.manifest import ReadManifests, match_manifests
-from beam_caption.options import CaptionOptions
-from beam_caption.pipeline import caption_config
-from beam_caption.sinks import CAPTIONS_PREFIX, FAILURES_PREFIX, WriteJsonLines
+from beam_caption.manifest import match_manifests
+from beam_caption.options import CaptionOptions, split_inputs
+from beam_caption.transform import CaptionManifests
 
 
 class RecipeOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--images_file", required=True,
-                            help="JSON or JSONL manifest of {image, conversation} records.")
+        parser.add_argument("--images_file", help="JSON or JSONL manifest (same as --input).")
+        parser.add_argument("--cache_path", help="Output directory (same as --output).")
 
 
 def main(argv=None):
     options = PipelineOptions(argv)
-    images_file = options.view_as(RecipeOptions).images_file
-    flags = options.view_as(CaptionOptions)
+    recipe, flags = options.view_as(RecipeOptions), options.view_as(CaptionOptions)
+    flags.output = flags.output or recipe.cache_path
+    files = match_manifests(split_inputs(flags.input) or [recipe.images_file])
     with beam.Pipeline(options=options) as p:
-        records = p | "Read" >> ReadManifests(match_manifests([images_file]))
-        captioned = records["records"] | "Caption" >> CaptionImages(caption_config(flags))
-        captioned["captions"] | "WriteCaptions" >> WriteJsonLines(flags.output, CAPTIONS_PREFIX)
-        ((records["failures"], captioned["failures"])
-         | "AllFailures" >> beam.Flatten()
-         | "WriteFailures" >> WriteJsonLines(flags.output, FAILURES_PREFIX))
+        p | "CaptionManifests" >> CaptionManifests.from_options(flags, files)
 
 
 if __name__ == "__main__":

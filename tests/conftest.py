@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from beam_caption.caption import CaptionConfig
+from beam_caption.runtime import CaptionConfig
 from beam_caption.client import ClientSettings
 from beam_caption.images import ImageSettings
 from beam_caption.messages import PromptSettings

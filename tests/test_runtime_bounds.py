@@ -9,7 +9,7 @@ import time
 import pytest
 from aiohttp import web
 
-from beam_caption.caption import ByteBudget, CaptionRuntime
+from beam_caption.runtime import ByteBudget, CaptionRuntime
 from beam_caption.errors import CaptionError
 from beam_caption.images import read_image_bytes
 from beam_caption.testing import FakeVLMServer
@@ -36,6 +36,22 @@ def test_byte_budget_waits_while_spent_and_lets_an_oversized_record_run_alone():
         await budget.resize(60, 0)
         await take("huge", 1000)  # larger than the whole budget: runs once nothing else holds
         assert order == ["second", "huge"] and budget.used == 1000
+
+    asyncio.run(go())
+
+
+def test_byte_budget_serves_waiters_in_order_and_skips_a_cancelled_one():
+    async def go():
+        budget = ByteBudget(100)
+        await budget.acquire(100)
+        big = asyncio.create_task(budget.acquire(90))
+        small = asyncio.create_task(budget.acquire(20))
+        await asyncio.sleep(0.01)
+        big.cancel()  # the first waiter gives up: the next one must not wait behind it
+        await asyncio.sleep(0.01)
+        await budget.resize(100, 50)
+        await asyncio.wait_for(small, 1)
+        assert budget.used == 70
 
     asyncio.run(go())
 
@@ -80,7 +96,7 @@ def test_bytes_in_flight_stay_within_the_budget_at_any_concurrency(tmp_path):
                            [runtime.submit(element) for element in elements]]
         finally:
             runtime.close()
-    assert all(tag is None for tag, *_ in results)
+    assert all(outcome.failure is None for outcome in results)
     # Request bodies (base64 of the prepared image) are about 4/3 of a small source.
     assert 0 < peak.peak <= budget * 2
     assert runtime._budget.used == 0  # every record gave its bytes back

@@ -1,0 +1,264 @@
+"""The per-worker caption runtime: loop thread, model client from a factory, pools, byte budget.
+
+One ``CaptionRuntime`` per worker process (held by Beam's ``Shared``) owns an asyncio event
+loop in a background thread, one model client (``CaptionConfig.client_factory``, by default
+``VLMClient``), a thread pool for storage reads (image files, cache entries) and one with a
+thread per core for image decoding and encoding. ``submit`` starts one record and returns a
+future of its outcome. Image bytes held by records in flight (source files, then request
+bodies) are bounded by a byte budget, so memory does not grow with concurrency or image size.
+The runtime knows nothing of Beam or of the output layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from beam_caption.cache import RequestCache, request_digest
+from beam_caption.client import ClientSettings, VLMClient, request_body
+from beam_caption.errors import CaptionError, JobStopped
+from beam_caption.images import (ImageSettings, prepare_image_bytes, read_image_bytes,
+                                 resolve_image_path)
+from beam_caption.messages import PromptSettings, build_messages, plan_request
+from beam_caption.options import resolve_api_key
+from beam_caption.records import CaptionMeta, captioned_record, failure_element
+from beam_caption.resume import record_fingerprint, settings_digest
+
+IO_THREADS_MAX = 64
+RECENT_SIZES = 64  # a record's source size is estimated as the largest of this many recent ones
+FIRST_ESTIMATE_SHARE = 8  # before any read, a record is assumed to take 1/8 of the budget
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """Everything a worker needs to caption records; picklable and free of secrets."""
+
+    client: ClientSettings
+    prompts: PromptSettings
+    images: ImageSettings
+    image_root: str
+    output_key: str = "caption"
+    api_key_env: str | None = None
+    checkpoint_dir: str | None = None  # output dir whose .checkpoint/ receives finished captions
+    checkpoint_interval: float = 10.0
+    cache_dir: str | None = None
+    max_bytes_in_flight: int = 256 * 2**20
+    image_timeout: float = 60.0
+    # (ClientSettings, api key) -> client with ``async complete(body) -> Completion`` and
+    # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
+    client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
+
+    @functools.cached_property
+    def settings_digest(self) -> str:
+        """Digest of every setting that shapes an answer (``caption_meta.fingerprint``)."""
+        images = self.images
+        return settings_digest({
+            "model": self.client.model, "params": self.client.request_params(),
+            "prompts": dataclasses.asdict(self.prompts), "image_root": self.image_root,
+            "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
+                       "max_pixels": images.max_pixels},
+            "output_key": self.output_key})
+
+
+class Outcome(NamedTuple):
+    """What became of one record: a captioned record or a failure, and what it took."""
+
+    caption: dict | None
+    failure: dict | None
+    attempts: int
+    throttled_s: float
+
+
+class ByteBudget:
+    """Bytes held by records in flight; ``acquire`` waits while the budget is spent.
+
+    Waiters are served first come, first served, and only as many are woken as fit (no
+    thundering herd of hundreds of waiters per release). A record larger than the whole budget
+    still runs, alone. Used from one event loop.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    async def acquire(self, size: int) -> None:
+        if not self._waiters and self._fits(size):
+            self.used += size
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():
+                self.used -= size  # granted as it was cancelled: give it back
+            self._wake()
+            raise
+
+    async def resize(self, old: int, new: int) -> None:
+        """Hold ``new`` bytes instead of ``old`` (without waiting: the bytes exist already)."""
+        self.used += new - old
+        if new < old:
+            self._wake()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _wake(self) -> None:
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if not waiter.done():  # a cancelled waiter is dropped, whatever its size
+                if not self._fits(size):
+                    return
+                self.used += size
+                waiter.set_result(None)
+            self._waiters.popleft()
+
+
+class CaptionRuntime:
+    """Event loop thread + VLM client + image thread pool, shared by a worker's DoFns."""
+
+    def __init__(self, config: CaptionConfig):
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="beam-caption-loop")
+        self._thread.start()
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(config.client.max_concurrency, IO_THREADS_MAX),
+            thread_name_prefix="beam-caption-io")
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
+        api_key = resolve_api_key(config.api_key_env)
+        self._client = self.call(_make_client(config, api_key))
+        self._cache = RequestCache(config.cache_dir, self._run_io)
+        self._budget = ByteBudget(config.max_bytes_in_flight)
+        self._recent_sizes: collections.deque[int] = collections.deque(
+            [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
+            maxlen=RECENT_SIZES)
+        # Shared keeps the runtime for the life of the worker process; close it at exit.
+        self.close = weakref.finalize(self, _shutdown, self._loop, self._client,
+                                      (self._io_pool, self._cpu_pool))
+
+    def _run_io(self, function, *args):
+        return self._loop.run_in_executor(self._io_pool, function, *args)
+
+    def call(self, coroutine):
+        """Run a coroutine on the runtime's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, element: dict) -> concurrent.futures.Future:
+        """Start captioning one keyed record; the future resolves to its ``Outcome`` (or raises
+        JobStopped when the job must stop)."""
+        return asyncio.run_coroutine_threadsafe(self._caption(element), self._loop)
+
+    async def _caption(self, element: dict) -> Outcome:
+        record = element["record"]
+        try:
+            plan = plan_request(record, self.config.prompts)
+            completion = await self._budgeted_completion(plan)
+        except CaptionError as error:
+            return Outcome(None, failure_element(element["key"], element["source"], error,
+                                                 record=record),
+                           error.attempts, error.throttled_s)
+        except JobStopped:
+            raise
+        except Exception as exc:  # a bug must not lose the record: report it as a failure
+            _LOG.exception("internal error while captioning %s", element["key"])
+            error = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
+            return Outcome(None, failure_element(element["key"], element["source"], error,
+                                                 record=record), 0, 0.0)
+        meta = CaptionMeta(
+            model=self.config.client.model, attempts=completion.attempts,
+            latency_ms=completion.latency_ms, prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            reasoning_tokens=completion.reasoning_tokens,
+            finish_reason=completion.finish_reason, cached=completion.cached,
+            key=element["key"],
+            fingerprint=record_fingerprint(record, self.config.settings_digest))
+        return Outcome(captioned_record(record, self.config.output_key, completion.caption, meta),
+                       None, completion.attempts, completion.throttled_s)
+
+    async def _budgeted_completion(self, plan):
+        """Read, prepare and send one record's request within the byte budget.
+
+        The record holds an estimate of its source size before reading (the largest of the
+        recent ones), then the real size, then its request body's size until the answer is in.
+        """
+        held = max(self._recent_sizes)
+        await self._budget.acquire(held)
+        try:
+            sources = await self._read_with_timeout(plan.image_paths)
+            size = sum(map(len, sources))
+            self._recent_sizes.append(size)
+            await self._budget.resize(held, size)
+            held = size
+            body, digest = await self._loop.run_in_executor(self._cpu_pool, self._request,
+                                                            plan, sources)
+            del sources
+            await self._budget.resize(held, len(body))
+            held = len(body)
+            return await self._cache.complete(digest, lambda: self._client.complete(body))
+        finally:
+            await self._budget.resize(held, 0)
+
+    async def _read_with_timeout(self, paths: tuple[str, ...]) -> list[bytes]:
+        timeout = self.config.image_timeout
+        try:
+            return await asyncio.wait_for(self._run_io(self._read_images, paths), timeout)
+        except TimeoutError:
+            raise CaptionError("image", "image_timeout",
+                               f"reading the record's images took over {timeout:g} s "
+                               "(--image_timeout)", retryable=True) from None
+
+    def _read_images(self, paths: tuple[str, ...]) -> list[bytes]:
+        """A record's image files, read one after the other: one pool task per record."""
+        root, max_bytes = self.config.image_root, self.config.images.max_bytes
+        timeout = self.config.image_timeout
+        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout)
+                for path in paths]
+
+    def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str]:
+        """Decode, resize and encode the images; the request body and its cache key."""
+        urls = [prepare_image_bytes(data, self.config.images).data_url for data in sources]
+        body = request_body(self.config.client,
+                            build_messages(plan, urls, self.config.prompts.system_prompt))
+        return body, request_digest(body)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, cpusets), not all the machine has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _shutdown(loop, client, pools) -> None:
+    """Close the client's connections, stop the loop thread and the pools."""
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # exiting anyway: the sockets close with the process
+        loop.call_soon_threadsafe(loop.stop)
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _make_client(config: CaptionConfig, api_key: str | None):
+    """The client, made on the runtime's loop (an aiohttp session binds to the running loop)."""
+    return config.client_factory(config.client, api_key)
+
+

@@ -1,0 +1,108 @@
+"""CaptionManifests: the whole caption job as one composite transform.
+
+read manifests -> [skip what an earlier run captioned] -> caption -> write sharded captions,
+failures (and set-aside captions) and summary.json. The CLI's launcher (pipeline.py) and the
+recipes in pipelines/ apply this same transform; a user can drop it into their own pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import apache_beam as beam
+
+from beam_caption.caption import CaptionImages
+from beam_caption.client import ClientSettings
+from beam_caption.images import ImageSettings
+from beam_caption.manifest import ReadManifests
+from beam_caption.messages import PromptSettings
+from beam_caption.options import CaptionOptions, reported_options
+from beam_caption.records import CAPTIONS, FAILURES, RECORDS
+from beam_caption.resume import SkipDone
+from beam_caption.runtime import CaptionConfig
+from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX,
+                                WriteJsonLines, WriteSummary)
+
+RESUMED = "resumed"
+SET_ASIDE = "set_aside"
+
+
+def caption_config(options: CaptionOptions) -> CaptionConfig:
+    """The worker-side configuration from the parsed flags."""
+    return CaptionConfig(
+        client=ClientSettings(
+            api_url=options.api_url, model=options.model,
+            max_concurrency=options.max_concurrency, request_timeout=options.request_timeout,
+            max_retries=options.max_retries, max_backoff=options.max_backoff,
+            max_requests_per_minute=options.max_requests_per_minute,
+            max_tokens=options.max_tokens, temperature=options.temperature,
+            reasoning_effort=options.reasoning_effort, max_retry_wait=options.max_retry_wait,
+            max_response_bytes=options.max_response_bytes,
+            max_caption_chars=options.max_caption_chars),
+        prompts=PromptSettings(
+            system_prompt=options.system_prompt or None, prompt=options.prompt,
+            image_key=options.image_key, conversation_key=options.conversation_key),
+        images=ImageSettings(max_side=options.max_image_side, max_bytes=options.max_image_bytes,
+                             jpeg_quality=options.jpeg_quality),
+        image_root=options.image_root or os.getcwd(),
+        output_key=options.output_key,
+        api_key_env=options.api_key_env,
+        cache_dir=options.cache_dir,
+        max_bytes_in_flight=options.max_bytes_in_flight,
+        image_timeout=options.image_timeout,
+    )
+
+
+class CaptionManifests(beam.PTransform):
+    """Caption every record of ``files`` into ``output_dir``: ``p | CaptionManifests(...)``.
+
+    ``config`` is the worker configuration (``caption_config``); finished captions are
+    checkpointed under ``output_dir`` while the job runs. With ``reuse_checkpoints`` (set by the
+    launcher when ``--resume`` found earlier captions) records are first matched to them.
+    ``reported`` is the options dict summary.json shows. Returns the PCollections written:
+    ``{CAPTIONS, FAILURES[, RESUMED, SET_ASIDE]}``.
+    """
+
+    def __init__(self, files: list[str], config: CaptionConfig, output_dir: str, *,
+                 num_shards: int = 0, reuse_checkpoints: bool = False, image_key: str = "image",
+                 reported: dict | None = None, checkpoint_interval: float = 10.0):
+        super().__init__()
+        self._files = list(files)
+        self._config = dataclasses.replace(config, checkpoint_dir=output_dir,
+                                           checkpoint_interval=checkpoint_interval)
+        self._output_dir = output_dir
+        self._num_shards = num_shards
+        self._reuse_checkpoints = reuse_checkpoints
+        self._image_key = image_key
+        self._reported = reported or {}
+
+    @classmethod
+    def from_options(cls, options: CaptionOptions, files: list[str],
+                     reuse_checkpoints: bool = False) -> CaptionManifests:
+        """The transform the CLI runs for these flags."""
+        return cls(files, caption_config(options), options.output,
+                   num_shards=options.num_shards, reuse_checkpoints=reuse_checkpoints,
+                   image_key=options.image_key, reported=reported_options(options),
+                   checkpoint_interval=options.checkpoint_interval)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
+        out, shards = self._output_dir, self._num_shards
+        read = pbegin | "ReadManifests" >> ReadManifests(self._files)
+        records = read[RECORDS]
+        if self._reuse_checkpoints:
+            split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest)
+            records = split["todo"]
+        captioned = records | "CaptionImages" >> CaptionImages(self._config)
+        outputs = {CAPTIONS: captioned[CAPTIONS],
+                   FAILURES: (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()}
+        if self._reuse_checkpoints:
+            outputs[RESUMED] = split["done"]
+            outputs[SET_ASIDE] = split[SET_ASIDE]
+            outputs[CAPTIONS] = (captioned[CAPTIONS], split["done"]) | "WithDone" >> beam.Flatten()
+            outputs[SET_ASIDE] | "WriteSetAside" >> WriteJsonLines(
+                out, SET_ASIDE_PREFIX, shards, skip_if_empty=True)
+        outputs[CAPTIONS] | "WriteCaptions" >> WriteJsonLines(out, CAPTIONS_PREFIX, shards)
+        outputs[FAILURES] | "WriteFailures" >> WriteJsonLines(out, FAILURES_PREFIX, shards)
+        outputs | "WriteSummary" >> WriteSummary(out, self._image_key, self._reported)
+        return outputs

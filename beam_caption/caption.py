@@ -123,6 +123,7 @@ class _CaptionRecords(beam.DoFn):
                        error["stage"], error["type"], error["attempts"], error["message"])
             return
         output = outcome.caption
+        assert output is not None  # an Outcome holds a caption or a failure
         meta = output["caption_meta"]
         if self._checkpoints:
             self._checkpoints.add(output)

@@ -273,7 +273,7 @@ def prepare_image_bytes(data: bytes, settings: ImageSettings) -> PreparedImage:
         except ValueError as e:
             raise _error("unsupported_format", f"{source.format} mode {source.mode}: {e}") from None
         if settings.max_side:
-            img.thumbnail((settings.max_side, settings.max_side), Image.BOX)
+            img.thumbnail((settings.max_side, settings.max_side), Image.Resampling.BOX)
         img = _flatten(img)
         if orientation in _ORIENTATION:  # after the resize: fewer pixels to move
             img = img.transpose(_ORIENTATION[orientation])

@@ -26,8 +26,14 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from beam_caption.errors import CaptionError, UsageError, encodable, has_lone_surrogate
-from beam_caption.records import (FAILURES, METRICS_NAMESPACE, RECORDS, failure_element,
-                                  record_element, record_key)
+from beam_caption.records import (
+    FAILURES,
+    METRICS_NAMESPACE,
+    RECORDS,
+    failure_element,
+    record_element,
+    record_key,
+)
 
 RAW_TEXT_LIMIT = 10_000
 MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse

@@ -68,7 +68,7 @@ def _turns(record: dict, settings: PromptSettings) -> tuple[tuple[str, str], ...
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise CaptionError("read", "bad_conversation",
                                "each conversation turn must be an object with a string 'value'")
-        role = ROLES.get(turn.get("from"))
+        role = ROLES.get(str(turn.get("from")))
         if role is None:
             raise CaptionError("read", "bad_conversation",
                                f"unknown conversation role {turn.get('from')!r}")
@@ -81,7 +81,8 @@ def _turns(record: dict, settings: PromptSettings) -> tuple[tuple[str, str], ...
     return tuple(turns[:last_user + 1])
 
 
-def build_messages(plan: RequestPlan, image_urls: list[str], system_prompt: str | None) -> list[dict]:
+def build_messages(plan: RequestPlan, image_urls: list[str],
+                   system_prompt: str | None) -> list[dict]:
     """OpenAI chat messages: system prompt, then the turns, images first in the first user turn."""
     messages: list[dict] = []
     if system_prompt and not any(role == "system" for role, _ in plan.turns):

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+from typing import Any
 
 # _BeamArgumentParser: the parser class Beam's options expect (add_value_provider_argument).
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -177,14 +178,15 @@ class _FlagParser(_BeamArgumentParser):
 
 def _subclasses(cls: type) -> list[type]:
     """Every subclass of ``cls``, at any depth."""
-    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+    children: list[type] = cls.__subclasses__()
+    return [sub for child in children for sub in (child, *_subclasses(child))]
 
 
 def _every_flag_parser() -> _FlagParser:
     """A parser of every flag that some PipelineOptions subclass defines (Beam's, ours)."""
     parser = _FlagParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
     for options_class in _subclasses(PipelineOptions):
-        options_class._add_argparse_args(parser)
+        options_class._add_argparse_args(parser)  # type: ignore[attr-defined]
     return parser
 
 
@@ -258,9 +260,9 @@ def reported_options(options: PipelineOptions) -> dict:
     """
     names = [*vars(_caption_parser().parse_args([])), *BEAM_OPTIONS_REPORTED]
     values = options.get_all_options(drop_default=False)
-    reported = {name: values.get(name) for name in names}
+    reported: dict[str, Any] = {name: values.get(name) for name in names}
     for name in _LOCATION_OPTIONS:
-        reported[name] = redact_url(reported[name])
+        reported[name] = reported[name] and redact_url(reported[name])
     reported["input"] = [redact_url(path) for path in split_inputs(reported["input"])]
     return reported
 

@@ -10,8 +10,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.errors import JobStopped, StoppedError
 from beam_caption.manifest import match_manifests
-from beam_caption.options import (CaptionOptions, check_flags, resolve_api_key, split_inputs,
-                                  validate_options)
+from beam_caption.options import (
+    CaptionOptions,
+    check_flags,
+    resolve_api_key,
+    split_inputs,
+    validate_options,
+)
 from beam_caption.preflight import preflight
 from beam_caption.records import METRICS_NAMESPACE
 from beam_caption.resume import clear_checkpoints, prepare_output_dir, remove_temp_files

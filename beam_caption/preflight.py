@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from beam_caption.client import (
     NO_KEY,
@@ -35,7 +36,7 @@ NO_MODEL_LIST_STATUS = (404, 405)
 KEY_REFUSED_STATUS = (401, 403)
 MODEL_NOT_FOUND_CODE = "model_not_found"
 SHOWN_MODELS = 10
-PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
+PROBE_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "ping"}]
 
 
 def preflight(settings: ClientSettings, api_key: str | None) -> None:

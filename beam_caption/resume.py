@@ -17,6 +17,7 @@ new outputs are complete.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -29,8 +30,14 @@ import fsspec
 from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.errors import UsageError
-from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX, SUMMARY_FILE,
-                                output_path, to_json_line)
+from beam_caption.sinks import (
+    CAPTIONS_PREFIX,
+    FAILURES_PREFIX,
+    SET_ASIDE_PREFIX,
+    SUMMARY_FILE,
+    output_path,
+    to_json_line,
+)
 
 CHECKPOINT_DIR = ".checkpoint"
 CHECKPOINT_MAX_LINES = 1000
@@ -89,8 +96,8 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
-    FileSystems.rename(finals, [checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}")
-                                for path in finals])
+    FileSystems.rename(finals, [
+        checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}") for path in finals])
     stale = _match(output_path(output_dir, f"{FAILURES_PREFIX}-*.jsonl"))
     stale += _match(output_path(output_dir, SUMMARY_FILE))
     if stale:
@@ -156,10 +163,8 @@ class CheckpointWriter:
 
 
 def _delete_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # nothing was left, or it cannot be deleted either
         FileSystems.delete([path])
-    except Exception:  # nothing was left, or it cannot be deleted either
-        pass
 
 
 def _done_by_fingerprint(line: str):
@@ -188,7 +193,7 @@ def _split(grouped, todo_tag: str, set_aside_tag: str):
     for record in records:
         if record["key"] in used:
             yield by_key[record["key"]]
-    for record, caption in zip(unmatched, spare):
+    for record, caption in zip(unmatched, spare, strict=False):  # the shorter one is used up
         yield {**caption, "caption_meta": {**caption["caption_meta"], "key": record["key"]}}
     for record in unmatched[len(spare):]:
         yield beam.pvalue.TaggedOutput(todo_tag, record)

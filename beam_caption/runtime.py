@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -26,8 +27,12 @@ from typing import Any, NamedTuple
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient, request_body
 from beam_caption.errors import CaptionError, JobStopped
-from beam_caption.images import (ImageSettings, prepare_image_bytes, read_image_bytes,
-                                 resolve_image_path)
+from beam_caption.images import (
+    ImageSettings,
+    prepare_image_bytes,
+    read_image_bytes,
+    resolve_image_path,
+)
 from beam_caption.messages import PromptSettings, build_messages, plan_request
 from beam_caption.options import resolve_api_key
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
@@ -177,8 +182,8 @@ class CaptionRuntime:
             raise
         except Exception as exc:  # a bug must not lose the record: report it as a failure
             _LOG.exception("internal error while captioning %s", element["key"])
-            error = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
-            return Outcome(None, failure_element(element["key"], element["source"], error,
+            internal = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
+            return Outcome(None, failure_element(element["key"], element["source"], internal,
                                                  record=record), 0, 0.0)
         meta = CaptionMeta(
             model=self.config.client.model, attempts=completion.attempts,
@@ -248,10 +253,9 @@ def usable_cores() -> int:
 def _shutdown(loop, client, pools) -> None:
     """Close the client's connections, stop the loop thread and the pools."""
     if loop.is_running():
-        try:
+        # Exiting anyway: on a timeout the sockets close with the process.
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass  # exiting anyway: the sockets close with the process
         loop.call_soon_threadsafe(loop.stop)
     for pool in pools:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -21,8 +21,13 @@ from beam_caption.options import CaptionOptions, reported_options
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
-from beam_caption.sinks import (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX,
-                                WriteJsonLines, WriteSummary)
+from beam_caption.sinks import (
+    CAPTIONS_PREFIX,
+    FAILURES_PREFIX,
+    SET_ASIDE_PREFIX,
+    WriteJsonLines,
+    WriteSummary,
+)
 
 RESUMED = "resumed"
 SET_ASIDE = "set_aside"
@@ -94,8 +99,8 @@ class CaptionManifests(beam.PTransform):
             split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest)
             records = split["todo"]
         captioned = records | "CaptionImages" >> CaptionImages(self._config)
-        outputs = {CAPTIONS: captioned[CAPTIONS],
-                   FAILURES: (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()}
+        failures = (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()
+        outputs = {CAPTIONS: captioned[CAPTIONS], FAILURES: failures}
         if self._reuse_checkpoints:
             outputs[RESUMED] = split["done"]
             outputs[SET_ASIDE] = split[SET_ASIDE]

@@ -34,11 +34,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (FakeVLM, Row, Spread, Stage, Table, elements, encode,  # noqa: E402
-                    load_note, parse_args, photo, stage_config, temp_dir, write_manifest,
-                    write_photo_copies)
+from common import (
+    FakeVLM,
+    Row,
+    Spread,
+    Stage,
+    Table,
+    elements,
+    encode,
+    load_note,
+    parse_args,
+    photo,
+    stage_config,
+    temp_dir,
+    write_manifest,
+    write_photo_copies,
+)
 
-from beam_caption.images import ImageSettings, _draft_size, prepare_image_bytes  # noqa: E402
+from beam_caption.images import ImageSettings, _draft_size, prepare_image_bytes
 
 SETTINGS = ImageSettings(max_side=1024, jpeg_quality=85)  # the CLI's defaults
 TWELVE_MP = (4000, 3000)

@@ -20,8 +20,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (FakeVLM, Row, Spread, Table, load_note, parse_args, run_cli,  # noqa: E402
-                    temp_dir, write_manifest, write_photo_copies, write_small_images)
+from common import (
+    FakeVLM,
+    Row,
+    Spread,
+    Table,
+    load_note,
+    parse_args,
+    run_cli,
+    temp_dir,
+    write_manifest,
+    write_photo_copies,
+    write_small_images,
+)
 
 MIB = 2**20
 
@@ -63,7 +74,7 @@ def whole_process(root: Path, records: int, repeats: int, table: Table) -> None:
         Row("  peak RSS, main process (kernel)", Spread(main_rss), "MiB",
             ideal=import_rss.median),
     ]
-    outside = Spread([wall - inside for wall, inside in zip(walls, run_walls)])
+    outside = Spread([wall - inside for wall, inside in zip(walls, run_walls, strict=True)])
     table.notes += [
         f"process wall = {Spread(run_walls)} s in pipeline.run() + {outside} s outside it "
         f"(interpreter start, imports, exit); importing beam_caption.pipeline alone takes "
@@ -151,7 +162,7 @@ def cache_savings(root: Path, records: int, table: Table) -> None:
     paid = first.summary["tokens"]["total"]
     unpaid = paid + first.summary["tokens_saved_by_cache"]
     table.rows += [
-        Row(f"{records} records, 30% repeated: requests sent per record", 
+        Row(f"{records} records, 30% repeated: requests sent per record",
             Spread([first_requests / records]), "", ideal=distinct / records,
             target=distinct / records, higher_is_better=False),
         Row("  tokens paid / tokens without the cache", Spread([paid / unpaid]), "",

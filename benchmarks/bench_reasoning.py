@@ -19,8 +19,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (FakeVLM, Row, Spread, Stage, Table, elements, load_note,  # noqa: E402
-                    parse_args, stage_config, temp_dir, write_small_images)
+from common import (
+    FakeVLM,
+    Row,
+    Spread,
+    Stage,
+    Table,
+    elements,
+    load_note,
+    parse_args,
+    stage_config,
+    temp_dir,
+    write_small_images,
+)
 
 EFFORTS = ("minimal", "low", "medium", "high")
 CONCURRENCY = 16

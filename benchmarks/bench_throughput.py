@@ -2,10 +2,10 @@
 
 The captioning stage is measured by itself: the CaptionImages DoFn (``_CaptionRecords``, with
 its per-worker ``CaptionRuntime``) is set up once and given one bundle per pass, outside a
-pipeline, timed from the first record in to the last result out. Every record is a distinct request (own
-prompt), so the worker's request cache never answers for the server; each pass checks that the
-server saw exactly one request per record and that nothing failed. CPU use of the client
-(by thread) and of the server says which process saturates. The whole pipeline's images/s
+pipeline, timed from the first record in to the last result out. Every record is a distinct
+request (own prompt), so the worker's request cache never answers for the server; each pass
+checks that the server saw exactly one request per record and that nothing failed. CPU use of
+the client (by thread) and of the server says which process saturates. The whole pipeline's images/s
 (``python -m beam_caption``, summary.json) is reported beside target 1.
 
     python benchmarks/bench_throughput.py [--quick] [--profile DIR]
@@ -23,10 +23,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CpuMeter, FakeVLM, Row, Spread, Stage, Table, elements,  # noqa: E402
-                    load_note, parse_args, run_cli, stage_config, temp_dir, write_manifest,
-                    write_small_images)
-from pyspy import PySpy  # noqa: E402
+from common import (
+    CpuMeter,
+    FakeVLM,
+    Row,
+    Spread,
+    Stage,
+    Table,
+    elements,
+    load_note,
+    parse_args,
+    run_cli,
+    stage_config,
+    temp_dir,
+    write_manifest,
+    write_small_images,
+)
+from pyspy import PySpy
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ def measure_stage(scenario: Scenario, image_paths: list[str], image_root: str, r
     rate = Spread(rates)
     table.rows.append(Row(f"{scenario.name}: captioning stage", rate, "images/s",
                           ideal=scenario.ideal, target=scenario.target_fraction * scenario.ideal))
-    per_request_ms = [1000 * cpu / r for cpu, r in zip(client_cpu, rates)]
+    per_request_ms = [1000 * cpu / r for cpu, r in zip(client_cpu, rates, strict=True)]
     table.notes.append(
         f"{scenario.name}: client process {Spread(client_cpu)} cores busy "
         f"({Spread(per_request_ms)} ms CPU per image), server {Spread(server_cpu)} cores")

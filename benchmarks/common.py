@@ -33,8 +33,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from beam_caption.caption import _CaptionRecords
 from beam_caption.options import CaptionOptions
 from beam_caption.runtime import CaptionConfig
-from beam_caption.transform import caption_config
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
+from beam_caption.transform import caption_config
 
 SAMPLE_INTERVAL_S = 0.05
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -102,7 +102,8 @@ def write_small_images(directory: Path, count: int) -> list[str]:
 
 def write_photo_copies(directory: Path, count: int, size: tuple[int, int],
                        distinct: int = 8) -> list[str]:
-    """``count`` photo JPEGs (q90) of ``size``: ``distinct`` generated photos, copied round-robin."""
+    """``count`` photo JPEGs (q90) of ``size``: ``distinct`` generated photos, copied
+    round-robin."""
     directory.mkdir(parents=True, exist_ok=True)
     originals = []
     for seed in range(distinct):
@@ -433,7 +434,8 @@ class Table:
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         print(f"\n## {self.title}\n")
         for i, line in enumerate(lines):
-            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+            cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+            print("  ".join(cells).rstrip())
             if i == 0:
                 print("  ".join("-" * width for width in widths))
         for note in self.notes:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Stage, stage_config  # noqa: E402
+from common import Stage, stage_config
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from beam_caption.runtime import CaptionConfig
 from beam_caption.client import ClientSettings
 from beam_caption.images import ImageSettings
 from beam_caption.messages import PromptSettings
+from beam_caption.runtime import CaptionConfig
 from beam_caption.testing import caption_for_images
 
 LEVELS = (0, 51, 102, 153, 204, 255)

@@ -6,12 +6,12 @@ import asyncio
 import json
 
 import pytest
+from conftest import TEST_RUNNER, run_cli
 
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, Completion, request_body
 from beam_caption.errors import CaptionError
 from beam_caption.testing import FakeVLMServer
-from conftest import TEST_RUNNER, run_cli
 
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
 

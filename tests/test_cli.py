@@ -12,13 +12,18 @@ import time
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
+from conftest import TEST_RUNNER, read_jsonl
 
 from beam_caption.__main__ import main
 from beam_caption.errors import UsageError
-from beam_caption.options import (CaptionOptions, check_flags, reported_options, resolve_api_key,
-                                  validate_options)
+from beam_caption.options import (
+    CaptionOptions,
+    check_flags,
+    reported_options,
+    resolve_api_key,
+    validate_options,
+)
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
-from conftest import TEST_RUNNER, read_jsonl
 
 INTERRUPTED = ("beam_caption: interrupted. Captions finished so far are checkpointed in the "
                "output directory; run the same command with --resume to continue.")

@@ -7,10 +7,18 @@ import random
 import pytest
 from PIL import Image
 
-from beam_caption.client import (ClientSettings, HTTPStatusFailure, VLMClient, backoff_delay,
-                                 parse_completion, request_body, retry_after_seconds)
+from beam_caption.client import (
+    ClientSettings,
+    HTTPStatusFailure,
+    VLMClient,
+    backoff_delay,
+    parse_completion,
+    request_body,
+    retry_after_seconds,
+)
 from beam_caption.errors import CaptionError, JobStopped
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
+
 
 def _red_png() -> str:
     buffer = io.BytesIO()
@@ -77,7 +85,8 @@ def test_no_text_after_a_spent_limit_or_a_refusal_is_a_permanent_typed_failure()
 def test_bad_bodies_are_retryable_response_errors(body, error_type):
     with pytest.raises(CaptionError) as info:
         parse_completion(body)
-    assert (info.value.stage, info.value.type, info.value.retryable) == ("response", error_type, True)
+    error = info.value
+    assert (error.stage, error.type, error.retryable) == ("response", error_type, True)
 
 
 def test_retry_after_headers():
@@ -144,7 +153,8 @@ def test_permanent_errors_are_not_retried():
         with pytest.raises(CaptionError) as info:
             run_complete(server, messages(text="REJECT_400 this"))
         assert server.stats()["requests"] == 1
-    assert (info.value.stage, info.value.type, info.value.retryable) == ("request", "content_policy", False)
+    error = info.value
+    assert (error.stage, error.type, error.retryable) == ("request", "content_policy", False)
 
 
 def test_hang_times_out_and_retries_within_the_timeout():

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_RUNNER, run_cli
 
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
-from conftest import TEST_RUNNER, run_cli
 
 API_KEY = "sk-test-SECRET-4f9a7c"
 
@@ -53,7 +53,8 @@ def test_every_record_gets_the_caption_of_its_own_image(dataset_factory, tmp_pat
     # Failures carry the record, its source and a typed error.
     missing = failures["missing"]
     assert missing["error"]["stage"] == "image" and missing["error"]["attempts"] == 0
-    assert missing["source"]["file"] == data.manifests[0] and missing["key"].startswith(data.manifests[0])
+    assert missing["source"]["file"] == data.manifests[0]
+    assert missing["key"].startswith(data.manifests[0])
     assert failures["rejected"]["error"]["stage"] == "request"
     # One request per good record (plus the rejected one), none repeated.
     assert stats["requests"] == 41 and stats["max_in_flight"] <= 8 * (2 if len(mode) == 2 else 1)

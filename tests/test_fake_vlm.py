@@ -14,8 +14,13 @@ import urllib.request
 import pytest
 from PIL import Image, ImageOps
 
-from beam_caption.testing import (FakeVLMConfig, FakeVLMServer, caption_for_images,
-                                  describe_image, spawn_fake_vlm)
+from beam_caption.testing import (
+    FakeVLMConfig,
+    FakeVLMServer,
+    caption_for_images,
+    describe_image,
+    spawn_fake_vlm,
+)
 
 SYSTEM = "You are an image caption generator."
 PROMPT = "Describe this image."
@@ -38,7 +43,8 @@ def post(url: str, body: object, headers: dict | None = None) -> tuple[int, dict
     """POST JSON (or raw bytes) and return (status, headers, body) for any status."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), response.read()
@@ -75,7 +81,8 @@ def test_valid_request_returns_caption_and_usage(server):
                                   "message": {"role": "assistant", "content": caption,
                                               "refusal": None}}]
     image_tokens = math.ceil(64 / 28) * math.ceil(32 / 28)
-    prompt_tokens = (4 + math.ceil(len(SYSTEM) / 4)) + (4 + math.ceil(len(PROMPT) / 4) + image_tokens)
+    prompt_tokens = ((4 + math.ceil(len(SYSTEM) / 4))
+                     + (4 + math.ceil(len(PROMPT) / 4) + image_tokens))
     assert answer["usage"] == {"prompt_tokens": prompt_tokens,
                                "completion_tokens": math.ceil(len(caption) / 4),
                                "total_tokens": prompt_tokens + math.ceil(len(caption) / 4)}

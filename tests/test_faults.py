@@ -9,12 +9,12 @@ import json
 import httpx2
 import openai
 import pytest
+from conftest import TEST_RUNNER, make_image, run_cli
 from PIL import Image
 
 from beam_caption.client import ClientSettings
 from beam_caption.preflight import _preflight_error
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
-from conftest import TEST_RUNNER, make_image, run_cli
 
 
 def base_args(data, server, *extra):
@@ -99,7 +99,8 @@ def test_every_bad_input_is_a_typed_failure_and_the_rest_is_captioned(dataset_fa
     failures = {f["record"]["id"] if "record" in f else f["key"]: f for f in result.failures}
     for name, (_, stage, error_type) in BAD_INPUTS.items():
         error = failures[name]["error"]
-        assert (error["stage"], error["type"], error["retryable"]) == (stage, error_type, False), name
+        expected = (stage, error_type, False)
+        assert (error["stage"], error["type"], error["retryable"]) == expected, name
         assert error["message"]
     malformed = failures[f"{manifest}#{len(BAD_INPUTS)}"]
     assert malformed["raw"] == "{this is not json" and "line 11" in malformed["error"]["message"]
@@ -140,7 +141,8 @@ def test_max_requests_per_minute_spaces_requests(dataset_factory, tmp_path):
     (FakeVLMConfig(api_key="right-key"), [], "refused the API key (HTTP 401)"),
     (FakeVLMConfig(models=("other-model",)), [], "'fake-vlm' is not served"),
 ])
-def test_preflight_fails_fast_with_one_clear_line(dataset_factory, tmp_path, config, flags, message):
+def test_preflight_fails_fast_with_one_clear_line(dataset_factory, tmp_path, config, flags,
+                                                  message):
     data = dataset_factory(3, files=1)
     with FakeVLMServer(config) as server:
         result = run_cli(base_args(data, server, *flags), tmp_path / "out",

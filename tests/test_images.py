@@ -16,8 +16,14 @@ from PIL import Image, ImageFile, ImageStat
 
 from beam_caption import images
 from beam_caption.errors import CaptionError
-from beam_caption.images import (ImageSettings, PreparedImage, prepare_image, prepare_image_bytes,
-                                 read_image_bytes, resolve_image_path)
+from beam_caption.images import (
+    ImageSettings,
+    PreparedImage,
+    prepare_image,
+    prepare_image_bytes,
+    read_image_bytes,
+    resolve_image_path,
+)
 
 SAMPLE_DIR = Path(images.__file__).parent / "sample_data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +52,10 @@ def decoded(prepared: PreparedImage) -> Image.Image:
     return img
 
 
-def prepare(img: Image.Image, fmt: str, settings: ImageSettings = ImageSettings(),
+DEFAULT_SETTINGS = ImageSettings()
+
+
+def prepare(img: Image.Image, fmt: str, settings: ImageSettings = DEFAULT_SETTINGS,
             **params) -> tuple[PreparedImage, Image.Image]:
     prepared = prepare_image_bytes(encode(img, fmt, **params), settings)
     return prepared, decoded(prepared)
@@ -371,7 +380,7 @@ def test_sample_manifests_point_at_bundled_images():
     bundled = json.loads((SAMPLE_DIR / "sample_data.json").read_text())
     repo = json.loads((REPO_ROOT / "data" / "image_caption" / "sample_data.json").read_text())
     assert len(bundled) == len(repo)
-    for in_package, in_repo in zip(bundled, repo):
+    for in_package, in_repo in zip(bundled, repo, strict=True):
         paths = in_package["image"] if isinstance(in_package["image"], list) else [
             in_package["image"]]
         repo_paths = in_repo["image"] if isinstance(in_repo["image"], list) else [

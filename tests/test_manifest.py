@@ -2,9 +2,8 @@ import gzip
 import json
 import os
 
-import fsspec
-
 import apache_beam as beam
+import fsspec
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -97,7 +96,8 @@ def test_invalid_utf8_reports_where_reading_stopped(tmp_path):
                      + json.dumps(RECORDS[1]).encode() + b"\n")
     elements = list(iter_manifest(str(path)))
     assert elements[0]["record"] == RECORDS[0] and elements[2]["record"] == RECORDS[1]
-    assert elements[1]["error"]["type"] == "bad_utf8" and "line 2" in elements[1]["error"]["message"]
+    error = elements[1]["error"]
+    assert error["type"] == "bad_utf8" and "line 2" in error["message"]
 
 
 def test_corrupt_gzip_reports_where_reading_stopped(tmp_path):

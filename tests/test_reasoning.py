@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 from conftest import TEST_RUNNER, run_cli
+
+from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 
 def test_a_reasoning_model_captions_reports_reasoning_and_fails_a_spent_limit_once(

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from beam_caption.testing import FakeVLMServer
 from conftest import TEST_RUNNER
+
+from beam_caption.testing import FakeVLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from beam_caption.redact import (REDACTED, URL_REDACTED, ScrubbingFilter, clean_key, redact_url,
-                                 scrub)
+from beam_caption.redact import (
+    REDACTED,
+    URL_REDACTED,
+    ScrubbingFilter,
+    clean_key,
+    redact_url,
+    scrub,
+)
 
 
 def test_clean_key_strips_the_newline_of_mounted_secrets():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import json
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -13,11 +13,11 @@ import time
 
 import pytest
 from apache_beam.io.filesystems import FileSystems
+from conftest import TEST_RUNNER, make_image, read_jsonl, run_cli
 
 from beam_caption.errors import UsageError
 from beam_caption.resume import CheckpointWriter, prepare_output_dir, remove_temp_files
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
-from conftest import TEST_RUNNER, make_image, read_jsonl, run_cli
 
 
 def args_for(data, server, *extra):
@@ -35,7 +35,8 @@ def test_output_with_earlier_results_needs_resume_or_overwrite(dataset_factory, 
     with FakeVLMServer() as server:
         assert run_cli(args_for(data, server), out).returncode == 0
         again = run_cli(args_for(data, server), out)
-        assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+        assert again.returncode == 2
+        assert "--resume" in again.stderr and "--overwrite" in again.stderr
         assert len(again.captions) == 3  # nothing was touched
         server.reset_stats()
         overwritten = run_cli(args_for(data, server, "--overwrite", "--num_shards", "2"), out)

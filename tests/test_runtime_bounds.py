@@ -8,12 +8,12 @@ import time
 
 import pytest
 from aiohttp import web
+from conftest import make_dataset, runtime_config
 
-from beam_caption.runtime import ByteBudget, CaptionRuntime
 from beam_caption.errors import CaptionError
 from beam_caption.images import read_image_bytes
+from beam_caption.runtime import ByteBudget, CaptionRuntime
 from beam_caption.testing import FakeVLMServer
-from conftest import make_dataset, runtime_config
 
 
 def test_byte_budget_waits_while_spent_and_lets_an_oversized_record_run_alone():
@@ -34,6 +34,7 @@ def test_byte_budget_waits_while_spent_and_lets_an_oversized_record_run_alone():
         assert order == ["second"] and budget.used == 90
         await budget.resize(30, 0)
         await budget.resize(60, 0)
+        await second
         await take("huge", 1000)  # larger than the whole budget: runs once nothing else holds
         assert order == ["second", "huge"] and budget.used == 1000
 

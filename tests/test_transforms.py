@@ -7,6 +7,7 @@ import json
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from conftest import make_dataset, runtime_config
 
 from beam_caption.caption import CaptionImages
 from beam_caption.client import Completion
@@ -14,7 +15,6 @@ from beam_caption.errors import CaptionError
 from beam_caption.records import CAPTIONS, FAILURES, record_element
 from beam_caption.resume import SkipDone, checkpoint_path, record_fingerprint
 from beam_caption.sinks import WriteSummary, read_summary
-from conftest import make_dataset, runtime_config
 
 
 class ScriptedClient:

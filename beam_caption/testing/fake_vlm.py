@@ -30,9 +30,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from PIL import ExifTags, Image
@@ -168,7 +169,8 @@ class _APIError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.body: dict[str, Any] = {
+            "error": {"message": message, "type": type, "param": param, "code": code}}
         self.headers = headers
 
     def response(self) -> web.Response:
@@ -185,7 +187,7 @@ class _Chat(NamedTuple):
     model: str
     messages: list[_Message]
     max_tokens: int | None
-    raw_messages: list
+    raw_messages: Any  # as sent (validated by _parse_messages)
     reasoning_effort: str | None = None
 
 
@@ -432,12 +434,14 @@ class FakeVLMServer:
         """Stop serving (in-flight requests are cancelled after a short grace period)."""
         if self._thread is None:
             return
+        loop = self._loop
+        assert loop is not None  # set with the thread
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result()
             self._runner = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        loop.call_soon_threadsafe(loop.stop)
         self._thread.join()
-        self._loop.close()
+        loop.close()
         self._thread = self._loop = None
 
     def __enter__(self) -> FakeVLMServer:
@@ -580,7 +584,8 @@ class FakeVLMServer:
         await response.prepare(request)
         await response.write(b'{"choices": [{"message": {"content": "')
         sent = 0
-        while sent < _ENDLESS_MAX_BYTES and not request.transport.is_closing():
+        while (sent < _ENDLESS_MAX_BYTES and request.transport is not None
+               and not request.transport.is_closing()):
             await response.write(_ENDLESS_CHUNK)
             sent += len(_ENDLESS_CHUNK)
         return response
@@ -602,7 +607,8 @@ class FakeVLMServer:
         if fault == "500":
             raise _status_error(self._rng.choice((500, 502, 503)), self._retry_headers)
         if fault == "reset":
-            request.transport.abort()
+            if request.transport is not None:
+                request.transport.abort()
             raise asyncio.CancelledError  # aiohttp drops the connection without a response
         if fault == "malformed":
             return web.Response(body=_MALFORMED_BODY, content_type="application/json")
@@ -640,8 +646,9 @@ class FakeVLMServer:
         Reasoning tokens count against the completion limit first: a limit they use up gives
         empty content and finish_reason "length", as OpenAI's reasoning models do.
         """
-        caption = _caption([image.description for imgs in images for image in imgs])
-        caption = caption.ljust(self.config.caption_chars, ".") + self.config.caption_suffix
+        text = _caption([image.description for imgs in images for image in imgs])
+        caption: str | None = (text.ljust(self.config.caption_chars, ".")
+                               + self.config.caption_suffix)
         refusal = None
         marker = self.config.refusal_marker
         if marker and any(marker in text for m in chat.messages for text in m.texts):
@@ -655,12 +662,14 @@ class FakeVLMServer:
             caption = caption[:text_tokens * 4] if caption else caption
             finish_reason = "length"
         completion_tokens = reasoning + text_tokens
-        prompt_tokens = sum(self._message_tokens(m, imgs) for m, imgs in zip(chat.messages, images))
+        prompt_tokens = sum(self._message_tokens(m, imgs)
+                            for m, imgs in zip(chat.messages, images, strict=True))
         n_images = sum(len(imgs) for imgs in images)
         if caption:
             self._stats.succeeded(caption, n_images)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
         if self.config.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return web.json_response({
@@ -684,7 +693,7 @@ class FakeVLMServer:
 # Subprocess and command line
 
 
-def spawn_fake_vlm(args: list[str] = (), timeout: float = 30) -> tuple[subprocess.Popen, str]:
+def spawn_fake_vlm(args: Sequence[str] = (), timeout: float = 30) -> tuple[subprocess.Popen, str]:
     """Start the fake server in a child process; return (process, base URL). Caller terminates it.
 
     The child prints one line on stdout and nothing else; that pipe is closed once read.
@@ -696,6 +705,7 @@ def spawn_fake_vlm(args: list[str] = (), timeout: float = 30) -> tuple[subproces
         [sys.executable, "-m", "beam_caption.testing.fake_vlm", "--port", "0", *args],
         stdout=subprocess.PIPE, env=env, text=True)
     line = _read_line(process, timeout)
+    assert process.stdout is not None  # stdout=PIPE
     process.stdout.close()
     if not line.startswith(LISTENING):
         process.kill()
@@ -708,7 +718,9 @@ def spawn_fake_vlm(args: list[str] = (), timeout: float = 30) -> tuple[subproces
 def _read_line(process: subprocess.Popen, timeout: float) -> str:
     """The first stdout line of ``process``; kill it and raise TimeoutError after ``timeout``."""
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    stdout = process.stdout
+    assert stdout is not None  # stdout=PIPE
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     if not lines:

@@ -20,7 +20,6 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.errors import JobStopped
 from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE
-from beam_caption.resume import CheckpointWriter
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Outcome, usable_cores
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
@@ -51,30 +50,27 @@ class _CaptionRecords(beam.DoFn):
     def start_bundle(self):
         self._pending: dict[concurrent.futures.Future, tuple] = {}
         self._finished: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
-        config = self._config
-        self._checkpoints = (CheckpointWriter(config.checkpoint_dir, config.checkpoint_interval)
-                             if config.checkpoint_dir else None)
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = self._runtime.submit(element)
         self._pending[future] = (timestamp, window)
         future.add_done_callback(self._finished.put)
         if len(self._pending) >= self._window:
-            yield self._emit(self._wait_for_one())
+            yield from self._emit_next()
         yield from self._emit_finished()
 
     def finish_bundle(self):
         while self._pending:
-            yield self._emit(self._wait_for_one())
-        if self._checkpoints:
-            self._checkpoints.flush()
+            yield from self._emit_next()
 
-    def _wait_for_one(self) -> concurrent.futures.Future:
+    def _emit_next(self):
+        """Wait for the next record to finish and emit it."""
         try:
-            return self._finished.get()
+            future = self._finished.get()
         except KeyboardInterrupt:
-            self._checkpoint_finished()
+            yield from self._emit_before_stopping()
             raise
+        yield from self._emit(future)
 
     def _emit_finished(self):
         while True:
@@ -82,30 +78,28 @@ class _CaptionRecords(beam.DoFn):
                 future = self._finished.get_nowait()
             except queue.Empty:
                 return
-            yield self._emit(future)
+            yield from self._emit(future)
 
     def _emit(self, future: concurrent.futures.Future):
         timestamp, window = self._pending.pop(future)
         try:
             outcome: Outcome = future.result()
         except JobStopped:
-            self._checkpoint_finished()
+            yield from self._emit_before_stopping()
             raise
         self._count(outcome)
         if outcome.failure is not None:
-            return beam.pvalue.TaggedOutput(FAILURES, WindowedValue(outcome.failure, timestamp,
-                                                                    (window,)))
-        return WindowedValue(outcome.caption, timestamp, (window,))
+            yield beam.pvalue.TaggedOutput(FAILURES, WindowedValue(outcome.failure, timestamp,
+                                                                   (window,)))
+        else:
+            yield WindowedValue(outcome.caption, timestamp, (window,))
 
-    def _checkpoint_finished(self):
-        """On Ctrl-C or a stop, save the captions that finished but were not emitted yet."""
-        if not self._checkpoints:
-            return
-        for future in self._pending:
-            if (future.done() and not future.cancelled() and future.exception() is None
-                    and future.result().caption is not None):
-                self._checkpoints.add(future.result().caption)
-        self._checkpoints.flush()
+    def _emit_before_stopping(self):
+        """On Ctrl-C or a stop, emit what finished but was not emitted yet, so the steps after
+        this one (checkpoints) keep the paid work."""
+        for future in list(self._pending):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                yield from self._emit(future)
 
     def _count(self, outcome: Outcome):
         """Metrics (in the bundle thread, where Beam keeps them) and a periodic log line."""
@@ -122,11 +116,8 @@ class _CaptionRecords(beam.DoFn):
             _LOG.debug("%s failed: %s/%s after %d attempts: %s", outcome.failure["key"],
                        error["stage"], error["type"], error["attempts"], error["message"])
             return
-        output = outcome.caption
-        assert output is not None  # an Outcome holds a caption or a failure
-        meta = output["caption_meta"]
-        if self._checkpoints:
-            self._checkpoints.add(output)
+        assert outcome.caption is not None  # an Outcome holds a caption or a failure
+        meta = outcome.caption["caption_meta"]
         self._done["captioned"] += 1
         self._captioned.inc()
         self._prompt_tokens.inc(meta["prompt_tokens"] or 0)

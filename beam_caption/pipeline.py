@@ -8,6 +8,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_caption.checkpoint import clear_checkpoints
 from beam_caption.errors import JobStopped, StoppedError
 from beam_caption.manifest import match_manifests
 from beam_caption.options import (
@@ -19,7 +20,7 @@ from beam_caption.options import (
 )
 from beam_caption.preflight import preflight
 from beam_caption.records import METRICS_NAMESPACE
-from beam_caption.resume import clear_checkpoints, prepare_output_dir, remove_temp_files
+from beam_caption.resume import prepare_output_dir, remove_temp_files
 from beam_caption.sinks import read_summary, write_summary
 from beam_caption.transform import CaptionManifests, caption_config
 

@@ -17,18 +17,17 @@ new outputs are complete.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import logging
 import time
-import uuid
 
 import apache_beam as beam
 import fsspec
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from beam_caption.errors import UsageError
 from beam_caption.sinks import (
     CAPTIONS_PREFIX,
@@ -36,11 +35,8 @@ from beam_caption.sinks import (
     SET_ASIDE_PREFIX,
     SUMMARY_FILE,
     output_path,
-    to_json_line,
 )
 
-CHECKPOINT_DIR = ".checkpoint"
-CHECKPOINT_MAX_LINES = 1000
 BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at finalize
 
 _LOG = logging.getLogger(__name__)
@@ -105,20 +101,6 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
     return bool(_match(checkpoint_path(output_dir, "*.jsonl")))
 
 
-def checkpoint_path(output_dir: str, name: str) -> str:
-    return output_path(output_dir, f"{CHECKPOINT_DIR}/{name}")
-
-
-def clear_checkpoints(output_dir: str) -> None:
-    """Remove ``.checkpoint/`` once the final outputs hold every caption."""
-    files = _match(checkpoint_path(output_dir, "*"))
-    if files:
-        FileSystems.delete(files)
-    folder = output_path(output_dir, CHECKPOINT_DIR)
-    if FileSystems.exists(folder):  # a local folder; object stores have none left
-        FileSystems.delete([folder])
-
-
 def remove_temp_files(output_dir: str) -> None:
     """Delete the temp folders a failed or interrupted job left in ``output_dir`` (a full disk
     stays full otherwise); checkpoints are kept for --resume."""
@@ -129,42 +111,6 @@ def remove_temp_files(output_dir: str) -> None:
             fs.rm(temp, recursive=True)
     except Exception as exc:  # cleaning up must not hide the error that stopped the job
         _LOG.warning("could not remove temp files in %s: %s", output_dir, exc)
-
-
-class CheckpointWriter:
-    """Buffers finished captions and writes them to a new checkpoint file per flush."""
-
-    def __init__(self, output_dir: str, interval_s: float):
-        self._output_dir = output_dir
-        self._interval_s = interval_s
-        self._lines: list[str] = []
-        self._last_flush = time.monotonic()
-
-    def add(self, caption: dict) -> None:
-        self._lines.append(to_json_line(caption))
-        if (len(self._lines) >= CHECKPOINT_MAX_LINES
-                or time.monotonic() - self._last_flush >= self._interval_s):
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._lines:
-            return
-        path = checkpoint_path(self._output_dir, f"part-{uuid.uuid4().hex}.jsonl")
-        try:
-            with FileSystems.create(path) as handle:
-                handle.write(("\n".join(self._lines) + "\n").encode("utf-8"))
-        except Exception as exc:  # e.g. a full disk: drop the torn file, keep the lines
-            _LOG.warning("checkpoint write to %s failed (%s: %s); retrying at the next flush",
-                         path, type(exc).__name__, exc)
-            _delete_quietly(path)
-            return
-        self._lines = []
-
-
-def _delete_quietly(path: str) -> None:
-    with contextlib.suppress(Exception):  # nothing was left, or it cannot be deleted either
-        FileSystems.delete([path])
 
 
 def _done_by_fingerprint(line: str):

@@ -55,8 +55,6 @@ class CaptionConfig:
     image_root: str
     output_key: str = "caption"
     api_key_env: str | None = None
-    checkpoint_dir: str | None = None  # output dir whose .checkpoint/ receives finished captions
-    checkpoint_interval: float = 10.0
     cache_dir: str | None = None
     max_bytes_in_flight: int = 256 * 2**20
     image_timeout: float = 60.0

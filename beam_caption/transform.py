@@ -7,12 +7,12 @@ recipes in pipelines/ apply this same transform; a user can drop it into their o
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import apache_beam as beam
 
 from beam_caption.caption import CaptionImages
+from beam_caption.checkpoint import CheckpointCaptions
 from beam_caption.client import ClientSettings
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import ReadManifests
@@ -74,8 +74,8 @@ class CaptionManifests(beam.PTransform):
                  reported: dict | None = None, checkpoint_interval: float = 10.0):
         super().__init__()
         self._files = list(files)
-        self._config = dataclasses.replace(config, checkpoint_dir=output_dir,
-                                           checkpoint_interval=checkpoint_interval)
+        self._config = config
+        self._checkpoint_interval = checkpoint_interval
         self._output_dir = output_dir
         self._num_shards = num_shards
         self._reuse_checkpoints = reuse_checkpoints
@@ -99,12 +99,14 @@ class CaptionManifests(beam.PTransform):
             split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest)
             records = split["todo"]
         captioned = records | "CaptionImages" >> CaptionImages(self._config)
+        checkpointed = captioned[CAPTIONS] | "CheckpointCaptions" >> CheckpointCaptions(
+            out, self._checkpoint_interval)
         failures = (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()
-        outputs = {CAPTIONS: captioned[CAPTIONS], FAILURES: failures}
+        outputs = {CAPTIONS: checkpointed, FAILURES: failures}
         if self._reuse_checkpoints:
             outputs[RESUMED] = split["done"]
             outputs[SET_ASIDE] = split[SET_ASIDE]
-            outputs[CAPTIONS] = (captioned[CAPTIONS], split["done"]) | "WithDone" >> beam.Flatten()
+            outputs[CAPTIONS] = (checkpointed, split["done"]) | "WithDone" >> beam.Flatten()
             outputs[SET_ASIDE] | "WriteSetAside" >> WriteJsonLines(
                 out, SET_ASIDE_PREFIX, shards, skip_if_empty=True)
         outputs[CAPTIONS] | "WriteCaptions" >> WriteJsonLines(out, CAPTIONS_PREFIX, shards)

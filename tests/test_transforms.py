@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import make_dataset, runtime_config
+from conftest import make_dataset, read_jsonl, runtime_config
 
 from beam_caption.caption import CaptionImages
+from beam_caption.checkpoint import CheckpointCaptions, CheckpointWriter, checkpoint_path
 from beam_caption.client import Completion
 from beam_caption.errors import CaptionError
 from beam_caption.records import CAPTIONS, FAILURES, record_element
-from beam_caption.resume import SkipDone, checkpoint_path, record_fingerprint
+from beam_caption.resume import SkipDone, record_fingerprint
 from beam_caption.sinks import WriteSummary, read_summary
 
 
@@ -102,3 +104,21 @@ def test_write_summary_counts_what_was_written(tmp_path):
     assert summary["tokens"] == {"prompt": 10, "completion": 4, "total": 14, "reasoning": 1}
     assert summary["failed_by_type"] == {"image/image_not_found": 1, "request/http_429": 1}
     assert summary["retries"] == 1 + 2 and summary["options"] == {"model": "m"}
+
+
+def test_checkpoint_captions_passes_captions_through_and_saves_them(tmp_path):
+    captions = [{"id": i, "caption": f"c{i}", "caption_meta": {"key": f"m#{i}"}} for i in range(5)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | beam.Create(captions) | CheckpointCaptions(str(tmp_path), interval_s=3600)
+        assert_that(out | beam.Map(lambda c: c["id"]), equal_to(list(range(5))))
+    saved = read_jsonl(str(tmp_path / ".checkpoint" / "*.jsonl"))
+    assert sorted(c["id"] for c in saved) == list(range(5))
+
+
+def test_captions_still_buffered_when_a_writer_goes_are_written(tmp_path):
+    writer = CheckpointWriter(str(tmp_path), interval_s=3600)
+    writer.add({"caption": "paid for", "caption_meta": {"key": "m#0"}})
+    del writer  # what happens at the exit of a stopped process, or when a bundle is dropped
+    gc.collect()
+    saved = read_jsonl(str(tmp_path / ".checkpoint" / "*.jsonl"))
+    assert [c["caption"] for c in saved] == ["paid for"]

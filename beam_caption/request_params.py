@@ -21,20 +21,20 @@ LIMIT_SPELLINGS = ("max_completion_tokens", "max_tokens")
 _REFUSAL_WORDS = re.compile(
     r"unsupported|not supported|unrecognized|unknown|extra|not allowed|not permitted|invalid|"
     r"only the default", re.IGNORECASE)
-_SEPARATORS = (",", ":")
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 _LOG = logging.getLogger(__name__)
 
 
 def params_head(model: str, params: dict) -> bytes:
     """The start of a request body: model and parameters, without the closing brace."""
-    return json.dumps({"model": model, **params}, separators=_SEPARATORS).encode("utf-8")[:-1]
+    return _COMPACT_JSON.encode({"model": model, **params}).encode("utf-8")[:-1]
 
 
 def build_body(model: str, params: dict, messages: list[dict]) -> bytes:
     """A chat completion request body (built off the event loop: data URLs make it large)."""
     return (params_head(model, params) + b',"messages":'
-            + json.dumps(messages, separators=_SEPARATORS).encode("utf-8") + b"}")
+            + _COMPACT_JSON.encode(messages).encode("utf-8") + b"}")
 
 
 def refused_param(status: int, body, params: dict) -> str | None:

@@ -42,17 +42,18 @@ BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at
 _LOG = logging.getLogger(__name__)
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+
+
 def record_fingerprint(record: dict, settings_digest: str) -> str:
     """What a caption answers: the record's content under the settings that shape the answer."""
-    canonical = json.dumps([settings_digest, record], sort_keys=True, ensure_ascii=True,
-                           separators=(",", ":"))
+    canonical = _CANONICAL_JSON.encode([settings_digest, record])
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def settings_digest(settings: dict) -> str:
     """A digest of the request settings (JSON-serializable values) that shape every answer."""
-    canonical = json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON.encode(settings).encode("ascii")).hexdigest()
 
 
 def _match(pattern: str) -> list[str]:

@@ -47,7 +47,7 @@ class _CaptionRecords(beam.DoFn):
         self._done = {"captioned": 0, "failed": 0, "retries": 0}
         self._logged_at = time.monotonic()
 
-    def start_bundle(self):
+    def start_bundle(self) -> None:
         self._pending: dict[concurrent.futures.Future, tuple] = {}
         self._finished: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
 

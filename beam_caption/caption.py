@@ -104,8 +104,9 @@ class _CaptionRecords(beam.DoFn):
     def _count(self, outcome: Outcome):
         """Metrics (in the bundle thread, where Beam keeps them) and a periodic log line."""
         retries = max(outcome.attempts - 1, 0)
-        self._retries.inc(retries)
-        self._done["retries"] += retries
+        if retries:  # a Beam counter update costs microseconds: only those that count
+            self._retries.inc(retries)
+            self._done["retries"] += retries
         if outcome.throttled_s:
             self._throttled_ms.inc(int(outcome.throttled_s * 1000))
         self._log_progress()
@@ -122,7 +123,8 @@ class _CaptionRecords(beam.DoFn):
         self._captioned.inc()
         self._prompt_tokens.inc(meta["prompt_tokens"] or 0)
         self._completion_tokens.inc(meta["completion_tokens"] or 0)
-        self._reasoning_tokens.inc(meta["reasoning_tokens"] or 0)
+        if meta["reasoning_tokens"]:
+            self._reasoning_tokens.inc(meta["reasoning_tokens"])
         self._latency.update(int(meta["latency_ms"]))
 
     def _log_progress(self) -> None:

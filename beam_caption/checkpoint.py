@@ -18,7 +18,7 @@ import weakref
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_caption.sinks import output_path, to_json_line
+from beam_caption.sinks import match_files, output_path, to_json_line
 
 CHECKPOINT_DIR = ".checkpoint"
 CHECKPOINT_MAX_LINES = 1000
@@ -32,8 +32,7 @@ def checkpoint_path(output_dir: str, name: str) -> str:
 
 def clear_checkpoints(output_dir: str) -> None:
     """Remove ``.checkpoint/`` once the final outputs hold every caption."""
-    files = [m.path for result in FileSystems.match([checkpoint_path(output_dir, "*")])
-             for m in result.metadata_list]
+    files = match_files(checkpoint_path(output_dir, "*"))
     if files:
         FileSystems.delete(files)
     folder = output_path(output_dir, CHECKPOINT_DIR)

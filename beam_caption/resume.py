@@ -34,6 +34,7 @@ from beam_caption.sinks import (
     FAILURES_PREFIX,
     SET_ASIDE_PREFIX,
     SUMMARY_FILE,
+    match_files,
     output_path,
 )
 
@@ -56,15 +57,11 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(_CANONICAL_JSON.encode(settings).encode("ascii")).hexdigest()
 
 
-def _match(pattern: str) -> list[str]:
-    return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
-
-
 def existing_outputs(output_dir: str) -> list[str]:
     """Caption, failure, summary and checkpoint files already in ``output_dir``."""
     patterns = [f"{CAPTIONS_PREFIX}-*.jsonl", f"{FAILURES_PREFIX}-*.jsonl",
                 f"{SET_ASIDE_PREFIX}-*.jsonl", SUMMARY_FILE, f"{CHECKPOINT_DIR}/*.jsonl"]
-    return sorted(p for pattern in patterns for p in _match(output_path(output_dir, pattern)))
+    return sorted(p for pattern in patterns for p in match_files(output_path(output_dir, pattern)))
 
 
 def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
@@ -89,17 +86,17 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     finals = [path for prefix in (CAPTIONS_PREFIX, SET_ASIDE_PREFIX)
-              for path in _match(output_path(output_dir, f"{prefix}-*.jsonl"))]
+              for path in match_files(output_path(output_dir, f"{prefix}-*.jsonl"))]
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
     FileSystems.rename(finals, [
         checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}") for path in finals])
-    stale = _match(output_path(output_dir, f"{FAILURES_PREFIX}-*.jsonl"))
-    stale += _match(output_path(output_dir, SUMMARY_FILE))
+    stale = match_files(output_path(output_dir, f"{FAILURES_PREFIX}-*.jsonl"))
+    stale += match_files(output_path(output_dir, SUMMARY_FILE))
     if stale:
         FileSystems.delete(stale)
-    return bool(_match(checkpoint_path(output_dir, "*.jsonl")))
+    return bool(match_files(checkpoint_path(output_dir, "*.jsonl")))
 
 
 def remove_temp_files(output_dir: str) -> None:

@@ -19,6 +19,11 @@ def output_path(output_dir: str, name: str) -> str:
     return f"{output_dir.rstrip('/')}/{name}"
 
 
+def match_files(pattern: str) -> list[str]:
+    """The files matching ``pattern`` on any Beam filesystem."""
+    return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+
+
 def to_json_line(element: dict) -> str:
     return json.dumps(element, ensure_ascii=False, separators=(",", ":"))
 

@@ -192,7 +192,8 @@ def classify_exception(exc: BaseException) -> CaptionError:
         return exc
     if isinstance(exc, TimeoutError):
         return CaptionError("request", "timeout", "the request timed out", retryable=True)
-    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                        asyncio.IncompleteReadError)):  # a body cut short
         return CaptionError("request", "connection_error",
                             f"connection failed: {type(exc).__name__}", retryable=True)
     if isinstance(exc, HTTPStatusFailure):
@@ -438,7 +439,10 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int,
                        truncate: bool = False) -> bytes:
     """At most ``limit`` bytes of a response body: the rest is dropped (``truncate``) or the
     answer is refused as too large, so an endless body cannot grow the worker."""
-    if not truncate and (response.content_length or 0) > limit:
+    length = response.content_length
+    if length is not None and length <= limit:
+        return await response.content.readexactly(length)  # the usual case: one call, one copy
+    if length is not None and not truncate:
         raise _too_large(limit)
     chunks, size = [], 0
     async for chunk in response.content.iter_any():

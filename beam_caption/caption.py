@@ -15,11 +15,12 @@ import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.errors import JobStopped
-from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE
+from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Outcome, usable_cores
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
@@ -50,6 +51,7 @@ class _CaptionRecords(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending: dict[concurrent.futures.Future, tuple] = {}
         self._finished: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
+        self._throttled_in_bundle_ms = 0
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = self._runtime.submit(element)
@@ -62,6 +64,9 @@ class _CaptionRecords(beam.DoFn):
     def finish_bundle(self):
         while self._pending:
             yield from self._emit_next()
+        if self._throttled_in_bundle_ms:
+            yield beam.pvalue.TaggedOutput(STATS, GlobalWindows.windowed_value(
+                {"throttled_ms": self._throttled_in_bundle_ms}))
 
     def _emit_next(self):
         """Wait for the next record to finish and emit it."""
@@ -108,7 +113,9 @@ class _CaptionRecords(beam.DoFn):
             self._retries.inc(retries)
             self._done["retries"] += retries
         if outcome.throttled_s:
-            self._throttled_ms.inc(int(outcome.throttled_s * 1000))
+            throttled_ms = int(outcome.throttled_s * 1000)
+            self._throttled_ms.inc(throttled_ms)
+            self._throttled_in_bundle_ms += throttled_ms
         self._log_progress()
         if outcome.failure is not None:
             self._failed.inc()
@@ -138,7 +145,8 @@ class _CaptionRecords(beam.DoFn):
 class CaptionImages(beam.PTransform):
     """Caption keyed record elements (from ReadManifests).
 
-    Returns ``{CAPTIONS: PCollection[dict], FAILURES: PCollection[dict]}`` (see records.py).
+    Returns ``{CAPTIONS: PCollection[dict], FAILURES: PCollection[dict], STATS:
+    PCollection[dict]}`` (see records.py).
     """
 
     def __init__(self, config: CaptionConfig):
@@ -147,5 +155,6 @@ class CaptionImages(beam.PTransform):
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
         results = records | "Caption" >> beam.ParDo(
-            _CaptionRecords(self._config, shared.Shared())).with_outputs(FAILURES, main=CAPTIONS)
-        return {CAPTIONS: results[CAPTIONS], FAILURES: results[FAILURES]}
+            _CaptionRecords(self._config, shared.Shared())).with_outputs(
+                FAILURES, STATS, main=CAPTIONS)
+        return {CAPTIONS: results[CAPTIONS], FAILURES: results[FAILURES], STATS: results[STATS]}

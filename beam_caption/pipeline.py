@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.checkpoint import clear_checkpoints
@@ -19,9 +18,8 @@ from beam_caption.options import (
     validate_options,
 )
 from beam_caption.preflight import preflight
-from beam_caption.records import METRICS_NAMESPACE
 from beam_caption.resume import prepare_output_dir, remove_temp_files
-from beam_caption.sinks import read_summary, write_summary
+from beam_caption.sinks import read_summary
 from beam_caption.transform import CaptionManifests, caption_config
 
 
@@ -30,7 +28,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     Raises UsageError (or PreflightError) before anything runs when the job cannot work.
     """
-    started = time.monotonic()
+    started_at = time.time()
     check_flags(list(argv or []))
     options = PipelineOptions(argv).view_as(CaptionOptions)
     validate_options(options)
@@ -41,7 +39,7 @@ def run(argv: list[str] | None = None) -> dict:
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
     pipeline = beam.Pipeline(options=options)
     pipeline | "CaptionManifests" >> CaptionManifests.from_options(
-        options, manifest_files, reuse_checkpoints=resume)
+        options, manifest_files, reuse_checkpoints=resume, started_at=started_at)
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -52,19 +50,4 @@ def run(argv: list[str] | None = None) -> dict:
             raise StoppedError(reason) from None
         raise
     clear_checkpoints(options.output)
-    summary = read_summary(options.output)
-    wall = time.monotonic() - started
-    summary["wall_time_s"] = round(wall, 3)
-    summary["images_per_s"] = round(summary["images_captioned"] / wall, 2) if wall else None
-    summary["throttled_s"] = _counter(result, "throttled_ms") / 1000
-    write_summary(summary, options.output)
-    return summary
-
-
-def _counter(result, name: str) -> int:
-    try:
-        counters = result.metrics().query(
-            MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))["counters"]
-    except (NotImplementedError, AttributeError):
-        return 0
-    return sum(c.committed or c.attempted or 0 for c in counters)
+    return read_summary(options.output)

@@ -9,7 +9,8 @@ Elements stay JSON-ready dicts (they are the output lines), but every one is bui
 - a failure ``{"key", "source", "record" | "raw", "error": {stage, type, message, attempts,
   retryable}}`` (``failure_element``).
 
-The output tags and the metrics namespace are named here too.
+The output tags and the metrics namespace are named here too; ``STATS`` elements are
+``{"throttled_ms": N}``, one per bundle of the caption step, summed into summary.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from beam_caption.errors import CaptionError
 CAPTIONS = "captions"
 FAILURES = "failures"
 RECORDS = "records"
+STATS = "stats"  # per-bundle figures of the caption step for summary.json (not an output file)
 METRICS_NAMESPACE = "beam_caption"
 
 

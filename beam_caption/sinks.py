@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import apache_beam as beam
@@ -88,14 +89,17 @@ def failure_counts(element: dict) -> dict:
             f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
 
 
-def summary_from_counts(counts: dict, options: dict) -> dict:
-    """The summary.json document from the combined counts."""
+def summary_from_counts(counts: dict, options: dict,
+                        wall_time_s: float | None = None) -> dict:
+    """The summary.json document from the combined counts; ``wall_time_s`` from the job's start
+    to now (when the summary is written, after the last record)."""
     captioned, failed = counts.get("captioned", 0), counts.get("failed", 0)
+    images = counts.get("images", 0)
     return {
         "records": captioned + failed,
         "captioned": captioned,
         "failed": failed,
-        "images_captioned": counts.get("images", 0),
+        "images_captioned": images,
         "resumed": counts.get("resumed", 0),
         "set_aside": counts.get("set_aside", 0),
         "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
@@ -108,6 +112,9 @@ def summary_from_counts(counts: dict, options: dict) -> dict:
                    "completion": counts.get("completion_tokens", 0),
                    "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0),
                    "reasoning": counts.get("reasoning_tokens", 0)},
+        "throttled_s": counts.get("throttled_ms", 0) / 1000,
+        "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
+        "images_per_s": round(images / wall_time_s, 2) if wall_time_s else None,
         "options": options,
     }
 
@@ -127,28 +134,36 @@ def read_summary(output_dir: str) -> dict:
 class WriteSummary(beam.PTransform):
     """Combine captions and failures into ``OUTDIR/summary.json`` (exact, runner-independent).
 
-    Applied to ``{"captions", "failures"[, "resumed", "set_aside"]}``; ``resumed`` holds the
-    captions carried over from an earlier run (they are also inside ``captions``), ``set_aside``
-    the earlier captions this run did not reuse.
+    Applied to ``{"captions", "failures"[, "resumed", "set_aside", "stats"]}``; ``resumed``
+    holds the captions carried over from an earlier run (they are also inside ``captions``),
+    ``set_aside`` the earlier captions this run did not reuse, ``stats`` the caption step's
+    per-bundle figures (records.STATS). ``started_at`` (``time.time()`` when the job started)
+    gives wall time and images/s; the summary is written once, after the last record.
     """
 
-    def __init__(self, output_dir: str, image_key: str, options: dict):
+    def __init__(self, output_dir: str, image_key: str, options: dict,
+                 started_at: float | None = None):
         super().__init__()
         self._output_dir = output_dir
         self._image_key = image_key
         self._options = options
+        self._started_at = started_at
 
-    def expand(self, outputs):
+    def expand(self, outputs: dict[str, beam.PCollection[dict]]) -> beam.PCollection[str]:
         image_key, output_dir, options = self._image_key, self._output_dir, self._options
+        started_at = self._started_at
         counts = [outputs["captions"] | "CaptionCounts" >> beam.Map(caption_counts, image_key),
                   outputs["failures"] | "FailureCounts" >> beam.Map(failure_counts)]
         for name in ("resumed", "set_aside"):
             if name in outputs:
                 counts.append(outputs[name] | f"{name.title()}Counts" >> beam.Map(
                     lambda _, name=name: {name: 1}))
+        if "stats" in outputs:
+            counts.append(outputs["stats"])
         return (
             counts
             | "AllCounts" >> beam.Flatten()
             | "Combine" >> beam.CombineGlobally(_SummaryFn())
-            | "Write" >> beam.Map(lambda counts: write_summary(
-                summary_from_counts(counts, options), output_dir)))
+            | "Write" >> beam.Map(lambda counts: write_summary(summary_from_counts(
+                counts, options, None if started_at is None else time.time() - started_at),
+                output_dir)))

@@ -8,6 +8,7 @@ recipes in pipelines/ apply this same transform; a user can drop it into their o
 from __future__ import annotations
 
 import os
+import time
 
 import apache_beam as beam
 
@@ -18,7 +19,7 @@ from beam_caption.images import ImageSettings
 from beam_caption.manifest import ReadManifests
 from beam_caption.messages import PromptSettings
 from beam_caption.options import CaptionOptions, reported_options
-from beam_caption.records import CAPTIONS, FAILURES, RECORDS
+from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
 from beam_caption.sinks import (
@@ -65,13 +66,16 @@ class CaptionManifests(beam.PTransform):
     ``config`` is the worker configuration (``caption_config``); finished captions are
     checkpointed under ``output_dir`` while the job runs. With ``reuse_checkpoints`` (set by the
     launcher when ``--resume`` found earlier captions) records are first matched to them.
-    ``reported`` is the options dict summary.json shows. Returns the PCollections written:
+    ``reported`` is the options dict summary.json shows; ``started_at`` (``time.time()``, by
+    default when the transform is made) is when its wall time starts. Returns the PCollections
+    written:
     ``{CAPTIONS, FAILURES[, RESUMED, SET_ASIDE]}``.
     """
 
     def __init__(self, files: list[str], config: CaptionConfig, output_dir: str, *,
                  num_shards: int = 0, reuse_checkpoints: bool = False, image_key: str = "image",
-                 reported: dict | None = None, checkpoint_interval: float = 10.0):
+                 reported: dict | None = None, checkpoint_interval: float = 10.0,
+                 started_at: float | None = None):
         super().__init__()
         self._files = list(files)
         self._config = config
@@ -81,15 +85,17 @@ class CaptionManifests(beam.PTransform):
         self._reuse_checkpoints = reuse_checkpoints
         self._image_key = image_key
         self._reported = reported or {}
+        self._started_at = time.time() if started_at is None else started_at
 
     @classmethod
     def from_options(cls, options: CaptionOptions, files: list[str],
-                     reuse_checkpoints: bool = False) -> CaptionManifests:
+                     reuse_checkpoints: bool = False,
+                     started_at: float | None = None) -> CaptionManifests:
         """The transform the CLI runs for these flags."""
         return cls(files, caption_config(options), options.output,
                    num_shards=options.num_shards, reuse_checkpoints=reuse_checkpoints,
                    image_key=options.image_key, reported=reported_options(options),
-                   checkpoint_interval=options.checkpoint_interval)
+                   checkpoint_interval=options.checkpoint_interval, started_at=started_at)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
         out, shards = self._output_dir, self._num_shards
@@ -111,5 +117,6 @@ class CaptionManifests(beam.PTransform):
                 out, SET_ASIDE_PREFIX, shards, skip_if_empty=True)
         outputs[CAPTIONS] | "WriteCaptions" >> WriteJsonLines(out, CAPTIONS_PREFIX, shards)
         outputs[FAILURES] | "WriteFailures" >> WriteJsonLines(out, FAILURES_PREFIX, shards)
-        outputs | "WriteSummary" >> WriteSummary(out, self._image_key, self._reported)
+        {**outputs, STATS: captioned[STATS]} | "WriteSummary" >> WriteSummary(
+            out, self._image_key, self._reported, self._started_at)
         return outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -14,7 +15,7 @@ from beam_caption.caption import CaptionImages
 from beam_caption.checkpoint import CheckpointCaptions, CheckpointWriter, checkpoint_path
 from beam_caption.client import Completion
 from beam_caption.errors import CaptionError
-from beam_caption.records import CAPTIONS, FAILURES, record_element
+from beam_caption.records import CAPTIONS, FAILURES, STATS, record_element
 from beam_caption.resume import SkipDone, record_fingerprint
 from beam_caption.sinks import WriteSummary, read_summary
 
@@ -29,7 +30,8 @@ class ScriptedClient:
         prompt = json.loads(body)["messages"][-1]["content"][-1]["text"]
         if "FAIL" in prompt:
             raise CaptionError("request", "http_400", "scripted refusal", attempts=1)
-        return Completion(f"caption of {prompt}", "stop", 7, 3, attempts=2, latency_ms=1.0)
+        return Completion(f"caption of {prompt}", "stop", 7, 3, attempts=2, latency_ms=1.0,
+                          throttled_s=0.25)
 
     async def aclose(self) -> None:
         pass
@@ -60,6 +62,8 @@ def test_caption_images_tags_captions_and_failures(tmp_path):
                                                         f["error"]["type"])),
                     equal_to([("r2", "request", "http_400"), ("r4", "image", "image_not_found")]),
                     label="failures")
+        assert_that(out[STATS] | beam.Map(lambda s: s["throttled_ms"]) | beam.CombineGlobally(sum),
+                    equal_to([3 * 250]), label="stats")  # the time the captions waited on limits
 
 
 def test_skip_done_reuses_by_content_and_sets_the_rest_aside(tmp_path):
@@ -96,14 +100,18 @@ def test_write_summary_counts_what_was_written(tmp_path):
                 {"error": {"stage": "request", "type": "http_429", "attempts": 3}}]
     with TestPipeline(runner="FnApiRunner") as p:
         {"captions": p | "C" >> beam.Create(captions),
-         "failures": p | "F" >> beam.Create(failures)} | WriteSummary(str(tmp_path), "image",
-                                                                      {"model": "m"})
+         "failures": p | "F" >> beam.Create(failures),
+         "stats": p | "S" >> beam.Create([{"throttled_ms": 1500}, {"throttled_ms": 250}]),
+         } | WriteSummary(str(tmp_path), "image", {"model": "m"}, started_at=time.time() - 3)
     summary = read_summary(str(tmp_path))
     assert (summary["records"], summary["captioned"], summary["failed"]) == (4, 2, 2)
     assert summary["images_captioned"] == 3 and summary["cache_hits"] == 1
     assert summary["tokens"] == {"prompt": 10, "completion": 4, "total": 14, "reasoning": 1}
     assert summary["failed_by_type"] == {"image/image_not_found": 1, "request/http_429": 1}
     assert summary["retries"] == 1 + 2 and summary["options"] == {"model": "m"}
+    assert summary["throttled_s"] == 1.75
+    assert 3 <= summary["wall_time_s"] < 60  # written once, complete: from the start to the end
+    assert summary["images_per_s"] == round(3 / summary["wall_time_s"], 2)
 
 
 def test_checkpoint_captions_passes_captions_through_and_saves_them(tmp_path):

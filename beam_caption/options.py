@@ -9,7 +9,11 @@ import os
 from typing import Any
 
 # _BeamArgumentParser: the parser class Beam's options expect (add_value_provider_argument).
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+)
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.errors import UsageError
@@ -159,6 +163,11 @@ BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", 
                          "region", "job_name", "num_workers", "max_num_workers",
                          "temp_location", "staging_location")
 REQUIRED_FLAGS = ("input", "output", "api_url", "model")
+# Local paths workers use: made absolute at launch, as workers run in other directories.
+LOCAL_PATH_FLAGS = ("output", "image_root", "cache_dir")
+# The local runner when none is named: Beam's DirectRunner would first try to download the
+# Prism runner from the internet; the Python FnApiRunner is what the tests run.
+LOCAL_RUNNER = "FnApiRunner"
 # Options that name a place; a URL there can carry credentials or a signed query.
 _LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "temp_location",
                      "staging_location")
@@ -225,6 +234,20 @@ def validate_options(options: CaptionOptions) -> None:
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
     _check_output_dir(options.output)
+
+
+def prepare_launch(options: PipelineOptions) -> None:
+    """Settings that must be fixed on the launcher, before the options reach any worker: local
+    path flags made absolute (a worker resolves a relative one in its own directory), and the
+    offline local runner when no --runner is named."""
+    flags = options.view_as(CaptionOptions)
+    for name in LOCAL_PATH_FLAGS:
+        value = getattr(flags, name)
+        if value and "://" not in value:
+            setattr(flags, name, os.path.abspath(os.path.expanduser(value)))
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = LOCAL_RUNNER
 
 
 def _out_of_range(options: CaptionOptions) -> str | None:

@@ -15,6 +15,7 @@ from beam_caption.options import (
     check_flags,
     resolve_api_key,
     split_inputs,
+    prepare_launch,
     validate_options,
 )
 from beam_caption.preflight import preflight
@@ -32,6 +33,7 @@ def run(argv: list[str] | None = None) -> dict:
     check_flags(list(argv or []))
     options = PipelineOptions(argv).view_as(CaptionOptions)
     validate_options(options)
+    prepare_launch(options)
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
     if not options.skip_preflight:

@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.manifest import match_manifests
-from beam_caption.options import CaptionOptions, split_inputs
+from beam_caption.options import CaptionOptions, prepare_launch, split_inputs
 from beam_caption.transform import CaptionManifests
 
 
@@ -31,6 +31,7 @@ def main(argv=None):
     options = PipelineOptions(argv)
     recipe, flags = options.view_as(RecipeOptions), options.view_as(CaptionOptions)
     flags.output = flags.output or recipe.cache_path
+    prepare_launch(options)
     files = match_manifests(split_inputs(flags.input) or [recipe.images_file])
     with beam.Pipeline(options=options) as p:
         p | "CaptionManifests" >> CaptionManifests.from_options(flags, files)

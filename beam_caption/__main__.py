@@ -101,15 +101,21 @@ def _reported_elsewhere(record: logging.LogRecord) -> bool:
 
 def _api_keys(argv: list[str]) -> tuple[str, ...]:
     """The keys this run may hold (default variables and --api_key_env's), to scrub from logs."""
-    from beam_caption.options import DEFAULT_API_KEY_ENVS
+    from beam_caption.options import DEFAULT_API_KEY_ENVS, read_key_file
 
-    names = list(DEFAULT_API_KEY_ENVS)
+    names: list[str] = list(DEFAULT_API_KEY_ENVS)
+    files: list[str] = []
     for i, arg in enumerate(argv):
-        if arg == "--api_key_env" and i + 1 < len(argv):
-            names.append(argv[i + 1])
-        elif arg.startswith("--api_key_env="):
-            names.append(arg.split("=", 1)[1])
-    return tuple(filter(None, (clean_key(os.environ.get(name)) for name in names)))
+        for flag, found in (("--api_key_env", names), ("--api_key_file", files)):
+            if arg == flag and i + 1 < len(argv):
+                found.append(argv[i + 1])
+            elif arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+    keys = [clean_key(os.environ.get(name)) for name in names]
+    for path in files:
+        with contextlib.suppress(UsageError):  # validate_options reports an unreadable file
+            keys.append(read_key_file(path))
+    return tuple(filter(None, keys))
 
 
 def _configure_logging(argv: list[str]) -> None:

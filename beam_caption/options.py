@@ -103,6 +103,10 @@ class CaptionOptions(PipelineOptions):
         api.add_argument("--api_key_env", default=None,
                          help="Environment variable holding the API key (default: DF_API_KEY, "
                               "then OPENAI_API_KEY). The key itself is never a flag.")
+        api.add_argument("--api_key_file", default=None,
+                         help="File holding the API key, read by every worker (a path or fsspec "
+                              "URL the workers can read, e.g. a mounted Kubernetes secret); "
+                              "used instead of the environment variables.")
         api.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                          help="System prompt sent first in every request ('' sends none).")
         api.add_argument("--prompt", default=None,
@@ -164,13 +168,13 @@ BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", 
                          "temp_location", "staging_location")
 REQUIRED_FLAGS = ("input", "output", "api_url", "model")
 # Local paths workers use: made absolute at launch, as workers run in other directories.
-LOCAL_PATH_FLAGS = ("output", "image_root", "cache_dir")
+LOCAL_PATH_FLAGS = ("output", "image_root", "cache_dir", "api_key_file")
 # The local runner when none is named: Beam's DirectRunner would first try to download the
 # Prism runner from the internet; the Python FnApiRunner is what the tests run.
 LOCAL_RUNNER = "FnApiRunner"
 # Options that name a place; a URL there can carry credentials or a signed query.
-_LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "temp_location",
-                     "staging_location")
+_LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "api_key_file",
+                     "temp_location", "staging_location")
 
 
 class _FlagParser(_BeamArgumentParser):
@@ -233,6 +237,8 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(out_of_range)
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
+    if options.api_key_file:
+        read_key_file(options.api_key_file)  # unreadable or empty: refused here, not on workers
     _check_output_dir(options.output)
 
 
@@ -290,15 +296,43 @@ def reported_options(options: PipelineOptions) -> dict:
     return reported
 
 
-def resolve_api_key(api_key_env: str | None) -> str | None:
-    """The API key from the named variable, else DF_API_KEY, else OPENAI_API_KEY; stripped
-    (a mounted secret ends in a newline), and None when unset or blank."""
+def resolve_api_key(api_key_env: str | None, api_key_file: str | None = None) -> str | None:
+    """The API key from ``api_key_file`` when given, else from the named variable, else
+    DF_API_KEY, else OPENAI_API_KEY; stripped (a mounted secret ends in a newline), and None
+    when unset or blank."""
+    if api_key_file:
+        return read_key_file(api_key_file)
     names = (api_key_env,) if api_key_env else DEFAULT_API_KEY_ENVS
     for name in names:
         key = clean_key(os.environ.get(name))
         if key:
             return key
     return None
+
+
+def key_sources(api_key_env: str | None, api_key_file: str | None) -> str:
+    """Where a key is looked for, in words (for a message that says where it was missing)."""
+    if api_key_file:
+        return f"the file {redact_url(api_key_file)} (--api_key_file)"
+    return "the environment variable " + " or ".join(
+        (api_key_env,) if api_key_env else DEFAULT_API_KEY_ENVS)
+
+
+def read_key_file(path: str) -> str:
+    """The key in the file at ``path`` (a path or fsspec URL); UsageError when it cannot be read
+    or holds no key. The message names the file, never its content."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read(64 * 1024)
+        key = clean_key(data.decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--api_key_file {redact_url(path)} cannot be read: "
+                         f"{type(exc).__name__}") from None
+    if not key:
+        raise UsageError(f"--api_key_file {redact_url(path)} holds no key (empty)")
+    return key
 
 
 def split_inputs(inputs: list[str] | None) -> list[str]:

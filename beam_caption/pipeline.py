@@ -13,9 +13,9 @@ from beam_caption.manifest import match_manifests
 from beam_caption.options import (
     CaptionOptions,
     check_flags,
+    prepare_launch,
     resolve_api_key,
     split_inputs,
-    prepare_launch,
     validate_options,
 )
 from beam_caption.preflight import preflight
@@ -37,7 +37,7 @@ def run(argv: list[str] | None = None) -> dict:
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
     if not options.skip_preflight:
-        preflight(config.client, resolve_api_key(options.api_key_env))
+        preflight(config.client, resolve_api_key(options.api_key_env, options.api_key_file))
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
     pipeline = beam.Pipeline(options=options)
     pipeline | "CaptionManifests" >> CaptionManifests.from_options(

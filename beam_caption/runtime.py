@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient, request_body
-from beam_caption.errors import CaptionError, JobStopped
+from beam_caption.errors import CaptionError, JobStopped, UsageError
 from beam_caption.images import (
     ImageSettings,
     prepare_image_bytes,
@@ -34,7 +34,7 @@ from beam_caption.images import (
     resolve_image_path,
 )
 from beam_caption.messages import PromptSettings, build_messages, plan_request
-from beam_caption.options import resolve_api_key
+from beam_caption.options import key_sources, resolve_api_key
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
 
@@ -55,6 +55,8 @@ class CaptionConfig:
     image_root: str
     output_key: str = "caption"
     api_key_env: str | None = None
+    api_key_file: str | None = None
+    requires_key: bool = False  # the launcher had a key: a worker without one stops the job
     cache_dir: str | None = None
     max_bytes_in_flight: int = 256 * 2**20
     image_timeout: float = 60.0
@@ -144,7 +146,7 @@ class CaptionRuntime:
             thread_name_prefix="beam-caption-io")
         self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
-        api_key = resolve_api_key(config.api_key_env)
+        api_key = _worker_api_key(config)
         self._client = self.call(_make_client(config, api_key))
         self._cache = RequestCache(config.cache_dir, self._run_io)
         self._budget = ByteBudget(config.max_bytes_in_flight)
@@ -240,6 +242,21 @@ class CaptionRuntime:
         body = request_body(self.config.client,
                             build_messages(plan, urls, self.config.prompts.system_prompt))
         return body, request_digest(body)
+
+
+def _worker_api_key(config: CaptionConfig) -> str | None:
+    """The key as this worker finds it; JobStopped when the launcher had one and this worker has
+    none (workers that do not share the launcher's environment), rather than 401 per record."""
+    where = key_sources(config.api_key_env, config.api_key_file)
+    try:
+        api_key = resolve_api_key(config.api_key_env, config.api_key_file)
+    except UsageError as exc:
+        raise JobStopped(f"a worker could not read the API key: {exc}") from None
+    if config.requires_key and api_key is None:
+        raise JobStopped(f"a worker found no API key in {where}, where the launcher found one; "
+                         "give workers the key with --api_key_file (a file they can read) or "
+                         "set the variable in the workers' environment")
+    return api_key
 
 
 def usable_cores() -> int:

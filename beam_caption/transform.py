@@ -18,7 +18,7 @@ from beam_caption.client import ClientSettings
 from beam_caption.images import ImageSettings
 from beam_caption.manifest import ReadManifests
 from beam_caption.messages import PromptSettings
-from beam_caption.options import CaptionOptions, reported_options
+from beam_caption.options import CaptionOptions, reported_options, resolve_api_key
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
@@ -54,6 +54,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         image_root=options.image_root or os.getcwd(),
         output_key=options.output_key,
         api_key_env=options.api_key_env,
+        api_key_file=options.api_key_file,
+        requires_key=resolve_api_key(options.api_key_env, options.api_key_file) is not None,
         cache_dir=options.cache_dir,
         max_bytes_in_flight=options.max_bytes_in_flight,
         image_timeout=options.image_timeout,

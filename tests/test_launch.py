@@ -1,12 +1,24 @@
-"""What the launcher fixes before options reach workers: absolute local paths, the local runner."""
+"""What a cluster run needs from the launcher and workers: absolute local paths, the offline
+local runner, the key from a file, and a worker without the key stopping the job."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from conftest import TEST_RUNNER, run_cli, runtime_config
 
-from beam_caption.options import LOCAL_RUNNER, CaptionOptions, prepare_launch
+from beam_caption.errors import JobStopped, UsageError
+from beam_caption.options import (
+    LOCAL_RUNNER,
+    CaptionOptions,
+    prepare_launch,
+    read_key_file,
+    resolve_api_key,
+)
+from beam_caption.runtime import CaptionRuntime
+from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 
 
 def test_local_path_flags_become_absolute_and_urls_stay(tmp_path, monkeypatch):
@@ -27,3 +39,42 @@ def test_no_runner_named_means_the_offline_local_runner(tmp_path):
     options = PipelineOptions(["--output", str(tmp_path)])
     prepare_launch(options)
     assert options.view_as(StandardOptions).runner == LOCAL_RUNNER == "FnApiRunner"
+
+
+def test_a_worker_without_the_key_the_launcher_had_stops_the_job(tmp_path, monkeypatch):
+    for name in ("DF_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    config = runtime_config("http://unused.invalid/v1", tmp_path, requires_key=True)
+    with pytest.raises(JobStopped, match="a worker found no API key in the environment "
+                                         "variable DF_API_KEY or OPENAI_API_KEY"):
+        CaptionRuntime(config)
+    missing = runtime_config("http://unused.invalid/v1", tmp_path,
+                             api_key_file=str(tmp_path / "gone"), requires_key=True)
+    with pytest.raises(JobStopped, match=r"could not read the API key: --api_key_file .*gone"):
+        CaptionRuntime(missing)
+
+
+def test_key_file_is_read_stripped_and_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DF_API_KEY", "from-env")
+    (tmp_path / "key").write_text("sk-from-file\n")
+    assert resolve_api_key(None, str(tmp_path / "key")) == "sk-from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UsageError, match="holds no key"):
+        read_key_file(str(tmp_path / "empty"))
+
+
+def test_cli_with_a_relative_key_file_captions_and_never_reports_the_key(dataset_factory,
+                                                                          tmp_path):
+    data = dataset_factory(3, files=1)
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_text("sk-mounted-secret-42\n")
+    env = {name: "" for name in ("DF_API_KEY", "OPENAI_API_KEY")}
+    with FakeVLMServer(FakeVLMConfig(api_key="sk-mounted-secret-42")) as server:
+        result = run_cli([*TEST_RUNNER, "--input", data.manifests[0], "--api_url", server.url,
+                          "--model", "fake-vlm", "--image_root", str(data.root),
+                          "--api_key_file", "secret/key"], tmp_path / "out", env=env,
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.captions) == 3 and not result.failures
+    assert result.summary["options"]["api_key_file"] == str(tmp_path / "secret" / "key")
+    assert "sk-mounted-secret-42" not in (tmp_path / "out" / "summary.json").read_text()

@@ -237,8 +237,6 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(out_of_range)
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
-    if options.api_key_file:
-        read_key_file(options.api_key_file)  # unreadable or empty: refused here, not on workers
     _check_output_dir(options.output)
 
 

@@ -247,12 +247,12 @@ class CaptionRuntime:
 def _worker_api_key(config: CaptionConfig) -> str | None:
     """The key as this worker finds it; JobStopped when the launcher had one and this worker has
     none (workers that do not share the launcher's environment), rather than 401 per record."""
-    where = key_sources(config.api_key_env, config.api_key_file)
     try:
         api_key = resolve_api_key(config.api_key_env, config.api_key_file)
     except UsageError as exc:
         raise JobStopped(f"a worker could not read the API key: {exc}") from None
     if config.requires_key and api_key is None:
+        where = key_sources(config.api_key_env, config.api_key_file)
         raise JobStopped(f"a worker found no API key in {where}, where the launcher found one; "
                          "give workers the key with --api_key_file (a file they can read) or "
                          "set the variable in the workers' environment")

@@ -55,6 +55,7 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         output_key=options.output_key,
         api_key_env=options.api_key_env,
         api_key_file=options.api_key_file,
+        # reads --api_key_file once on the launcher: an unreadable or empty one is refused here
         requires_key=resolve_api_key(options.api_key_env, options.api_key_file) is not None,
         cache_dir=options.cache_dir,
         max_bytes_in_flight=options.max_bytes_in_flight,

@@ -4,6 +4,7 @@ local runner, the key from a file, and a worker without the key stopping the job
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -19,6 +20,8 @@ from beam_caption.options import (
 )
 from beam_caption.runtime import CaptionRuntime
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
+
+SAMPLE = Path(__file__).parents[1] / "beam_caption" / "sample_data" / "sample_data.json"
 
 
 def test_local_path_flags_become_absolute_and_urls_stay(tmp_path, monkeypatch):
@@ -78,3 +81,14 @@ def test_cli_with_a_relative_key_file_captions_and_never_reports_the_key(dataset
     assert len(result.captions) == 3 and not result.failures
     assert result.summary["options"]["api_key_file"] == str(tmp_path / "secret" / "key")
     assert "sk-mounted-secret-42" not in (tmp_path / "out" / "summary.json").read_text()
+
+
+def test_an_unreadable_key_file_is_refused_at_launch_before_any_request(tmp_path):
+    from beam_caption.pipeline import run
+
+    with FakeVLMServer() as server:
+        with pytest.raises(UsageError, match=r"--api_key_file .*missing cannot be read"):
+            run([*TEST_RUNNER, "--input", str(SAMPLE), "--output", str(tmp_path / "out"),
+                 "--api_url", server.url, "--model", "fake-vlm",
+                 "--api_key_file", str(tmp_path / "missing")])
+        assert server.stats()["requests"] == 0

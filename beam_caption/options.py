@@ -6,20 +6,23 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 from typing import Any
 
 # _BeamArgumentParser: the parser class Beam's options expect (add_value_provider_argument).
 from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
     PipelineOptions,
     StandardOptions,
+    WorkerOptions,
     _BeamArgumentParser,
 )
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.errors import UsageError
+from beam_caption.keys import SECRET_VERSION
 from beam_caption.redact import clean_key, redact_url
-
-DEFAULT_API_KEY_ENVS = ("DF_API_KEY", "OPENAI_API_KEY")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,11 @@ class CaptionOptions(PipelineOptions):
                          help="File holding the API key, read by every worker (a path or fsspec "
                               "URL the workers can read, e.g. a mounted Kubernetes secret); "
                               "used instead of the environment variables.")
+        api.add_argument("--api_key_secret", default=None,
+                         help="GCP Secret Manager version holding the API key "
+                              "(projects/P/secrets/S/versions/V), read by every worker with its "
+                              "service account (needs the gcp extra); used instead of the "
+                              "environment variables.")
         api.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
                          help="System prompt sent first in every request ('' sends none).")
         api.add_argument("--prompt", default=None,
@@ -143,8 +151,16 @@ class CaptionOptions(PipelineOptions):
                                 "records in flight per worker process; bounds memory at any "
                                 "concurrency.")
         calls.add_argument("--max_requests_per_minute", type=_POSITIVE_FLOAT, default=None,
-                           help="Cap on request starts per minute per worker process "
-                                "(retries included).")
+                           help="Requests per minute for the whole job, all worker processes "
+                                "together (retries included), e.g. the account's RPM. Answers' "
+                                "x-ratelimit-* headers are honoured without it.")
+        calls.add_argument("--max_tokens_per_minute", type=_POSITIVE_FLOAT, default=None,
+                           help="Tokens per minute for the whole job (the account's TPM), "
+                                "counted before sending: text, images as sent and --max_tokens.")
+        calls.add_argument("--worker_processes", type=_POSITIVE_INT, default=None,
+                           help="How many worker processes share the job's per-minute limits "
+                                "(default: from the runner's options where they say; needed "
+                                "with a limit on Flink, Spark or Portable runners).")
         calls.add_argument("--cache_dir", default=None,
                            help="Directory or URL (any fsspec filesystem) where answers are "
                                 "stored by request content; later runs reuse them instead of "
@@ -172,6 +188,7 @@ LOCAL_PATH_FLAGS = ("output", "image_root", "cache_dir", "api_key_file")
 # The local runner when none is named: Beam's DirectRunner would first try to download the
 # Prism runner from the internet; the Python FnApiRunner is what the tests run.
 LOCAL_RUNNER = "FnApiRunner"
+_LOCAL_RUNNERS = (LOCAL_RUNNER, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
 # Options that name a place; a URL there can carry credentials or a signed query.
 _LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "api_key_file",
                      "temp_location", "staging_location")
@@ -237,13 +254,20 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(out_of_range)
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
+    if options.api_key_file and options.api_key_secret:
+        raise UsageError("give the key with one of --api_key_file and --api_key_secret")
+    if options.api_key_secret and not SECRET_VERSION.fullmatch(options.api_key_secret):
+        raise UsageError(f"--api_key_secret {options.api_key_secret!r} is not a secret version "
+                         "name (projects/PROJECT/secrets/NAME/versions/VERSION, e.g. "
+                         "versions/latest)")
     _check_output_dir(options.output)
 
 
 def prepare_launch(options: PipelineOptions) -> None:
     """Settings that must be fixed on the launcher, before the options reach any worker: local
     path flags made absolute (a worker resolves a relative one in its own directory), and the
-    offline local runner when no --runner is named."""
+    offline local runner when no --runner is named, and the number of worker processes that
+    share the job's rate limits."""
     flags = options.view_as(CaptionOptions)
     for name in LOCAL_PATH_FLAGS:
         value = getattr(flags, name)
@@ -252,6 +276,42 @@ def prepare_launch(options: PipelineOptions) -> None:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER
+    if flags.worker_processes is None:
+        flags.worker_processes = count_worker_processes(options)
+        if flags.worker_processes is None and (flags.max_requests_per_minute or
+                                               flags.max_tokens_per_minute):
+            raise UsageError(
+                f"--max_requests_per_minute and --max_tokens_per_minute are for the whole job: "
+                f"with --runner {standard.runner}, say how many worker processes share them "
+                f"with --worker_processes (workers x SDK processes per worker)")
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    """Whether the job runs in this process (the default, or a DirectRunner named)."""
+    runner = options.view_as(StandardOptions).runner or LOCAL_RUNNER
+    return isinstance(runner, str) and runner.split(".")[-1] in _LOCAL_RUNNERS
+
+
+def count_worker_processes(options: PipelineOptions) -> int | None:
+    """How many worker processes a job runs with, where the runner's options say: 1 for the
+    local runner (more with --direct_running_mode multi_processing), and on Dataflow the
+    most workers times a process per vCPU of --worker_machine_type. None when unknown."""
+    runner = options.view_as(StandardOptions).runner
+    if is_local_runner(options):
+        direct = options.view_as(DirectOptions)
+        if direct.direct_running_mode != "multi_processing":
+            return 1
+        return direct.direct_num_workers or os.cpu_count() or 1
+    if runner != "DataflowRunner":
+        return None
+    workers = options.view_as(WorkerOptions)
+    count = workers.max_num_workers or workers.num_workers
+    if not count:
+        return None
+    if "no_use_multiple_sdk_containers" in (options.view_as(DebugOptions).experiments or ()):
+        return count
+    vcpus = re.search(r"-(\d+)$", workers.machine_type or "n1-standard-1")
+    return count * (int(vcpus.group(1)) if vcpus else 1)
 
 
 def _out_of_range(options: CaptionOptions) -> str | None:
@@ -292,45 +352,6 @@ def reported_options(options: PipelineOptions) -> dict:
         reported[name] = reported[name] and redact_url(reported[name])
     reported["input"] = [redact_url(path) for path in split_inputs(reported["input"])]
     return reported
-
-
-def resolve_api_key(api_key_env: str | None, api_key_file: str | None = None) -> str | None:
-    """The API key from ``api_key_file`` when given, else from the named variable, else
-    DF_API_KEY, else OPENAI_API_KEY; stripped (a mounted secret ends in a newline), and None
-    when unset or blank."""
-    if api_key_file:
-        return read_key_file(api_key_file)
-    names = (api_key_env,) if api_key_env else DEFAULT_API_KEY_ENVS
-    for name in names:
-        key = clean_key(os.environ.get(name))
-        if key:
-            return key
-    return None
-
-
-def key_sources(api_key_env: str | None, api_key_file: str | None) -> str:
-    """Where a key is looked for, in words (for a message that says where it was missing)."""
-    if api_key_file:
-        return f"the file {redact_url(api_key_file)} (--api_key_file)"
-    return "the environment variable " + " or ".join(
-        (api_key_env,) if api_key_env else DEFAULT_API_KEY_ENVS)
-
-
-def read_key_file(path: str) -> str:
-    """The key in the file at ``path`` (a path or fsspec URL); UsageError when it cannot be read
-    or holds no key. The message names the file, never its content."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rb") as handle:
-            data = handle.read(64 * 1024)
-        key = clean_key(data.decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--api_key_file {redact_url(path)} cannot be read: "
-                         f"{type(exc).__name__}") from None
-    if not key:
-        raise UsageError(f"--api_key_file {redact_url(path)} holds no key (empty)")
-    return key
 
 
 def split_inputs(inputs: list[str] | None) -> list[str]:

@@ -1,20 +1,35 @@
-"""The launcher: check flags and endpoint, prepare the output, run CaptionManifests, report."""
+"""The launcher: check flags and endpoint, prepare the output, run CaptionManifests, report.
+
+A dry run (``--dry_run True``) or a template launch (``--template_location``) only translates:
+``translate`` builds the same graph from the manifest patterns as given, touches no storage,
+sends no request and starts no job (on Dataflow the runner translates the job, or stages the
+template), and says what would run.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    PortableOptions,
+    SetupOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
 
 from beam_caption.checkpoint import clear_checkpoints
-from beam_caption.errors import JobStopped, StoppedError
+from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.manifest import match_manifests
 from beam_caption.options import (
     CaptionOptions,
     check_flags,
+    is_local_runner,
     prepare_launch,
-    resolve_api_key,
     split_inputs,
     validate_options,
 )
@@ -23,23 +38,35 @@ from beam_caption.resume import prepare_output_dir, remove_temp_files
 from beam_caption.sinks import read_summary
 from beam_caption.transform import CaptionManifests, caption_config
 
+_FALSE_WORDS = ("false", "no", "0", "off", "")
+
+
+class Translation(NamedTuple):
+    """What a dry run or template launch would run."""
+
+    runner: str
+    steps: list[str]  # the graph's leaf transforms, in graph order
+    package_source: str  # how workers get beam_caption, in words
+    template_location: str | None  # where the template went (template launches)
+
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse flags, check the endpoint, run the job to completion; returns summary.json's content.
 
-    Raises UsageError (or PreflightError) before anything runs when the job cannot work.
+    Raises UsageError (or PreflightError) before anything runs when the job cannot work, and
+    for a dry run or template launch (use ``translate``).
     """
     started_at = time.time()
-    check_flags(list(argv or []))
-    options = PipelineOptions(argv).view_as(CaptionOptions)
-    validate_options(options)
-    prepare_launch(options)
+    options = _launch_options(argv)
+    if translates_only(options):
+        raise UsageError("--dry_run and --template_location start no job: use translate()")
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
+    api_key = config.api_key.resolve()  # read once here: an unreadable key stops the launch
     if not options.skip_preflight:
-        preflight(config.client, resolve_api_key(options.api_key_env, options.api_key_file))
+        preflight(config.client, api_key)
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = _new_pipeline(options)
     pipeline | "CaptionManifests" >> CaptionManifests.from_options(
         options, manifest_files, reuse_checkpoints=resume, started_at=started_at)
     try:
@@ -53,3 +80,85 @@ def run(argv: list[str] | None = None) -> dict:
         raise
     clear_checkpoints(options.output)
     return read_summary(options.output)
+
+
+def translates_only(options: PipelineOptions) -> bool:
+    """Whether these options ask for a dry run or a template rather than a job."""
+    return bool(_dry_run(options) or options.view_as(GoogleCloudOptions).template_location)
+
+
+def translate(argv: list[str] | None = None) -> Translation:
+    """Build the job's graph and hand it to the runner without running it (see the module)."""
+    options = _launch_options(argv)
+    if not translates_only(options):
+        raise UsageError("translate() needs --dry_run True or --template_location")
+    runner = options.view_as(StandardOptions).runner
+    cloud = options.view_as(GoogleCloudOptions)
+    dataflow = runner == "DataflowRunner"
+    if cloud.template_location and not dataflow:
+        raise UsageError(f"--template_location makes a Dataflow template; --runner is {runner}")
+    if dataflow and not (cloud.temp_location or cloud.staging_location):
+        raise UsageError("a Dataflow dry run or template needs --temp_location gs://BUCKET/tmp "
+                         "(without it the runner waits for credentials to find a bucket)")
+    pipeline = _new_pipeline(options)
+    pipeline | "CaptionManifests" >> CaptionManifests.from_options(
+        options, split_inputs(options.input))
+    steps = _leaf_steps(pipeline)
+    if dataflow:
+        pipeline.run()  # translates (dry run) or stages the template; starts no job
+    return Translation(runner, steps, _package_source(options), cloud.template_location)
+
+
+def _launch_options(argv: list[str] | None) -> CaptionOptions:
+    check_flags(list(argv or []))
+    options = PipelineOptions(argv).view_as(CaptionOptions)
+    validate_options(options)
+    prepare_launch(options)
+    return options
+
+
+def _new_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A pipeline for these options; the runner's refusal of them as a UsageError."""
+    try:
+        return beam.Pipeline(options=options)
+    except ValueError as exc:
+        if "validations errors" not in str(exc):
+            raise
+        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise UsageError(f"--runner {options.view_as(StandardOptions).runner} refuses the "
+                         f"options: {'; '.join(reasons)}") from None
+
+
+def _dry_run(options: PipelineOptions) -> bool:
+    """--dry_run as Beam reads it: any value is true, so 'False' is refused, not run as a job."""
+    value = options.view_as(TestOptions).dry_run
+    if isinstance(value, str) and value.strip().lower() in _FALSE_WORDS:
+        raise UsageError(f"--dry_run {value!r}: Beam takes any value as true; leave the flag out "
+                         "to run the job")
+    return bool(value)
+
+
+def _leaf_steps(pipeline: beam.Pipeline) -> list[str]:
+    transforms = pipeline.to_runner_api().components.transforms
+    return [transform.unique_name for transform in transforms.values()
+            if not transform.subtransforms]
+
+
+def _package_source(options: PipelineOptions) -> str:
+    """How the job's workers get beam_caption, in words."""
+    if is_local_runner(options):
+        return "the launcher's own environment (local runner)"
+    setup, worker = options.view_as(SetupOptions), options.view_as(WorkerOptions)
+    given = [f"{flag} {value}" for flag, value in (
+        ("--setup_file", setup.setup_file), ("--requirements_file", setup.requirements_file),
+        ("--extra_packages", " ".join(setup.extra_packages or ())),
+        ("--sdk_container_image", worker.sdk_container_image)) if value]
+    if given:
+        return ", ".join(given)
+    portable = options.view_as(PortableOptions)
+    if portable.environment_type in ("EXTERNAL", "PROCESS", "LOOPBACK"):
+        return (f"the environment of the {portable.environment_type} workers "
+                f"({portable.environment_config or 'default'}): beam_caption must be installed "
+                "there")
+    return ("none given: workers must already have beam_caption installed (give --setup_file "
+            "./setup.py or an --sdk_container_image that has it)")

@@ -33,8 +33,9 @@ from beam_caption.images import (
     read_image_bytes,
     resolve_image_path,
 )
+from beam_caption.keys import KeySource
 from beam_caption.messages import PromptSettings, build_messages, plan_request
-from beam_caption.options import key_sources, resolve_api_key
+from beam_caption.ratelimit import estimate_request_tokens
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
 
@@ -54,13 +55,11 @@ class CaptionConfig:
     images: ImageSettings
     image_root: str
     output_key: str = "caption"
-    api_key_env: str | None = None
-    api_key_file: str | None = None
-    requires_key: bool = False  # the launcher had a key: a worker without one stops the job
+    api_key: KeySource = KeySource()  # where workers find the key (never the key itself)
     cache_dir: str | None = None
     max_bytes_in_flight: int = 256 * 2**20
     image_timeout: float = 60.0
-    # (ClientSettings, api key) -> client with ``async complete(body) -> Completion`` and
+    # (ClientSettings, api key) -> client with ``async complete(body, tokens) -> Completion`` and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
     client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
 
@@ -210,12 +209,13 @@ class CaptionRuntime:
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)
             held = size
-            body, digest = await self._loop.run_in_executor(self._cpu_pool, self._request,
-                                                            plan, sources)
+            body, digest, tokens = await self._loop.run_in_executor(
+                self._cpu_pool, self._request, plan, sources)
             del sources
             await self._budget.resize(held, len(body))
             held = len(body)
-            return await self._cache.complete(digest, lambda: self._client.complete(body))
+            return await self._cache.complete(digest,
+                                              lambda: self._client.complete(body, tokens))
         finally:
             await self._budget.resize(held, 0)
 
@@ -236,26 +236,31 @@ class CaptionRuntime:
         return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout)
                 for path in paths]
 
-    def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str]:
-        """Decode, resize and encode the images; the request body and its cache key."""
-        urls = [prepare_image_bytes(data, self.config.images).data_url for data in sources]
+    def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str, int]:
+        """Decode, resize and encode the images; the request body, its cache key and its
+        estimated tokens."""
+        images = [prepare_image_bytes(data, self.config.images) for data in sources]
+        urls = [image.data_url for image in images]
         body = request_body(self.config.client,
                             build_messages(plan, urls, self.config.prompts.system_prompt))
-        return body, request_digest(body)
+        tokens = estimate_request_tokens(len(body) - sum(map(len, urls)),
+                                         [(image.width, image.height) for image in images],
+                                         self.config.client.max_tokens)
+        return body, request_digest(body), tokens
 
 
 def _worker_api_key(config: CaptionConfig) -> str | None:
     """The key as this worker finds it; JobStopped when the launcher had one and this worker has
     none (workers that do not share the launcher's environment), rather than 401 per record."""
     try:
-        api_key = resolve_api_key(config.api_key_env, config.api_key_file)
+        api_key = config.api_key.resolve()
     except UsageError as exc:
         raise JobStopped(f"a worker could not read the API key: {exc}") from None
-    if config.requires_key and api_key is None:
-        where = key_sources(config.api_key_env, config.api_key_file)
-        raise JobStopped(f"a worker found no API key in {where}, where the launcher found one; "
-                         "give workers the key with --api_key_file (a file they can read) or "
-                         "set the variable in the workers' environment")
+    if config.api_key.required and api_key is None:
+        raise JobStopped(f"a worker found no API key in {config.api_key.describe()}, where the "
+                         "launcher found one; give workers the key with --api_key_secret or "
+                         "--api_key_file (a file they can read) or set the variable in the "
+                         "workers' environment")
     return api_key
 
 

@@ -16,9 +16,10 @@ from beam_caption.caption import CaptionImages
 from beam_caption.checkpoint import CheckpointCaptions
 from beam_caption.client import ClientSettings
 from beam_caption.images import ImageSettings
+from beam_caption.keys import KeySource
 from beam_caption.manifest import ReadManifests
 from beam_caption.messages import PromptSettings
-from beam_caption.options import CaptionOptions, reported_options, resolve_api_key
+from beam_caption.options import CaptionOptions, reported_options
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
@@ -42,6 +43,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             max_concurrency=options.max_concurrency, request_timeout=options.request_timeout,
             max_retries=options.max_retries, max_backoff=options.max_backoff,
             max_requests_per_minute=options.max_requests_per_minute,
+            max_tokens_per_minute=options.max_tokens_per_minute,
+            worker_processes=options.worker_processes or 1,
             max_tokens=options.max_tokens, temperature=options.temperature,
             reasoning_effort=options.reasoning_effort, max_retry_wait=options.max_retry_wait,
             max_response_bytes=options.max_response_bytes,
@@ -53,10 +56,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
                              jpeg_quality=options.jpeg_quality),
         image_root=options.image_root or os.getcwd(),
         output_key=options.output_key,
-        api_key_env=options.api_key_env,
-        api_key_file=options.api_key_file,
-        # reads --api_key_file once on the launcher: an unreadable or empty one is refused here
-        requires_key=resolve_api_key(options.api_key_env, options.api_key_file) is not None,
+        api_key=KeySource.for_launch(options.api_key_env, options.api_key_file,
+                                     options.api_key_secret),
         cache_dir=options.cache_dir,
         max_bytes_in_flight=options.max_bytes_in_flight,
         image_timeout=options.image_timeout,

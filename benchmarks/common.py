@@ -120,13 +120,14 @@ def write_photo_copies(directory: Path, count: int, size: tuple[int, int],
 
 
 def write_manifest(path: Path, image_paths: list[str], records: int,
-                   distinct: int | None = None) -> Path:
+                   distinct: int | None = None, first: int = 0) -> Path:
     """A JSONL manifest of ``records`` records, record i naming image i mod len(image_paths)
     and a prompt of its own (no two records are the same request); with ``distinct``, the
     prompt is that of record i mod distinct, so with distinct == len(image_paths) record
-    i + distinct repeats record i's request under another id."""
+    i + distinct repeats record i's request under another id. Records are numbered from
+    ``first`` (several manifests of one job)."""
     with open(path, "w", encoding="utf-8") as out:
-        for i in range(records):
+        for i in range(first, first + records):
             label = str(i if distinct is None else i % distinct)
             out.write(json.dumps({"id": f"r{i}", "image": [image_paths[i % len(image_paths)]],
                                   "conversation": conversation(label)}) + "\n")

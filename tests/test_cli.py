@@ -16,11 +16,11 @@ from conftest import TEST_RUNNER, read_jsonl
 
 from beam_caption.__main__ import main
 from beam_caption.errors import UsageError
+from beam_caption.keys import KeySource
 from beam_caption.options import (
     CaptionOptions,
     check_flags,
     reported_options,
-    resolve_api_key,
     validate_options,
 )
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
@@ -156,9 +156,9 @@ def test_an_output_that_is_a_file_stops_the_cli_before_anything_is_sent(capsys, 
 
 def test_api_key_from_a_mounted_secret_loses_its_newline(monkeypatch):
     monkeypatch.setenv("BEAM_CAPTION_TEST_KEY", "sk-test-123\n")
-    assert resolve_api_key("BEAM_CAPTION_TEST_KEY") == "sk-test-123"
+    assert KeySource("BEAM_CAPTION_TEST_KEY").resolve() == "sk-test-123"
     monkeypatch.setenv("BEAM_CAPTION_TEST_KEY", " \n")
-    assert resolve_api_key("BEAM_CAPTION_TEST_KEY") is None
+    assert KeySource("BEAM_CAPTION_TEST_KEY").resolve() is None
 
 
 def test_reported_options_redact_url_credentials_and_queries(tmp_path):

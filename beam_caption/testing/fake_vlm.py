@@ -93,6 +93,13 @@ class FakeVLMConfig:
     reasoning_ms_per_token: float = 0.5  # extra latency per reasoning token
     legacy_params: bool = False  # refuses max_completion_tokens (older servers know max_tokens)
     refusal_marker: str | None = "REFUSE_ME"  # a prompt holding it gets a refusal answer
+    # An account's rate limits, enforced across all clients with 429s as OpenAI does: buckets
+    # refilled at the limit per minute, holding ``account_burst_s`` seconds of it. Requests
+    # are charged on arrival, tokens as prompt tokens plus max_tokens (or 0).
+    account_rpm: float | None = None
+    account_tpm: float | None = None
+    account_burst_s: float = 60.0
+    account_headers: bool = True  # answers carry x-ratelimit-limit/remaining/reset-* headers
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -105,6 +112,10 @@ class FakeVLMConfig:
             raise ValueError("latency_ms, hang_seconds and fail_first must be >= 0")
         if self.token_patch_px < 1:
             raise ValueError("token_patch_px must be >= 1")
+        if any(limit is not None and limit <= 0 for limit in (self.account_rpm,
+                                                              self.account_tpm)) \
+                or self.account_burst_s <= 0:
+            raise ValueError("account_rpm, account_tpm and account_burst_s must be > 0")
 
     def fault_rate(self, kind: str) -> float:
         """The configured rate of fault ``kind`` (one of FAULTS)."""
@@ -327,6 +338,37 @@ def _status_error(status: int, retry_headers: dict[str, str]) -> _APIError:
 # Server
 
 
+class _AccountBucket:
+    """One resource of a fake account: refilled at ``per_minute``, up to ``burst_s`` of it."""
+
+    def __init__(self, per_minute: float, burst_s: float):
+        self.per_minute = per_minute
+        self._rate = per_minute / 60
+        self._capacity = self._rate * burst_s
+        self._level = self._capacity
+        self._stamp = time.monotonic()
+
+    def take(self, amount: float) -> bool:
+        """Charge ``amount`` if the account has it (a charge above the capacity waits for a full
+        bucket and takes it all)."""
+        now = time.monotonic()
+        self._level = min(self._capacity, self._level + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._level >= min(amount, self._capacity):
+            self._level -= amount
+            return True
+        return False
+
+    def refund(self, amount: float) -> None:
+        self._level = min(self._capacity, self._level + amount)
+
+    def headers(self, resource: str) -> dict[str, str]:
+        reset_s = max(0.0, self._capacity - self._level) / self._rate
+        return {f"x-ratelimit-limit-{resource}": _header_number(self.per_minute),
+                f"x-ratelimit-remaining-{resource}": str(max(0, math.floor(self._level))),
+                f"x-ratelimit-reset-{resource}": f"{reset_s:.3f}s"}
+
+
 class _Stats:
     """Thread-safe counters: mutated on the server loop, read from any thread."""
 
@@ -409,6 +451,10 @@ class FakeVLMServer:
                              if self.config.fault_rate(kind) > 0]
         self._fail_counts: dict[str, int] = {}
         self._retry_headers = self._make_retry_headers()
+        config = self.config
+        self._account = {resource: _AccountBucket(limit, config.account_burst_s)
+                         for resource, limit in (("requests", config.account_rpm),
+                                                 ("tokens", config.account_tpm)) if limit}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -538,6 +584,7 @@ class FakeVLMServer:
             chat = _parse_chat(raw, self.config)
             self._check_reject_marker(chat)
             images = [[_decode_image(url) for url in m.image_urls] for m in chat.messages]
+            limit_headers = self._charge_account(chat, images)
             self._check_fail_first(chat)
         except _APIError as exc:
             return self._error_response(exc, request)
@@ -547,7 +594,34 @@ class FakeVLMServer:
             await asyncio.sleep(latency_ms / 1000)
         if self.config.endless_body:
             return await self._endless(request)
-        return self._completion(chat, images, reasoning)
+        response = self._completion(chat, images, reasoning)
+        response.headers.update(limit_headers)
+        return response
+
+    def _charge_account(self, chat: _Chat, images: list[list[_DecodedImage]]) -> dict:
+        """Charge the request to the account's limits; its x-ratelimit headers, or a 429 with
+        them when a limit is spent (nothing is charged then)."""
+        if not self._account:
+            return {}
+        tokens = (sum(self._message_tokens(m, imgs)
+                      for m, imgs in zip(chat.messages, images, strict=True))
+                  + (chat.max_tokens or 0))
+        costs = {"requests": 1, "tokens": tokens}
+        spent = [resource for resource, bucket in self._account.items()
+                 if not bucket.take(costs[resource])]
+        for resource in self._account:  # a refused request is charged nothing
+            if spent and resource not in spent:
+                self._account[resource].refund(costs[resource])
+        headers: dict[str, str] = {}
+        if self.config.account_headers:
+            for resource, bucket in self._account.items():
+                headers.update(bucket.headers(resource))
+        if spent:
+            self._stats.fault("account_limit")
+            raise _APIError(429, f"Rate limit reached for {spent[0]} (fake account).",
+                            type=spent[0], code="rate_limit_exceeded",
+                            headers={**self._retry_headers, **headers})
+        return headers
 
     def _reasoning_tokens(self, chat: _Chat) -> int:
         """Tokens a reasoning model thinks before answering (0 for chat models)."""
@@ -768,6 +842,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=defaults.reasoning_ms_per_token)
     parser.add_argument("--legacy_params", action="store_true",
                         help="refuse max_completion_tokens as older servers do")
+    parser.add_argument("--account_rpm", type=float, help="account requests per minute (429s)")
+    parser.add_argument("--account_tpm", type=float, help="account tokens per minute (429s)")
+    parser.add_argument("--account_burst_s", type=float, default=defaults.account_burst_s,
+                        help="seconds of the account limits a full bucket holds")
+    parser.add_argument("--no_account_headers", dest="account_headers", action="store_false",
+                        help="answer without x-ratelimit-* headers")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,233 @@
+"""Job-wide rate limits: every worker process paces its requests so that the whole job keeps
+within an account's requests and tokens per minute, however many processes run.
+
+Two sources; a request waits for both:
+
+- The figures a user gives (``--max_requests_per_minute``, ``--max_tokens_per_minute``) are
+  for the whole job. Each process gets an even share (the job's worker processes are counted
+  at launch, ``options.worker_processes``) as a token bucket: request starts are spaced
+  evenly, and tokens may run ahead by at most one second of the share.
+- The account's own state, from the ``x-ratelimit-limit/remaining/reset-requests|tokens``
+  headers OpenAI-style servers send with answers. They describe the account, so every process
+  sees what the others (and other jobs on the account) spent: a process whose estimate of what
+  remains (the last figure seen, minus what it sent since, plus the refill since) is below a
+  request's cost holds that request until the refill covers it. Each process claims only its
+  share (one of the job's worker processes) of what remains and of the refill, so processes
+  converge on the account's rate without talking to each other.
+
+A process's first request goes alone (for up to ``FIRST_ANSWER_WAIT_S``), so that what the
+server says of the account is known before the others go. A request's tokens are counted before
+it is sent (``estimate_request_tokens``) and the token bucket is corrected by the answer's
+usage. Used from one event loop per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+TOKEN_BURST_S = 1.0  # a process's tokens bucket holds this many seconds of its share
+FIRST_ANSWER_WAIT_S = 5.0  # the longest the others wait for the first request's answer
+JITTER = 0.25  # waits on the account are stretched by up to this share, so processes spread
+DEFAULT_COMPLETION_TOKENS = 256  # counted for the answer when --max_tokens is not set
+CHARS_PER_TOKEN = 4  # text tokens are estimated from characters
+RESOURCES = ("requests", "tokens")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Tokens an image of this size costs in OpenAI's high-detail formula: scaled to fit
+    2048x2048, then its shortest side to 768, counted in 512-pixel tiles (170 each) plus 85."""
+    if width <= 0 or height <= 0:
+        return 85
+    fit = min(1.0, 2048 / max(width, height))
+    fit *= min(1.0, 768 / (min(width, height) * fit))
+    return 85 + 170 * math.ceil(width * fit / 512) * math.ceil(height * fit / 512)
+
+
+def estimate_request_tokens(text_chars: int, image_sizes: Iterable[tuple[int, int]],
+                            max_tokens: int | None) -> int:
+    """Tokens a request counts against a tokens-per-minute limit before it is answered: its
+    text, its images as sent and the longest answer it allows."""
+    text = math.ceil(text_chars / CHARS_PER_TOKEN)
+    images = sum(image_tokens(width, height) for width, height in image_sizes)
+    return text + images + (max_tokens or DEFAULT_COMPLETION_TOKENS)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a reset header: ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s`` or a plain number."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            return None
+        unit_s = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+        return sum(float(number) * unit_s[unit] for number, unit in parts)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+@dataclass
+class AccountState:
+    """One resource of the account as the server last described it."""
+
+    limit: float | None  # per minute
+    remaining: float
+    reset_s: float | None  # until the account is full again
+
+    @classmethod
+    def from_headers(cls, headers, resource: str) -> AccountState | None:
+        remaining = _number(headers.get(f"x-ratelimit-remaining-{resource}"))
+        if remaining is None:
+            return None
+        return cls(_number(headers.get(f"x-ratelimit-limit-{resource}")), remaining,
+                   parse_duration(headers.get(f"x-ratelimit-reset-{resource}")))
+
+
+class _Bucket:
+    """A token bucket refilled at ``per_minute``; a take may run into debt, which the taker
+    waits out (so takers are served in order and a cost above the capacity still goes)."""
+
+    def __init__(self, per_minute: float, capacity: float):
+        self._rate = per_minute / 60
+        self._capacity = capacity
+        self._level = capacity
+        self._stamp = time.monotonic()
+
+    def take(self, amount: float) -> float:
+        """Take ``amount``; seconds to wait before using it."""
+        now = time.monotonic()
+        self._level = min(self._capacity, self._level + (now - self._stamp) * self._rate)
+        self._stamp = now
+        self._level -= amount
+        return max(0.0, -self._level / self._rate)
+
+    def give_back(self, amount: float) -> None:
+        """Correct a take (a negative amount takes more)."""
+        self._level = min(self._capacity, self._level + amount)
+
+
+class _AccountView:
+    """What this process may still spend of one resource of the account: its share (one of
+    ``processes``) of what the server last said remains, less what it sent since, plus its share
+    of the refill since."""
+
+    def __init__(self, processes: int) -> None:
+        self._processes = processes
+        self._state: AccountState | None = None
+        self._seen_at = 0.0
+        self._seen_spent = 0.0  # this process's spend the state already reflects
+        self._seen_seq = -1
+
+    def observe(self, state: AccountState, seq: int, spent_through: float) -> None:
+        """A state the server gave with the answer to request ``seq`` (later ones win)."""
+        if seq > self._seen_seq:
+            self._state, self._seen_seq = state, seq
+            self._seen_at, self._seen_spent = time.monotonic(), spent_through
+
+    def wait_for(self, cost: float, spent: float) -> float:
+        """Seconds until ``cost`` fits in this process's share (0 when it fits or nothing is
+        known). A cost above a whole share waits for a full share and overdraws it."""
+        state = self._state
+        if state is None:
+            return 0.0
+        elapsed = time.monotonic() - self._seen_at
+        sent_since = spent - self._seen_spent
+        if state.limit:  # refilled at limit/60 per second, up to the limit
+            refill = state.limit / 60 / self._processes
+            share = min(state.limit, state.remaining + elapsed * state.limit / 60)
+            needed = min(cost, state.limit / self._processes)
+            return max(0.0, (needed - (share / self._processes - sent_since)) / refill)
+        if state.remaining / self._processes - sent_since >= cost or state.reset_s is None:
+            return 0.0
+        return max(0.0, state.reset_s - elapsed)  # full again then
+
+
+@dataclass
+class Ticket:
+    """A request's place in the limiter: its number and its estimated tokens."""
+
+    seq: int
+    tokens: int
+    spent_through: tuple[float, float]  # requests, tokens spent up to and with this one
+
+
+class JobRateLimiter:
+    """Paces one worker process's requests to its share of the job's limits and to the
+    account's state from the answers' headers."""
+
+    def __init__(self, requests_per_minute: float | None = None,
+                 tokens_per_minute: float | None = None, worker_processes: int = 1,
+                 rng: random.Random | None = None):
+        share = 1 / max(1, worker_processes)
+        self._buckets = (
+            _Bucket(requests_per_minute * share, 1) if requests_per_minute else None,
+            _Bucket(tokens_per_minute * share, tokens_per_minute * share / 60 * TOKEN_BURST_S)
+            if tokens_per_minute else None)
+        self._views = (_AccountView(max(1, worker_processes)),
+                       _AccountView(max(1, worker_processes)))
+        self._spent = [0.0, 0.0]
+        self._seq = 0
+        self._rng = rng or random.Random()
+        self._answered = asyncio.Event()  # the first answer came: headers or none are known
+
+    async def acquire(self, tokens: int) -> tuple[Ticket, float]:
+        """Wait until a request of ``tokens`` may start; its ticket and the seconds waited."""
+        started = time.monotonic()
+        if self._seq and not self._answered.is_set():  # slow start: the first goes alone
+            try:
+                await asyncio.wait_for(self._answered.wait(), FIRST_ANSWER_WAIT_S)
+            except TimeoutError:
+                self._answered.set()  # a slow first answer holds the others back no longer
+        costs = (1, tokens)
+        for bucket, cost in zip(self._buckets, costs, strict=True):
+            if bucket is not None:
+                delay = bucket.take(cost)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        while True:
+            delay = max(view.wait_for(cost, spent)
+                        for view, cost, spent in zip(self._views, costs, self._spent,
+                                                     strict=True))
+            if delay <= 0:
+                break
+            await asyncio.sleep(delay * (1 + JITTER * self._rng.random()))
+        self._spent[0] += 1
+        self._spent[1] += tokens
+        self._seq += 1
+        return (Ticket(self._seq, tokens, (self._spent[0], self._spent[1])),
+                time.monotonic() - started)
+
+    def observe(self, ticket: Ticket, headers) -> None:
+        """Read the account's state from an attempt's answer headers (any status; None when no
+        answer came)."""
+        self._answered.set()
+        if headers is None:
+            return
+        for index, resource in enumerate(RESOURCES):
+            state = AccountState.from_headers(headers, resource)
+            if state is not None:
+                self._views[index].observe(state, ticket.seq, ticket.spent_through[index])
+
+    def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
+        """Correct the token share by what the answer says the request used."""
+        bucket = self._buckets[1]
+        if bucket is not None and used_tokens is not None:
+            bucket.give_back(ticket.tokens - used_tokens)

@@ -189,9 +189,12 @@ class JobRateLimiter:
         self._answered = asyncio.Event()  # the first answer came: headers or none are known
 
     async def acquire(self, tokens: int) -> tuple[Ticket, float]:
-        """Wait until a request of ``tokens`` may start; its ticket and the seconds waited."""
+        """Wait until a request of ``tokens`` may start; its ticket and the seconds waited
+        (0.0 when it did not wait)."""
         started = time.monotonic()
+        waited = False
         if self._seq and not self._answered.is_set():  # slow start: the first goes alone
+            waited = True
             try:
                 await asyncio.wait_for(self._answered.wait(), FIRST_ANSWER_WAIT_S)
             except TimeoutError:
@@ -201,6 +204,7 @@ class JobRateLimiter:
             if bucket is not None:
                 delay = bucket.take(cost)
                 if delay > 0:
+                    waited = True
                     await asyncio.sleep(delay)
         while True:
             delay = max(view.wait_for(cost, spent)
@@ -208,12 +212,13 @@ class JobRateLimiter:
                                                      strict=True))
             if delay <= 0:
                 break
+            waited = True
             await asyncio.sleep(delay * (1 + JITTER * self._rng.random()))
         self._spent[0] += 1
         self._spent[1] += tokens
         self._seq += 1
         return (Ticket(self._seq, tokens, (self._spent[0], self._spent[1])),
-                time.monotonic() - started)
+                time.monotonic() - started if waited else 0.0)
 
     def observe(self, ticket: Ticket, headers) -> None:
         """Read the account's state from an attempt's answer headers (any status; None when no

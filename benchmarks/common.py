@@ -32,6 +32,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from beam_caption.caption import _CaptionRecords
 from beam_caption.options import CaptionOptions
+from beam_caption.records import FAILURES
 from beam_caption.runtime import CaptionConfig
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
 from beam_caption.transform import caption_config
@@ -208,9 +209,10 @@ class Stage:
             outputs.extend(self.dofn.process(item, timestamp, window))
         outputs.extend(self.dofn.finish_bundle())
         seconds = time.perf_counter() - started
-        failed = sum(1 for output in outputs if isinstance(output, TaggedOutput))
+        failures = [output.value for output in outputs if isinstance(output, TaggedOutput)
+                    and output.tag == FAILURES]
         captions = [output.value for output in outputs if not isinstance(output, TaggedOutput)]
-        return StageRun(seconds, len(captions), failed, captions)
+        return StageRun(seconds, len(captions), len(failures), captions, failures)
 
 
 @dataclass
@@ -221,6 +223,7 @@ class StageRun:
     captioned: int
     failed: int
     outputs: list[dict]
+    failures: list[dict] = field(default_factory=list)
 
     @property
     def per_s(self) -> float:

@@ -1,7 +1,8 @@
-"""Image preparation: load through fsspec, validate, orient, make RGB, resize, encode as a data URL.
+"""Image preparation: read (local files, http(s) behind the address guard, other storage
+through fsspec), validate, orient, make RGB, resize, encode as a data URL.
 
-Every problem raises ``CaptionError(stage="image")``; only read failures other than
-missing / directory / permission are retryable (remote storage can be transient).
+Every problem raises ``CaptionError(stage="image")``; read failures that a later read can
+cure (timeouts, storage and connection errors, HTTP 5xx and 429) are marked retryable.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import os
 import posixpath
 import re
 import stat
-import urllib.parse
 from dataclasses import dataclass
 
-import aiohttp
 import fsspec
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from beam_caption.errors import CaptionError
+from beam_caption.http_images import UrlGuard, fetch
+from beam_caption.redact import redact_url
 
 # Formats Image.open may try. MPO (multi-picture JPEG) needs no entry: the JPEG plugin opens it,
 # and Pillow 12 raises KeyError for "MPO" in ``formats``.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
+DEFAULT_HTTP_TIMEOUT_S = 60.0
 _WHITE = (255, 255, 255)
 # EXIF orientation -> transpose that displays the image upright (as ImageOps.exif_transpose).
 _ORIENTATION = {
@@ -101,27 +104,23 @@ def resolve_image_path(path: str, image_root: str) -> str:
     return os.path.normpath(os.path.join(os.path.expanduser(image_root), local))
 
 
-def _shown(url: str) -> str:
-    """The URL without credentials, query or fragment (signed URLs carry secrets there)."""
-    if not _URL.match(url):
-        return url
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
-                                    "", ""))
+def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None,
+                     guard: UrlGuard | None = None) -> bytes:
+    """The bytes at ``url`` (a local path, an http(s) URL or any fsspec URL), refusing more
+    than max_bytes.
 
-
-def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None) -> bytes:
-    """The bytes at ``url`` (any fsspec URL or local path), refusing more than max_bytes.
-
-    A known size is checked before reading, and at most max_bytes + 1 bytes are ever read (a
+    http(s) URLs are fetched behind ``guard`` (by default one that refuses non-public
+    addresses, see http_images.py) within ``timeout`` seconds (connect and total). Elsewhere a
+    known size is checked before reading, and at most max_bytes + 1 bytes are ever read (a
     reported size can be wrong). Local paths are read with the builtin ``open``, far cheaper
-    than fsspec's; FIFOs, devices and sockets are refused rather than read. ``timeout`` bounds
-    an http(s) read in seconds (connect and total).
+    than fsspec's; FIFOs, devices and sockets are refused rather than read.
     """
+    if _HTTP.match(url):
+        return fetch(url, max_bytes, timeout or DEFAULT_HTTP_TIMEOUT_S, guard or UrlGuard())
     local = not _URL.match(url)
     if local:
         url = os.path.expanduser(url)
-    shown = _shown(url)
+    shown = redact_url(url)
 
     def failed(code: str, e: BaseException, retryable: bool = False) -> CaptionError:
         return _error(code, f"{shown}: {type(e).__name__}: {str(e).replace(url, shown)}",
@@ -137,22 +136,19 @@ def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None) -> 
             if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
                 raise _error("image_not_a_file",
                              f"{shown} is not a regular file (a FIFO, device or socket)")
-        with open(url, "rb") if local else fsspec.open(url, "rb",
-                                                       **_storage_options(url, timeout)) as f:
+        with open(url, "rb") if local else fsspec.open(url, "rb") as f:
             size = status.st_size if local else getattr(f, "size", None)
             if size is not None and size > max_bytes:
                 raise too_large(str(size))
             data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
-        if isinstance(e.__cause__, TimeoutError):  # fsspec's http reports any failure so
-            raise failed("image_timeout", e.__cause__, retryable=True) from None
         raise failed("image_not_found", e) from None
     except TimeoutError as e:
         raise failed("image_timeout", e, retryable=True) from None
     except IsADirectoryError as e:
         raise failed("image_not_a_file", e) from None
     except PermissionError as e:
-        raise failed("image_permission_denied", e) from None
+        raise failed("image_forbidden", e) from None
     except OSError as e:
         raise failed("image_read_error", e, retryable=True) from None
     except (ValueError, ImportError) as e:  # unknown protocol, or its package is not installed
@@ -160,14 +156,6 @@ def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None) -> 
     if len(data) > max_bytes:
         raise too_large(f"{len(data)}" if size is not None else f"more than {max_bytes}")
     return data
-
-
-def _storage_options(url: str, timeout: float | None) -> dict:
-    """fsspec options that bound an http(s) read by ``timeout`` seconds."""
-    if timeout is None or not url.lower().startswith(("http://", "https://")):
-        return {}
-    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout,
-                                                               sock_connect=timeout)}}
 
 
 def _open(data: bytes) -> Image.Image:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import urllib.parse
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -34,10 +35,12 @@ from beam_caption.records import (
     record_element,
     record_key,
 )
+from beam_caption.redact import redact_url, scrub
 
 RAW_TEXT_LIMIT = 10_000
 MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse
 MAX_RECORD_SIZE = 1 << 24  # longer lines (bytes) and array items (characters) are refused
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _CHUNK_CHARS = 1 << 20
 _CHUNK_BYTES = 1 << 16  # small: a stream that breaks part-way (corrupt gzip) loses little
 _WHITESPACE = " \t\r\n"
@@ -63,6 +66,11 @@ def match_manifests(patterns: list[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
+        if _HTTP.match(pattern):  # a URL names one file: '?' starts its query, not a glob
+            if not fs.exists(pattern):
+                raise UsageError(f"no manifest file at {redact_url(pattern)!r}")
+            files.append(pattern)
+            continue
         if glob.has_magic(path):
             entries = list(fs.glob(path, detail=True).values())
         else:
@@ -72,13 +80,21 @@ def match_manifests(patterns: list[str]) -> list[str]:
                 entries = []
         matched = sorted(e["name"] for e in entries if e["type"] == "file")
         if not matched:
-            raise UsageError(f"no manifest file matches {pattern!r}")
+            raise UsageError(f"no manifest file matches {redact_url(pattern)!r}")
         files.extend(_full_name(fs, p) for p in matched)
     for file in files:
         if has_lone_surrogate(file):  # os.fsdecode keeps undecodable bytes as lone surrogates
             raise UsageError(f"manifest file name {encodable(file)!r} is not valid UTF-8: "
                              "rename the file")
-    return list(dict.fromkeys(files))
+    files = list(dict.fromkeys(files))
+    shown: dict[str, str] = {}
+    for file in files:  # keys name files without their queries: they must stay distinct
+        other = shown.setdefault(redact_url(file), file)
+        if other != file:
+            raise UsageError(f"two manifests differ only in their URL's query or credentials "
+                             f"({redact_url(file)}), which record keys leave out: give each "
+                             "once")
+    return files
 
 
 def _full_name(fs, path: str) -> str:
@@ -99,8 +115,9 @@ def iter_manifest(file: str) -> Iterator[dict]:
     the next index, saying from where on it was not read.
     """
     next_index = 0
+    url, file = file, redact_url(file)  # keys and messages never carry a URL's secrets
     try:
-        with fsspec.open(file, "rb", compression="infer") as handle:
+        with fsspec.open(url, "rb", compression="infer") as handle:
             if _is_json_array(file, handle):
                 text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape")
                 elements = _iter_json_array(file, text)  # bad bytes cost their item only
@@ -116,12 +133,13 @@ def iter_manifest(file: str) -> Iterator[dict]:
             record_key(file, next_index), {"file": file, "index": next_index}, "",
             "manifest_unreadable",
             f"{file} could not be read from record {next_index} on: {type(exc).__name__}: "
-            + " ".join(str(exc).split()))  # one line
+            + " ".join(scrub(str(exc).replace(url, file)).split()))  # one line
 
 
 def _is_json_array(file: str, handle) -> bool:
     """JSONL by name (.jsonl, .ndjson), else a JSON array when the first character is '['."""
-    name = file.lower().removesuffix(".gz")
+    name = (urllib.parse.urlsplit(file).path if "://" in file else file).lower()
+    name = name.removesuffix(".gz")
     if name.endswith((".jsonl", ".ndjson")):
         return False
     first = ""

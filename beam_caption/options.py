@@ -177,6 +177,14 @@ class CaptionOptions(PipelineOptions):
                             help="JPEG quality of the re-encoded images.")
         images.add_argument("--image_timeout", type=_POSITIVE_FLOAT, default=60.0,
                             help="Seconds to read one record's images (connect and total).")
+        images.add_argument("--image_retries", type=_NON_NEGATIVE_INT, default=3,
+                            help="Reads after the first for transient image failures (HTTP 5xx "
+                                 "and 429, resets, timeouts, storage errors), with backoff.")
+        images.add_argument("--allow_private_urls", action="store_true", default=False,
+                            help="Fetch http(s) image URLs that resolve to loopback, private, "
+                                 "link-local or other non-public addresses (refused by "
+                                 "default: a manifest could make workers fetch internal "
+                                 "services such as a cloud metadata server).")
 
 
 BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", "project",

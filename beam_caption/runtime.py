@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import os
+import random
 import threading
 import weakref
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 from beam_caption.cache import RequestCache, request_digest
 from beam_caption.client import ClientSettings, VLMClient, request_body
 from beam_caption.errors import CaptionError, JobStopped, UsageError
+from beam_caption.http_images import UrlGuard
 from beam_caption.images import (
     ImageSettings,
     prepare_image_bytes,
@@ -40,6 +42,7 @@ from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
 
 IO_THREADS_MAX = 64
+IMAGE_BACKOFF_S = 0.5  # first wait before reading a record's images again
 RECENT_SIZES = 64  # a record's source size is estimated as the largest of this many recent ones
 FIRST_ESTIMATE_SHARE = 8  # before any read, a record is assumed to take 1/8 of the budget
 
@@ -59,6 +62,8 @@ class CaptionConfig:
     cache_dir: str | None = None
     max_bytes_in_flight: int = 256 * 2**20
     image_timeout: float = 60.0
+    image_retries: int = 3  # reads after the first for retryable image failures
+    allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     # (ClientSettings, api key) -> client with ``async complete(body, tokens) -> Completion`` and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
     client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
@@ -149,6 +154,8 @@ class CaptionRuntime:
         self._client = self.call(_make_client(config, api_key))
         self._cache = RequestCache(config.cache_dir, self._run_io)
         self._budget = ByteBudget(config.max_bytes_in_flight)
+        self._guard = UrlGuard(config.allow_private_urls)
+        self._rng = random.Random()
         self._recent_sizes: collections.deque[int] = collections.deque(
             [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
             maxlen=RECENT_SIZES)
@@ -204,7 +211,7 @@ class CaptionRuntime:
         held = max(self._recent_sizes)
         await self._budget.acquire(held)
         try:
-            sources = await self._read_with_timeout(plan.image_paths)
+            sources = await self._read_retrying(plan.image_paths)
             size = sum(map(len, sources))
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)
@@ -218,6 +225,23 @@ class CaptionRuntime:
                                               lambda: self._client.complete(body, tokens))
         finally:
             await self._budget.resize(held, 0)
+
+    async def _read_retrying(self, paths: tuple[str, ...]) -> list[bytes]:
+        """The record's images, read again after a retryable failure (up to
+        ``image_retries`` times, backoff with full jitter doubling from IMAGE_BACKOFF_S)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._read_with_timeout(paths)
+            except CaptionError as exc:
+                if not exc.retryable or attempt > self.config.image_retries:
+                    if attempt == 1:
+                        raise
+                    raise CaptionError(exc.stage, exc.type, f"{exc.message} (read {attempt} "
+                                       "times)", exc.retryable) from None
+                _LOG.debug("image read attempt %d failed, retrying: %s", attempt, exc)
+                await asyncio.sleep(self._rng.uniform(0, IMAGE_BACKOFF_S * 2 ** (attempt - 1)))
 
     async def _read_with_timeout(self, paths: tuple[str, ...]) -> list[bytes]:
         timeout = self.config.image_timeout
@@ -233,7 +257,7 @@ class CaptionRuntime:
         """A record's image files, read one after the other: one pool task per record."""
         root, max_bytes = self.config.image_root, self.config.images.max_bytes
         timeout = self.config.image_timeout
-        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout)
+        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout, self._guard)
                 for path in paths]
 
     def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str, int]:

@@ -61,6 +61,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         cache_dir=options.cache_dir,
         max_bytes_in_flight=options.max_bytes_in_flight,
         image_timeout=options.image_timeout,
+        image_retries=options.image_retries,
+        allow_private_urls=options.allow_private_urls,
     )
 
 

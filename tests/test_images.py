@@ -149,13 +149,13 @@ def test_read_too_large_known_size(tmp_path):
 
 def test_read_too_large_unknown_size(monkeypatch):
     monkeypatch.setattr(images.fsspec, "open", lambda url, mode: io.BytesIO(b"x" * 500))
-    error = error_of(read_image_bytes, "https://host/stream.jpg", 100)
+    error = error_of(read_image_bytes, "gs://bucket/stream.jpg", 100)
     assert error.type == "image_too_large" and "more than 100" in error.message
-    assert read_image_bytes("https://host/stream.jpg", 500) == b"x" * 500
+    assert read_image_bytes("gs://bucket/stream.jpg", 500) == b"x" * 500
 
 
 def test_read_errors_hide_url_secrets(monkeypatch):
-    url = "https://user:pw@host/a.jpg?X-Goog-Signature=secret"
+    url = "gs://user:pw@host/a.jpg?X-Goog-Signature=secret"  # http(s): test_http_images.py
 
     class Broken:
         def __enter__(self):
@@ -168,7 +168,7 @@ def test_read_errors_hide_url_secrets(monkeypatch):
     error = error_of(read_image_bytes, url, 100)
     assert (error.type, error.retryable) == ("image_read_error", True)
     assert "secret" not in error.message and "pw" not in error.message
-    assert "https://host/a.jpg" in error.message
+    assert "gs://REDACTED@host/a.jpg?REDACTED" in error.message
 
 
 # --- orientation, modes, frames

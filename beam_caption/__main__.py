@@ -62,7 +62,7 @@ def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m beam_caption demo", description=demo.__doc__)
     parser.add_argument("--output", default="demo_output", help="output directory")
     args, beam_args = parser.parse_known_args(argv)
-    output = str(Path(args.output).resolve())
+    output = args.output if "://" in args.output else str(Path(args.output).resolve())
     with FakeVLMServer() as server:
         print(f"Starting the bundled FAKE VLM server at {server.url}: the captions below come "
               "from a fake model that describes shape and colour, not from a real VLM.")
@@ -70,10 +70,13 @@ def demo(argv: list[str]) -> int:
                        "--api_url", server.url, "--model", "fake-vlm",
                        "--image_root", str(SAMPLE_DIR), "--overwrite", *beam_args])
     print_summary(summary)
-    for path in sorted(Path(output).glob("captions-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines()[:3]:
-            record = json.loads(line)
-            print(f"  {record['image']} -> {record['caption']}")
+    import fsspec
+
+    for captions in fsspec.open_files(f"{output}/captions-*.jsonl", "rt", encoding="utf-8"):
+        with captions as lines:
+            for line in list(lines)[:3]:
+                record = json.loads(line)
+                print(f"  {record['image']} -> {record['caption']}")
     print("\nTo caption your own images with a real model:\n"
           f"  export OPENAI_API_KEY=...   # or DF_API_KEY\n"
           f"  python -m beam_caption --input '{SAMPLE_DIR / 'sample_data.json'}' "

@@ -197,6 +197,9 @@ LOCAL_PATH_FLAGS = ("output", "image_root", "cache_dir", "api_key_file")
 # Prism runner from the internet; the Python FnApiRunner is what the tests run.
 LOCAL_RUNNER = "FnApiRunner"
 _LOCAL_RUNNERS = (LOCAL_RUNNER, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+# Schemes each kind of location flag takes ("" is a local path).
+READ_SCHEMES = ("", "gs", "gcs", "s3", "http", "https")
+WRITE_SCHEMES = ("", "gs", "s3")
 # Options that name a place; a URL there can carry credentials or a signed query.
 _LOCATION_OPTIONS = ("api_url", "output", "image_root", "cache_dir", "api_key_file",
                      "temp_location", "staging_location")
@@ -268,6 +271,7 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(f"--api_key_secret {options.api_key_secret!r} is not a secret version "
                          "name (projects/PROJECT/secrets/NAME/versions/VERSION, e.g. "
                          "versions/latest)")
+    _check_locations(options)
     _check_output_dir(options.output)
 
 
@@ -331,6 +335,40 @@ def _out_of_range(options: CaptionOptions) -> str | None:
         problem = value is not None and action.type.problem(value)
         if problem:
             return f"--{action.dest} {problem}"
+    return None
+
+
+def _check_locations(options: CaptionOptions) -> None:
+    """Refuse at launch a location flag whose scheme the job cannot use, or whose storage
+    package is not installed, rather than fail on the workers: reads take local paths, gs://,
+    s3:// and http(s)://; writes (--output, --cache_dir) local paths, gs:// and s3://."""
+    reads = [("--input", value) for value in split_inputs(options.input)]
+    reads += [(flag, value) for flag, value in (("--image_root", options.image_root),
+                                                ("--api_key_file", options.api_key_file))
+              if value]
+    writes = [(flag, value) for flag, value in (("--output", options.output),
+                                                ("--cache_dir", options.cache_dir)) if value]
+    for flags, schemes in ((reads, READ_SCHEMES), (writes, WRITE_SCHEMES)):
+        for flag, value in flags:
+            scheme = value.partition("://")[0].lower() if "://" in value else ""
+            if scheme not in schemes:
+                accepted = ", ".join(f"{s}://" for s in schemes if s)
+                raise UsageError(f"{flag} {redact_url(value)}: {scheme}:// is not supported "
+                                 f"here; use a local path or {accepted}")
+            missing = _missing_package(scheme, write=flags is writes and flag == "--output")
+            if missing:
+                raise UsageError(f"{flag} {redact_url(value)} needs {missing}")
+
+
+def _missing_package(scheme: str, write: bool) -> str | None:
+    """What to install for ``scheme`` (reads through fsspec; --output through Beam's own
+    filesystems), or None when it is there."""
+    import importlib.util
+
+    if scheme == "s3":
+        modules = ["s3fs"] + (["boto3"] if write else [])
+        if any(importlib.util.find_spec(module) is None for module in modules):
+            return "the s3 extra: pip install 'beam_caption[s3]'"
     return None
 
 

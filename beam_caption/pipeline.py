@@ -12,6 +12,7 @@ import time
 from typing import NamedTuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
@@ -114,6 +115,9 @@ def _launch_options(argv: list[str] | None) -> CaptionOptions:
     options = PipelineOptions(argv).view_as(CaptionOptions)
     validate_options(options)
     prepare_launch(options)
+    # The launcher checks and clears --output through Beam's filesystems before any pipeline
+    # has given them its options (S3's needs them to make a client).
+    FileSystems.set_options(options)
     return options
 
 

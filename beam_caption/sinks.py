@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import apache_beam as beam
+import fsspec
 from apache_beam.io.filesystems import FileSystems
 
 CAPTIONS_PREFIX = "captions"
@@ -14,6 +15,7 @@ FAILURES_PREFIX = "failures"
 SET_ASIDE_PREFIX = "set_aside"
 SUMMARY_FILE = "summary.json"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+_NO_EMPTY_UPLOADS = ("s3://",)  # Beam's writer makes an empty file a refused multipart upload
 
 
 def output_path(output_dir: str, name: str) -> str:
@@ -30,7 +32,12 @@ def to_json_line(element: dict) -> str:
 
 
 class WriteJsonLines(beam.PTransform):
-    """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN.jsonl``; returns the final file names."""
+    """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN.jsonl``; returns the final file names.
+
+    An empty set is one empty file (``PREFIX-00000-of-00001.jsonl``) unless ``skip_if_empty``.
+    On S3, where Beam would upload an empty file as a multipart upload of no parts (which S3
+    refuses, failing the job at its very end), that file is written with one plain PUT instead.
+    """
 
     def __init__(self, output_dir: str, prefix: str, num_shards: int = 0,
                  skip_if_empty: bool = False):
@@ -39,12 +46,25 @@ class WriteJsonLines(beam.PTransform):
         self._num_shards = num_shards
         self._skip_if_empty = skip_if_empty
 
-    def expand(self, elements):
-        return (elements
-                | "ToJson" >> beam.Map(to_json_line)
-                | "Write" >> beam.io.WriteToText(
-                    self._path, file_name_suffix=".jsonl", num_shards=self._num_shards,
-                    shard_name_template=SHARD_TEMPLATE, skip_if_empty=self._skip_if_empty))
+    def expand(self, elements: beam.PCollection[dict]) -> beam.PCollection[str]:
+        empty_by_hand = not self._skip_if_empty and self._path.startswith(_NO_EMPTY_UPLOADS)
+        files = (elements
+                 | "ToJson" >> beam.Map(to_json_line)
+                 | "Write" >> beam.io.WriteToText(
+                     self._path, file_name_suffix=".jsonl", num_shards=self._num_shards,
+                     shard_name_template=SHARD_TEMPLATE,
+                     skip_if_empty=self._skip_if_empty or empty_by_hand))
+        if empty_by_hand:
+            _ = (files
+                 | "CountFiles" >> beam.combiners.Count.Globally()
+                 | "WriteIfEmpty" >> beam.Map(_write_empty_file_set, self._path))
+        return files
+
+
+def _write_empty_file_set(files_written: int, path: str) -> None:
+    if files_written == 0:
+        with fsspec.open(f"{path}-00000-of-00001.jsonl", "wb"):
+            pass  # one PUT of no bytes
 
 
 class _SummaryFn(beam.CombineFn):

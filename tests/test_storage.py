@@ -1,0 +1,196 @@
+"""The whole job on object storage: manifests, images, --output and --cache_dir on gs://
+(gcp-storage-emulator, which implements the JSON-API batch requests Beam's GCS filesystem
+finalizes with) and on s3:// (moto's server, AWS_ENDPOINT_URL), each with a run that has
+failures, one that has none, and --resume. The emulators run on 127.0.0.1, logs in files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import TEST_RUNNER, read_jsonl, run_cli
+
+from beam_caption.testing import FakeVLMServer
+
+BUCKET = "captions-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(command: list[str], log_path: Path, port: int) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """gcp-storage-emulator on 127.0.0.1 with a bucket; the environment that points gcsfs and
+    Beam's GCS filesystem at it. Beam asks google-auth for credentials (and retries for ~30 s
+    when there are none): a user credentials file with an unexpired token answers at once and
+    is never refreshed, so nothing leaves the machine."""
+    emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
+    if emulator is None:
+        pytest.skip("gcp-storage-emulator is not installed (the test extra has it)")
+    port = _free_port()
+    process = _start([emulator, "start", "--host", "127.0.0.1", "--port", str(port),
+                      "--in-memory", "--default-bucket", BUCKET],
+                     tmp_path / "gcp-storage-emulator.log", port)
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({
+        "type": "authorized_user", "client_id": "test", "client_secret": "test",
+        "refresh_token": "test", "token": "test-token", "expiry": "2099-01-01T00:00:00Z"}))
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+           "GOOGLE_APPLICATION_CREDENTIALS": str(credentials),
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_TOKEN": "anon"}
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # this process's gcsfs too
+    try:
+        yield "gs", env, fsspec.filesystem("gcs", endpoint_url=env["STORAGE_EMULATOR_HOST"],
+                                           token="anon")
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """moto's S3 server on 127.0.0.1 with a bucket; AWS_ENDPOINT_URL points s3fs and Beam's S3
+    filesystem at it."""
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if server is None:
+        pytest.skip("moto[server] is not installed (the test extra has it)")
+    port = _free_port()
+    process = _start([server, "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log", port)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    fs = fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"], key="test",
+                           secret="test")
+    fs.mkdir(BUCKET)
+    try:
+        yield "s3", env, fs
+    finally:
+        _stop(process)
+
+
+def _read_remote(fs, pattern: str) -> list[dict]:
+    lines = []
+    for path in sorted(fs.glob(pattern)):
+        lines.extend(json.loads(line) for line in fs.cat(path).decode().splitlines() if line)
+    return lines
+
+
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_a_job_wholly_on_object_storage(store, request, dataset_factory, tmp_path):
+    scheme, env, fs = request.getfixturevalue(store)
+    data = dataset_factory(12, files=2, bad_records=True)
+    fs.put(str(data.root) + "/", f"{BUCKET}/run/", recursive=True)
+    root = f"{scheme}://{BUCKET}/run"
+    output, cache = f"{root}/out", f"{root}/cache"
+    with FakeVLMServer() as server:
+        def job(*flags):
+            return run_cli([*TEST_RUNNER, "--input", f"{root}/manifest*", "--image_root", root,
+                            "--cache_dir", cache, "--api_url", server.url, "--model", "fake-vlm",
+                            *flags], output, env=env)  # type: ignore[arg-type]
+
+        first = job()
+        assert first.returncode == 0, first.stderr[-3000:]
+        captions = _read_remote(fs, f"{BUCKET}/run/out/captions-*.jsonl")
+        failures = _read_remote(fs, f"{BUCKET}/run/out/failures-*.jsonl")
+        assert {r["id"]: r["caption"] for r in captions} == data.expected
+        assert all(r["caption_meta"]["key"].startswith(f"{root}/manifest") for r in captions)
+        assert {f["record"]["id"]: f["error"]["type"] for f in failures} == data.bad
+        summary = json.loads(fs.cat(f"{BUCKET}/run/out/summary.json"))
+        assert summary["captioned"] == 12 and summary["failed"] == 2
+        assert not fs.glob(f"{BUCKET}/run/out/.checkpoint/*")
+        sent = server.stats()["requests"]
+
+        resumed = job("--resume")  # every caption kept; the two failures tried again
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        resumed_summary = json.loads(fs.cat(f"{BUCKET}/run/out/summary.json"))
+        assert resumed_summary["resumed"] == 12 and resumed_summary["failed"] == 2
+        assert server.stats()["requests"] - sent <= 1  # only the rejected record is re-sent
+
+        clean = f"{root}/clean"
+        fs.pipe(f"{BUCKET}/run/clean.jsonl", "".join(
+            json.dumps(r) + "\n" for r in read_jsonl(data.manifests[0])
+            if r["id"] not in data.bad).encode())
+        none_failed = run_cli([*TEST_RUNNER, "--input", f"{root}/clean.jsonl", "--image_root",
+                               root, "--cache_dir", cache, "--api_url", server.url, "--model",
+                               "fake-vlm"], clean, env=env)  # type: ignore[arg-type]
+        assert none_failed.returncode == 0, none_failed.stderr[-3000:]
+        assert server.stats()["requests"] - sent <= 1  # the cache answered every request
+    assert _read_remote(fs, f"{BUCKET}/run/clean/failures-*.jsonl") == []
+    assert fs.glob(f"{BUCKET}/run/clean/failures-*.jsonl")  # an empty file set still finalizes
+    assert len(_read_remote(fs, f"{BUCKET}/run/clean/captions-*.jsonl")) == 6
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("gs:", "s3:"))]
+
+
+def _validate(**flags):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_caption.options import CaptionOptions, validate_options
+
+    values = {"input": "m.jsonl", "output": "gs://bucket/out", "api_url": "http://h/v1",
+              "model": "m", **flags}
+    validate_options(PipelineOptions([f"--{name}={value}" for name, value in values.items()])
+                     .view_as(CaptionOptions))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"output": "https://host/out"},
+     "--output https://host/out: https:// is not supported here; use a local path or gs://, "
+     "s3://"),
+    ({"cache_dir": "ftp://host/cache"}, "--cache_dir ftp://host/cache: ftp:// is not supported"),
+    ({"input": "m.jsonl,hdfs://nn/m.jsonl"}, "--input hdfs://nn/m.jsonl: hdfs:// is not"),
+    ({"image_root": "ftp://user:pw@host/images?sig=s3cret"},
+     "--image_root ftp://REDACTED@host/images?REDACTED: ftp:// is not supported here; use a "
+     "local path or gs://, gcs://, s3://, http://, https://"),
+])
+def test_a_location_no_job_can_use_is_refused_at_launch(flags, message):
+    from beam_caption.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        _validate(**flags)
+    assert str(info.value).startswith(message)
+
+
+def test_s3_without_the_s3_extra_is_refused_at_launch(monkeypatch):
+    from beam_caption.errors import UsageError
+
+    _validate(input="s3://bucket/m.jsonl", output="s3://bucket/out")  # installed: accepted
+    monkeypatch.setitem(sys.modules, "boto3", None)  # Beam's S3 filesystem writes with it
+    _validate(input="s3://bucket/m.jsonl")  # reads need s3fs only
+    with pytest.raises(UsageError, match=r"--output s3://bucket/out needs the s3 extra"):
+        _validate(output="s3://bucket/out")
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(UsageError, match=r"--input s3://bucket/m.jsonl needs the s3 extra"):
+        _validate(input="s3://bucket/m.jsonl")

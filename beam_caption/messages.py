@@ -19,6 +19,7 @@ class PromptSettings:
     prompt: str | None = None
     image_key: str = "image"
     conversation_key: str = "conversation"
+    image_detail: str | None = None  # OpenAI's low | high | auto, sent with every image
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,18 @@ def _turns(record: dict, settings: PromptSettings) -> tuple[tuple[str, str], ...
     return tuple(turns[:last_user + 1])
 
 
-def build_messages(plan: RequestPlan, image_urls: list[str],
-                   system_prompt: str | None) -> list[dict]:
-    """OpenAI chat messages: system prompt, then the turns, images first in the first user turn."""
+def build_messages(plan: RequestPlan, image_urls: list[str], system_prompt: str | None,
+                   image_detail: str | None = None) -> list[dict]:
+    """OpenAI chat messages: system prompt, then the turns, images first in the first user turn
+    (with ``detail`` when ``image_detail`` is given)."""
+    detail = {"detail": image_detail} if image_detail else {}
     messages: list[dict] = []
     if system_prompt and not any(role == "system" for role, _ in plan.turns):
         messages.append({"role": "system", "content": system_prompt})
     images_sent = False
     for role, text in plan.turns:
         if role == "user" and not images_sent:
-            parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}}
+            parts: list[dict] = [{"type": "image_url", "image_url": {"url": url, **detail}}
                                  for url in image_urls]
             if text:
                 parts.append({"type": "text", "text": text})

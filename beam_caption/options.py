@@ -23,6 +23,7 @@ from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.errors import UsageError
 from beam_caption.keys import SECRET_VERSION
 from beam_caption.redact import clean_key, redact_url
+from beam_caption.tokens import DETAILS, FORMULAS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,13 @@ class CaptionOptions(PipelineOptions):
                             help="JPEG quality of the re-encoded images.")
         images.add_argument("--image_timeout", type=_POSITIVE_FLOAT, default=60.0,
                             help="Seconds to read one record's images (connect and total).")
+        images.add_argument("--image_detail", default=None, choices=DETAILS,
+                            help="OpenAI's image detail sent with every image: low (85 tokens "
+                                 "an image, whatever its size), high or auto (default: not "
+                                 "sent, the server's choice).")
+        images.add_argument("--token_formula", default="openai", choices=FORMULAS,
+                            help="How image tokens are counted for --max_tokens_per_minute and "
+                                 "estimates: openai (512-px tiles) or qwen (28-px patches).")
         images.add_argument("--image_retries", type=_NON_NEGATIVE_INT, default=3,
                             help="Reads after the first for transient image failures (HTTP 5xx "
                                  "and 429, resets, timeouts, storage errors), with backoff.")

@@ -17,7 +17,7 @@ Two sources; a request waits for both:
 
 A process's first request goes alone (for up to ``FIRST_ANSWER_WAIT_S``), so that what the
 server says of the account is known before the others go. A request's tokens are counted before
-it is sent (``estimate_request_tokens``) and the token bucket is corrected by the answer's
+it is sent (``tokens.estimate_request_tokens``) and the token bucket is corrected by the answer's
 usage. Used from one event loop per process.
 """
 
@@ -28,36 +28,14 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 TOKEN_BURST_S = 1.0  # a process's tokens bucket holds this many seconds of its share
 FIRST_ANSWER_WAIT_S = 5.0  # the longest the others wait for the first request's answer
 JITTER = 0.25  # waits on the account are stretched by up to this share, so processes spread
-DEFAULT_COMPLETION_TOKENS = 256  # counted for the answer when --max_tokens is not set
-CHARS_PER_TOKEN = 4  # text tokens are estimated from characters
 RESOURCES = ("requests", "tokens")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def image_tokens(width: int, height: int) -> int:
-    """Tokens an image of this size costs in OpenAI's high-detail formula: scaled to fit
-    2048x2048, then its shortest side to 768, counted in 512-pixel tiles (170 each) plus 85."""
-    if width <= 0 or height <= 0:
-        return 85
-    fit = min(1.0, 2048 / max(width, height))
-    fit *= min(1.0, 768 / (min(width, height) * fit))
-    return 85 + 170 * math.ceil(width * fit / 512) * math.ceil(height * fit / 512)
-
-
-def estimate_request_tokens(text_chars: int, image_sizes: Iterable[tuple[int, int]],
-                            max_tokens: int | None) -> int:
-    """Tokens a request counts against a tokens-per-minute limit before it is answered: its
-    text, its images as sent and the longest answer it allows."""
-    text = math.ceil(text_chars / CHARS_PER_TOKEN)
-    images = sum(image_tokens(width, height) for width, height in image_sizes)
-    return text + images + (max_tokens or DEFAULT_COMPLETION_TOKENS)
 
 
 def parse_duration(text: str | None) -> float | None:

@@ -37,9 +37,9 @@ from beam_caption.images import (
 )
 from beam_caption.keys import KeySource
 from beam_caption.messages import PromptSettings, build_messages, plan_request
-from beam_caption.ratelimit import estimate_request_tokens
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
+from beam_caption.tokens import estimate_request_tokens
 
 IO_THREADS_MAX = 64
 IMAGE_BACKOFF_S = 0.5  # first wait before reading a record's images again
@@ -64,6 +64,7 @@ class CaptionConfig:
     image_timeout: float = 60.0
     image_retries: int = 3  # reads after the first for retryable image failures
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
+    token_formula: str = "openai"  # how image tokens are counted (tokens.py)
     # (ClientSettings, api key) -> client with ``async complete(body, tokens) -> Completion`` and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
     client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
@@ -265,11 +266,13 @@ class CaptionRuntime:
         estimated tokens."""
         images = [prepare_image_bytes(data, self.config.images) for data in sources]
         urls = [image.data_url for image in images]
-        body = request_body(self.config.client,
-                            build_messages(plan, urls, self.config.prompts.system_prompt))
+        prompts = self.config.prompts
+        body = request_body(self.config.client, build_messages(
+            plan, urls, prompts.system_prompt, prompts.image_detail))
         tokens = estimate_request_tokens(len(body) - sum(map(len, urls)),
                                          [(image.width, image.height) for image in images],
-                                         self.config.client.max_tokens)
+                                         self.config.client.max_tokens, self.config.token_formula,
+                                         prompts.image_detail)
         return body, request_digest(body), tokens
 
 

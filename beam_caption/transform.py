@@ -51,7 +51,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             max_caption_chars=options.max_caption_chars),
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
-            image_key=options.image_key, conversation_key=options.conversation_key),
+            image_key=options.image_key, conversation_key=options.conversation_key,
+            image_detail=options.image_detail),
         images=ImageSettings(max_side=options.max_image_side, max_bytes=options.max_image_bytes,
                              jpeg_quality=options.jpeg_quality),
         image_root=options.image_root or os.getcwd(),
@@ -63,6 +64,7 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         image_timeout=options.image_timeout,
         image_retries=options.image_retries,
         allow_private_urls=options.allow_private_urls,
+        token_formula=options.token_formula,
     )
 
 

@@ -83,3 +83,22 @@ def test_bad_records_fail_at_read_stage(record, error_type):
     with pytest.raises(CaptionError) as info:
         plan_request(record, SETTINGS)
     assert info.value.stage == "read" and info.value.type == error_type
+
+
+def test_image_detail_goes_with_every_image_and_changes_the_fingerprint():
+    from beam_caption.client import ClientSettings
+    from beam_caption.images import ImageSettings
+    from beam_caption.runtime import CaptionConfig
+
+    plan = plan_request({"image": ["a.png", "b.png"], "conversation": [
+        {"from": "human", "value": "q"}]}, PromptSettings(system_prompt=None))
+    parts = build_messages(plan, ["data:a", "data:b"], None, "low")[0]["content"]
+    assert [p["image_url"] for p in parts[:2]] == [{"url": "data:a", "detail": "low"},
+                                                   {"url": "data:b", "detail": "low"}]
+    assert "detail" not in build_messages(plan, ["data:a"], None)[0]["content"][0]["image_url"]
+
+    def digest(detail):
+        return CaptionConfig(ClientSettings(api_url="http://h/v1", model="m"),
+                             PromptSettings(system_prompt=None, image_detail=detail),
+                             ImageSettings(), image_root="/").settings_digest
+    assert digest("low") != digest(None) != digest("high")  # --resume tells them apart

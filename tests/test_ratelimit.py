@@ -9,30 +9,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_caption.errors import UsageError
 from beam_caption.options import CaptionOptions, count_worker_processes, prepare_launch
-from beam_caption.ratelimit import (
-    AccountState,
-    JobRateLimiter,
-    estimate_request_tokens,
-    image_tokens,
-    parse_duration,
-)
+from beam_caption.ratelimit import AccountState, JobRateLimiter, parse_duration
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 from tests.conftest import run_cli
-
-
-@pytest.mark.parametrize("size, tokens", [
-    ((1024, 1024), 765),  # OpenAI's worked examples
-    ((2048, 4096), 1105),
-    ((512, 512), 255),
-    ((100, 4000), 85 + 170 * 1 * 4),  # 51x2048: one tile wide, four high
-])
-def test_image_tokens_follow_the_tile_formula(size, tokens):
-    assert image_tokens(*size) == tokens
-
-
-def test_request_tokens_count_text_images_and_the_longest_answer():
-    assert estimate_request_tokens(400, [(1024, 1024), (512, 512)], 300) == 100 + 765 + 255 + 300
-    assert estimate_request_tokens(1, [], None) == 1 + 256  # no --max_tokens: a default answer
 
 
 @pytest.mark.parametrize("text, seconds", [

@@ -27,7 +27,8 @@ from beam_caption.errors import JobStopped, UsageError  # noqa: E402
 from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "estimate")
+VERBOSE_FLAGS = {"-v", "--verbose"}
 
 
 def print_summary(summary: dict) -> None:
@@ -96,7 +97,9 @@ def print_help() -> None:
                "--direct_num_workers, --project, --region, --temp_location, ...). "
                "'python -m beam_caption demo [--output DIR]' (also what runs when neither "
                "--input nor --api_url is given) captions the bundled sample images with the "
-               "bundled fake VLM server.")
+               "bundled fake VLM server; 'python -m beam_caption estimate --help' counts a "
+               "job's tokens and cost without sending anything. -v (--verbose) shows "
+               "beam_caption's debug lines.")
     CaptionOptions._add_argparse_args(parser)
     parser.print_help()
 
@@ -159,9 +162,16 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _dispatch(argv: list[str]) -> int:
     """Run what ``argv`` asks for; returns the exit status."""
-    command, args = _split_command(argv)
+    verbose = bool(set(argv) & VERBOSE_FLAGS)
+    command, args = _split_command([arg for arg in argv if arg not in VERBOSE_FLAGS])
     _configure_logging(args)
+    if verbose:  # this package's debug lines: failures, retries, throttling, worker figures
+        logging.getLogger("beam_caption").setLevel(logging.DEBUG)
     flags = _flag_names(args)
+    if command == "estimate":
+        from beam_caption.estimate import main as estimate
+
+        return estimate(args)
     if flags & {"-h", "--help"}:
         if command == "demo":
             return demo(args)  # its parser prints its help and exits

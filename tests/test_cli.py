@@ -80,10 +80,12 @@ def test_every_options_class_flag_is_known_in_both_forms():
 
 
 @pytest.mark.parametrize("word, message", [
-    ("reprot", ("unknown command 'reprot' (commands: demo; a caption job takes flags only, "
-                "see --help)")),
-    ("dmeo", ("unknown command 'dmeo' (did you mean 'demo'? commands: demo; a caption job "
-              "takes flags only, see --help)")),
+    ("reprot", ("unknown command 'reprot' (commands: demo, estimate; a caption job takes "
+                "flags only, see --help)")),
+    ("dmeo", ("unknown command 'dmeo' (did you mean 'demo'? commands: demo, estimate; a "
+              "caption job takes flags only, see --help)")),
+    ("estimat", ("unknown command 'estimat' (did you mean 'estimate'? commands: demo, "
+                 "estimate; a caption job takes flags only, see --help)")),
 ])
 def test_a_mistyped_command_is_refused_not_run_as_the_demo(capsys, tmp_path, monkeypatch, word,
                                                            message):
@@ -214,3 +216,23 @@ def test_ctrl_c_while_beam_is_imported_prints_one_line(dataset_factory, tmp_path
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert (process.returncode, stderr.strip()) == (130, INTERRUPTED)
+
+
+def test_verbose_shows_the_packages_debug_lines(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", 2, files=1, bad_records=True)
+    command = [sys.executable, "-m", "beam_caption", *TEST_RUNNER, "--input", data.manifests[0],
+               "--image_root", str(data.root), "--output"]
+    with FakeVLMServer() as server:
+        flags = ["--api_url", server.url, "--model", "fake-vlm"]
+        quiet = subprocess.run([*command, str(tmp_path / "a"), *flags], capture_output=True,
+                               text=True, timeout=120)
+        verbose = subprocess.run([*command, str(tmp_path / "b"), *flags, "-v"],
+                                 capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == verbose.returncode == 0, verbose.stderr[-2000:]
+    assert "DEBUG beam_caption" not in quiet.stderr
+    assert "DEBUG beam_caption.caption" in verbose.stderr and "image_not_found" in verbose.stderr

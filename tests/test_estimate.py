@@ -1,0 +1,68 @@
+"""``estimate``: records, images, tokens and cost from manifests and image headers alone."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from beam_caption.__main__ import main
+from beam_caption.estimate import estimate, parser
+from beam_caption.tokens import image_tokens
+
+
+def _args(data, *flags):
+    return parser().parse_args(["--input", ",".join(data.manifests), "--image_root",
+                                str(data.root), *flags])
+
+
+def _sizes(data) -> list[tuple[int, int]]:
+    sizes = []
+    for record_id in data.expected:
+        index = int(record_id[1:])
+        suffix = "jpg" if index % 4 == 0 else "png"
+        with Image.open(data.root / f"images/img{index:05d}.{suffix}") as image:
+            sizes.append(image.size)
+    return sizes
+
+
+@pytest.mark.parametrize("formula, detail", [("openai", None), ("openai", "low"),
+                                             ("qwen", None)])
+def test_tokens_come_from_headers_without_decoding_a_pixel(dataset_factory, monkeypatch,
+                                                           formula, detail):
+    data = dataset_factory(9, files=2, bad_records=True)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("a pixel was decoded"))
+    flags = ["--token_formula", formula] + (["--image_detail", detail] if detail else [])
+    totals = estimate(_args(data, *flags, "--max_tokens", "300"))
+    assert totals.records == 11 and totals.images == 10  # the missing image is not counted
+    assert totals.unreadable_records == 1
+    assert totals.problems == {"image/image_not_found": 1}
+    expected = sum(image_tokens(w, h, formula, detail) for w, h in _sizes(data))
+    with Image.open(data.root / "images/img09999.png") as rejected:  # only the API refuses it
+        rejected_image = image_tokens(*rejected.size, formula, detail)
+    assert totals.image_tokens == expected + rejected_image
+    assert totals.output_tokens == 10 * 300
+
+
+def test_images_are_counted_at_the_size_sent(tmp_path):
+    Image.new("RGB", (4000, 3000)).save(tmp_path / "big.png")
+    (tmp_path / "m.jsonl").write_text(
+        '{"image": ["big.png"], "conversation": [{"from": "human", "value": "q"}]}\n')
+    args = ["--input", str(tmp_path / "m.jsonl"), "--image_root", str(tmp_path)]
+    assert estimate(parser().parse_args(args)).image_tokens == image_tokens(1024, 768)
+    unchanged = estimate(parser().parse_args([*args, "--max_image_side", "0"]))
+    assert unchanged.image_tokens == image_tokens(4000, 3000)
+
+
+def test_the_cli_prints_tokens_and_cost(dataset_factory, capsys):
+    data = dataset_factory(4, files=1)
+    assert main(["estimate", "--input", data.manifests[0], "--image_root", str(data.root),
+                 "--model", "gpt-4o-mini", "--image_detail", "low",
+                 "--expected_output_tokens", "100", "--price_per_million_input_tokens", "2",
+                 "--price_per_million_output_tokens", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("estimate: 4 records, 4 images for gpt-4o-mini")
+    totals = estimate(_args(data, "--image_detail", "low", "--expected_output_tokens", "100"))
+    assert totals.image_tokens == 4 * 85 and totals.output_tokens == 400
+    cost = totals.input_tokens * 2 / 1e6 + 400 * 8 / 1e6
+    assert lines[3].startswith(f"  cost: ${totals.input_tokens * 2 / 1e6:,.4f} input + "
+                               f"${400 * 8 / 1e6:,.4f} output = ${cost:,.4f}")

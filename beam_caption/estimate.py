@@ -150,7 +150,9 @@ def _header_size(url: str, guard: UrlGuard) -> tuple[int, int]:
             return Image.open(handle).size  # reads the header, decodes nothing
     except FileNotFoundError:
         raise CaptionError("image", "image_not_found", url) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise CaptionError("image", "decompression_bomb", f"{url}: {exc}") from None
+    except (OSError, ValueError) as exc:
         raise CaptionError("image", "not_an_image", f"{url}: {type(exc).__name__}") from None
 
 

@@ -19,6 +19,7 @@ a later attempt can succeed, and never show a URL's credentials, query or fragme
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import ipaddress
 import socket
@@ -140,11 +141,17 @@ class _GuardedHTTP(http.client.HTTPConnection):
 class _GuardedHTTPS(_GuardedHTTP):
     """The same over TLS, verified against the URL's host name."""
 
-    _tls = ssl.create_default_context()
     default_port = http.client.HTTPS_PORT
 
     def connect(self) -> None:
-        self.sock = self._tls.wrap_socket(self._guarded_socket(), server_hostname=self.host)
+        self.sock = _tls_context().wrap_socket(self._guarded_socket(),
+                                               server_hostname=self.host)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process, made on first use (loading the CAs takes time)."""
+    return ssl.create_default_context()
 
 
 def fetch(url: str, max_bytes: int, timeout: float, guard: UrlGuard) -> bytes:

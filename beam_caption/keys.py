@@ -73,16 +73,13 @@ def read_key_file(path: str) -> str:
     or holds no key. The message names the file, never its content."""
     import fsspec
 
+    source = f"--api_key_file {redact_url(path)}"
     try:
         with fsspec.open(path, "rb") as handle:
             data = handle.read(KEY_READ_BYTES)
-        key = clean_key(data.decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--api_key_file {redact_url(path)} cannot be read: "
-                         f"{type(exc).__name__}") from None
-    if not key:
-        raise UsageError(f"--api_key_file {redact_url(path)} holds no key (empty)")
-    return key
+    except OSError as exc:
+        raise UsageError(f"{source} cannot be read: {type(exc).__name__}") from None
+    return _key_in(data, source)
 
 
 def read_secret(name: str) -> str:
@@ -94,15 +91,26 @@ def read_secret(name: str) -> str:
     except ImportError:
         raise UsageError("--api_key_secret needs Google Cloud Secret Manager's client library: "
                          "pip install 'beam_caption[gcp]' (on workers too)") from None
+    source = f"--api_key_secret {name}"
     try:
         client = secretmanager.SecretManagerServiceClient()
         response = client.access_secret_version(name=name, timeout=SECRET_TIMEOUT_S)
-        key = clean_key(bytes(response.payload.data).decode("utf-8"))
-    except Exception as exc:  # google.api_core and google.auth errors, decoding
-        raise UsageError(f"--api_key_secret {name} cannot be read: {type(exc).__name__}"
+        data = bytes(response.payload.data)
+    except Exception as exc:  # google.api_core and google.auth errors
+        raise UsageError(f"{source} cannot be read: {type(exc).__name__}"
                          f"{_first_line(exc)}") from None
+    return _key_in(data, source)
+
+
+def _key_in(data: bytes, source: str) -> str:
+    """The key in what ``source`` (a flag and its value, for messages) holds: UTF-8, stripped,
+    not empty; the message never shows the content."""
+    try:
+        key = clean_key(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{source} cannot be read: it is not UTF-8 text") from None
     if not key:
-        raise UsageError(f"--api_key_secret {name} holds no key (empty)")
+        raise UsageError(f"{source} holds no key (empty)")
     return key
 
 

@@ -66,3 +66,18 @@ def test_the_cli_prints_tokens_and_cost(dataset_factory, capsys):
     cost = totals.input_tokens * 2 / 1e6 + 400 * 8 / 1e6
     assert lines[3].startswith(f"  cost: ${totals.input_tokens * 2 / 1e6:,.4f} input + "
                                f"${400 * 8 / 1e6:,.4f} output = ${cost:,.4f}")
+
+
+def test_hostile_images_cost_their_record_only(tmp_path, monkeypatch):
+    Image.new("RGB", (96, 64)).save(tmp_path / "big.png")
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "m.jsonl").write_text("".join(
+        f'{{"image": ["{name}"], "conversation": [{{"from": "human", "value": "q"}}]}}\n'
+        for name in ("big.png", "text.png", "ok.png")) + "not json\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # big.png: over twice the limit
+    totals = estimate(parser().parse_args(["--input", str(tmp_path / "m.jsonl"),
+                                           "--image_root", str(tmp_path)]))
+    assert (totals.records, totals.images) == (4, 1)
+    assert totals.problems == {"image/decompression_bomb": 1, "image/not_an_image": 1,
+                               "read/malformed_json": 1}

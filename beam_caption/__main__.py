@@ -37,6 +37,9 @@ def print_summary(summary: dict) -> None:
           f"({summary['failed']} failed) in {summary['wall_time_s']:.1f} s, "
           f"{summary['tokens']['total']} tokens, {summary['retries']} retries, "
           f"{summary['throttled_s']:.1f} s throttled")
+    if summary["cost"]["total"]:
+        print(f"  cost ${summary['cost']['total']:,.4f} (input ${summary['cost']['input']:,.4f}, "
+              f"output ${summary['cost']['output']:,.4f})")
     if summary["resumed"]:
         print(f"  {summary['resumed']} captions were kept from the earlier run (--resume)")
     for kind, count in summary["failed_by_type"].items():

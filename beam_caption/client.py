@@ -62,6 +62,9 @@ class ClientSettings:
     max_retry_wait: float = 300.0
     max_response_bytes: int = 4 * 2**20
     max_caption_chars: int = 32_000
+    max_cost: float | None = None  # this process's share of the job's --max_cost
+    price_per_million_input_tokens: float = 0.0
+    price_per_million_output_tokens: float = 0.0
     stop_after_refusals: int = 5
 
     def request_params(self) -> dict:
@@ -322,6 +325,7 @@ class VLMClient:
                                        settings.max_tokens_per_minute,
                                        settings.worker_processes, self._rng)
         self._refusals = 0  # consecutive 401/403/404 answers
+        self._spent = 0.0  # dollars, from the answers' usage at the settings' prices
         self._stopped: JobStopped | None = None
         self._accepted = AcceptedParams(settings.model, settings.request_params())
 
@@ -335,6 +339,7 @@ class VLMClient:
         while True:
             if self._stopped:
                 raise self._stopped
+            self._check_budget()
             attempt += 1
             ticket, waited = await self._wait_for_turn(tokens)
             throttled += waited
@@ -365,11 +370,26 @@ class VLMClient:
             self._refusals = 0
             if parsed.prompt_tokens is not None and parsed.completion_tokens is not None:
                 self._limiter.settle(ticket, parsed.prompt_tokens + parsed.completion_tokens)
+            self._spent += (
+                (parsed.prompt_tokens or 0) * self.settings.price_per_million_input_tokens
+                + (parsed.completion_tokens or 0) * self.settings.price_per_million_output_tokens
+            ) / 1e6
             return Completion(scrub(parsed.caption, self._secrets, urls=False),
                               parsed.finish_reason, parsed.prompt_tokens,
                               parsed.completion_tokens, attempt,
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
                               reasoning_tokens=parsed.reasoning_tokens)
+
+    def _check_budget(self) -> None:
+        """Stop the job (JobStopped) once this process has spent its share of --max_cost: no
+        new request starts; those in flight finish; the rest are left for --resume."""
+        budget = self.settings.max_cost
+        if budget is not None and self._spent >= budget:
+            self._stopped = JobStopped(
+                f"--max_cost is spent (this worker process's share: ${budget:.4f}, spent "
+                f"${self._spent:.4f}). Records not sent yet are left for --resume with a "
+                "higher --max_cost.")
+            raise self._stopped
 
     def _typed_error(self, exc: BaseException, attempt: int, throttled: float) -> CaptionError:
         """The CaptionError for a failed attempt, its message scrubbed of the key."""

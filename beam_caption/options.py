@@ -158,6 +158,15 @@ class CaptionOptions(PipelineOptions):
         calls.add_argument("--max_tokens_per_minute", type=_POSITIVE_FLOAT, default=None,
                            help="Tokens per minute for the whole job (the account's TPM), "
                                 "counted before sending: text, images as sent and --max_tokens.")
+        calls.add_argument("--max_cost", type=_POSITIVE_FLOAT, default=None,
+                           help="Budget in dollars for the whole job, at the --price_per_million_"
+                                "* prices from the answers' usage: once spent, no new request "
+                                "starts and the job stops; --resume continues.")
+        calls.add_argument("--price_per_million_input_tokens", type=_Range(float, 0),
+                           default=0.0, help="Dollars per million prompt tokens (for --max_cost "
+                                             "and the summary's cost).")
+        calls.add_argument("--price_per_million_output_tokens", type=_Range(float, 0),
+                           default=0.0, help="Dollars per million completion tokens.")
         calls.add_argument("--worker_processes", type=_POSITIVE_INT, default=None,
                            help="How many worker processes share the job's per-minute limits "
                                 "(default: from the runner's options where they say; needed "
@@ -273,6 +282,10 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(out_of_range)
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
+    if options.max_cost and not (options.price_per_million_input_tokens or
+                                 options.price_per_million_output_tokens):
+        raise UsageError("--max_cost needs the model's prices: --price_per_million_input_tokens "
+                         "and --price_per_million_output_tokens")
     if options.api_key_file and options.api_key_secret:
         raise UsageError("give the key with one of --api_key_file and --api_key_secret")
     if options.api_key_secret and not SECRET_VERSION.fullmatch(options.api_key_secret):
@@ -299,9 +312,10 @@ def prepare_launch(options: PipelineOptions) -> None:
     if flags.worker_processes is None:
         flags.worker_processes = count_worker_processes(options)
         if flags.worker_processes is None and (flags.max_requests_per_minute or
-                                               flags.max_tokens_per_minute):
+                                               flags.max_tokens_per_minute or flags.max_cost):
             raise UsageError(
-                f"--max_requests_per_minute and --max_tokens_per_minute are for the whole job: "
+                f"--max_requests_per_minute, --max_tokens_per_minute and --max_cost are for "
+                f"the whole job: "
                 f"with --runner {standard.runner}, say how many worker processes share them "
                 f"with --worker_processes (workers x SDK processes per worker)")
 

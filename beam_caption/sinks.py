@@ -132,11 +132,21 @@ def summary_from_counts(counts: dict, options: dict,
                    "completion": counts.get("completion_tokens", 0),
                    "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0),
                    "reasoning": counts.get("reasoning_tokens", 0)},
+        "cost": _cost(counts, options),
         "throttled_s": counts.get("throttled_ms", 0) / 1000,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
         "images_per_s": round(images / wall_time_s, 2) if wall_time_s else None,
         "options": options,
     }
+
+
+def _cost(counts: dict, options: dict) -> dict:
+    """Dollars at the run's --price_per_million_* (0 without prices)."""
+    spent = {side: counts.get(f"{tokens}_tokens", 0)
+             * (options.get(f"price_per_million_{side}_tokens") or 0) / 1e6
+             for side, tokens in (("input", "prompt"), ("output", "completion"))}
+    return {**{side: round(value, 6) for side, value in spent.items()},
+            "total": round(sum(spent.values()), 6)}
 
 
 def write_summary(summary: dict, output_dir: str) -> str:

@@ -48,7 +48,11 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             max_tokens=options.max_tokens, temperature=options.temperature,
             reasoning_effort=options.reasoning_effort, max_retry_wait=options.max_retry_wait,
             max_response_bytes=options.max_response_bytes,
-            max_caption_chars=options.max_caption_chars),
+            max_caption_chars=options.max_caption_chars,
+            max_cost=(options.max_cost / (options.worker_processes or 1)
+                      if options.max_cost else None),
+            price_per_million_input_tokens=options.price_per_million_input_tokens,
+            price_per_million_output_tokens=options.price_per_million_output_tokens),
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
             image_key=options.image_key, conversation_key=options.conversation_key,

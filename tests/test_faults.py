@@ -226,6 +226,41 @@ def test_a_revoked_key_or_model_mid_run_stops_the_job_and_resume_finishes(datase
     assert paid_again == 60 - resumed.summary["resumed"] and resumed.summary["resumed"] >= 15
 
 
+def test_max_cost_stops_sending_at_the_budget_and_resume_continues(dataset_factory, tmp_path):
+    data = dataset_factory(30, files=1)
+    out = tmp_path / "out"
+    # $1 a prompt token: every answer costs tens of dollars, so $150 buys a handful of them.
+    prices = ["--price_per_million_input_tokens", "1000000"]
+    with FakeVLMServer(FakeVLMConfig(latency_ms=5)) as server:
+        stopped = run_cli(base_args(data, server, "--max_concurrency", "1", "--max_cost", "150",
+                                    "--checkpoint_interval", "0.01", *prices), out)
+        paid = server.stats()["requests"]
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "--max_cost is spent" in stopped.stderr and "--resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert 1 <= paid < 30
+    with FakeVLMServer() as server:
+        resumed = run_cli(base_args(data, server, "--resume", *prices), out)
+        paid_again = server.stats()["requests"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {r["id"]: r["caption"] for r in resumed.captions} == data.expected
+    assert paid_again == 30 - resumed.summary["resumed"]  # every kept caption is reused
+    # Paid twice: only the few answers emitted in the stop's last burst, which the checkpoint
+    # step had buffered but not written (left: a stop does not flush that buffer).
+    assert paid + paid_again - 30 <= 5
+    cost = resumed.summary["cost"]
+    assert cost["input"] == resumed.summary["tokens"]["prompt"] and cost["output"] == 0
+    assert f"cost ${cost['total']:,.4f}" in resumed.stdout
+
+
+def test_max_cost_needs_prices(dataset_factory, tmp_path):
+    data = dataset_factory(1, files=1)
+    result = run_cli([*TEST_RUNNER, "--input", data.manifests[0], "--api_url",
+                      "http://127.0.0.1:9/v1", "--model", "m", "--max_cost", "5"],
+                     tmp_path / "out")
+    assert result.returncode == 2 and "--max_cost needs the model's prices" in result.stderr
+
+
 @pytest.mark.parametrize("hostile", [
     FakeVLMConfig(caption_suffix="\ud800"),
     FakeVLMConfig(usage={"prompt_tokens": "12", "completion_tokens": float("nan")}),

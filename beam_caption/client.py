@@ -337,15 +337,15 @@ class VLMClient:
         started = time.monotonic()
         attempt = 0
         while True:
-            if self._stopped:
-                raise self._stopped
-            self._check_budget()
+            self._may_send()
             attempt += 1
             ticket, waited = await self._wait_for_turn(tokens)
             throttled += waited
             sent_params = self._accepted.params
             try:
                 parsed = await self._attempt(self._accepted.body(body), ticket)
+            except JobStopped:
+                raise
             except Exception as exc:  # every failure becomes a typed error below
                 failure = exc if isinstance(exc, HTTPStatusFailure) else None
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
@@ -380,9 +380,11 @@ class VLMClient:
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
                               reasoning_tokens=parsed.reasoning_tokens)
 
-    def _check_budget(self) -> None:
-        """Stop the job (JobStopped) once this process has spent its share of --max_cost: no
-        new request starts; those in flight finish; the rest are left for --resume."""
+    def _may_send(self) -> None:
+        """JobStopped when the job has stopped (refusals, budget): checked before each of a record's
+        attempts and again when a request gets its slot, so nothing queued is sent after."""
+        if self._stopped:
+            raise self._stopped
         budget = self.settings.max_cost
         if budget is not None and self._spent >= budget:
             self._stopped = JobStopped(
@@ -436,6 +438,7 @@ class VLMClient:
         headers = None
         try:
             async with self._slots:
+                self._may_send()  # the job may have stopped while this request waited
                 async with asyncio.timeout(self.settings.request_timeout):
                     async with self._session.post(self._url, data=body,
                                                   headers=self._headers) as response:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.errors import CaptionError, UsageError
-from beam_caption.http_images import UrlGuard, fetch
+from beam_caption.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.images import resolve_image_path
 from beam_caption.manifest import iter_manifest, match_manifests
 from beam_caption.messages import PromptSettings, plan_request
@@ -144,7 +144,7 @@ def _problem(totals: Estimate, stage: str, type_: str) -> None:
 def _header_size(url: str, guard: UrlGuard) -> tuple[int, int]:
     """An image's (width, height) from its header; CaptionError when it cannot be read."""
     try:
-        if url.lower().startswith(("http://", "https://")):
+        if is_http_url(url):
             return Image.open(io.BytesIO(fetch(url, MAX_HEADER_BYTES, 60.0, guard))).size
         with fsspec.open(url, "rb") as handle:
             return Image.open(handle).size  # reads the header, decodes nothing

@@ -22,6 +22,7 @@ import base64
 import functools
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -41,9 +42,16 @@ _FORBIDDEN = (401, 403, 407, 451)
 _TRANSIENT = (408, 425, 429, 500, 502, 503, 504)
 _REDIRECTS = (301, 302, 303, 307, 308)
 
+_HTTP_URL = re.compile(r"^https?://", re.IGNORECASE)
+
 # (host, port) -> the addresses a name resolves to (strings)
 Resolver = Callable[[str, int], list[str]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_http_url(url: str) -> bool:
+    """Whether ``url`` is fetched over http(s) (by ``fetch``, one file, no glob)."""
+    return bool(_HTTP_URL.match(url))
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -158,7 +166,6 @@ def fetch(url: str, max_bytes: int, timeout: float, guard: UrlGuard) -> bytes:
     """The body at an http(s) ``url``, following up to MAX_REDIRECTS redirects; at most
     ``max_bytes`` (more is ``image_too_large``), all within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    shown = redact_url(url)
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
         shown = redact_url(url)

@@ -20,7 +20,7 @@ import fsspec
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from beam_caption.errors import CaptionError
-from beam_caption.http_images import UrlGuard, fetch
+from beam_caption.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.redact import redact_url
 
 # Formats Image.open may try. MPO (multi-picture JPEG) needs no entry: the JPEG plugin opens it,
@@ -28,7 +28,6 @@ from beam_caption.redact import redact_url
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_HTTP = re.compile(r"^https?://", re.IGNORECASE)
 DEFAULT_HTTP_TIMEOUT_S = 60.0
 _WHITE = (255, 255, 255)
 # EXIF orientation -> transpose that displays the image upright (as ImageOps.exif_transpose).
@@ -115,7 +114,7 @@ def read_image_bytes(url: str, max_bytes: int, timeout: float | None = None,
     reported size can be wrong). Local paths are read with the builtin ``open``, far cheaper
     than fsspec's; FIFOs, devices and sockets are refused rather than read.
     """
-    if _HTTP.match(url):
+    if is_http_url(url):
         return fetch(url, max_bytes, timeout or DEFAULT_HTTP_TIMEOUT_S, guard or UrlGuard())
     local = not _URL.match(url)
     if local:

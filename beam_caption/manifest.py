@@ -27,6 +27,7 @@ import fsspec
 from apache_beam.metrics import Metrics
 
 from beam_caption.errors import CaptionError, UsageError, encodable, has_lone_surrogate
+from beam_caption.http_images import is_http_url
 from beam_caption.records import (
     FAILURES,
     METRICS_NAMESPACE,
@@ -40,7 +41,6 @@ from beam_caption.redact import redact_url, scrub
 RAW_TEXT_LIMIT = 10_000
 MAX_DEPTH = 100  # records nested deeper are refused: Beam's coders and json.dumps recurse
 MAX_RECORD_SIZE = 1 << 24  # longer lines (bytes) and array items (characters) are refused
-_HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _CHUNK_CHARS = 1 << 20
 _CHUNK_BYTES = 1 << 16  # small: a stream that breaks part-way (corrupt gzip) loses little
 _WHITESPACE = " \t\r\n"
@@ -66,7 +66,7 @@ def match_manifests(patterns: list[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
-        if _HTTP.match(pattern):  # a URL names one file: '?' starts its query, not a glob
+        if is_http_url(pattern):  # a URL names one file: '?' starts its query, not a glob
             if not fs.exists(pattern):
                 raise UsageError(f"no manifest file at {redact_url(pattern)!r}")
             files.append(pattern)

@@ -19,8 +19,9 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 from apache_beam.io.components.util import MovingSum
@@ -76,9 +77,9 @@ class ClientSettings:
 
 @dataclass
 class Completion:
-    """A caption and what it cost."""
+    """A caption (or a structured answer's JSON value) and what it cost."""
 
-    caption: str
+    caption: Any
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -296,10 +297,25 @@ def token_count(value) -> int | None:
     return None
 
 
-def request_body(settings: ClientSettings, messages: list[dict]) -> bytes:
-    """The JSON body of a chat completion request for VLMClient.complete (built off the event
-    loop: the image data URLs make it large)."""
-    return build_body(settings.model, settings.request_params(), messages)
+def request_body(settings: ClientSettings, messages: list[dict],
+                 params: dict | None = None) -> bytes:
+    """The JSON body of a chat completion request for VLMClient.complete, with ``params``
+    (default: the settings') (built off the event loop: the image data URLs make it large)."""
+    return build_body(settings.model, settings.request_params() if params is None else params,
+                      messages)
+
+
+def scrub_answer(answer: Any, secrets: tuple[str, ...]) -> Any:
+    """An answer (text, or a structured answer's JSON value) with the key scrubbed from its
+    text."""
+    if isinstance(answer, str):
+        return scrub(answer, secrets, urls=False)
+    if isinstance(answer, list):
+        return [scrub_answer(item, secrets) for item in answer]
+    if isinstance(answer, dict):
+        return {scrub_answer(key, secrets): scrub_answer(value, secrets)
+                for key, value in answer.items()}
+    return answer
 
 
 class VLMClient:
@@ -327,12 +343,20 @@ class VLMClient:
         self._refusals = 0  # consecutive 401/403/404 answers
         self._spent = 0.0  # dollars, from the answers' usage at the settings' prices
         self._stopped: JobStopped | None = None
-        self._accepted = AcceptedParams(settings.model, settings.request_params())
+        self._accepted = AcceptedParams(settings.model)
+        self._params = settings.request_params()
 
-    async def complete(self, body: bytes, tokens: int = 0) -> Completion:
+    async def complete(self, body: bytes, tokens: int = 0, params: dict | None = None,
+                       check: Callable[[str], Any] | None = None) -> Completion:
         """Send one request body (``request_body``) of ``tokens`` estimated tokens (counted
         against the tokens-per-minute limits), retrying retryable failures; raises CaptionError
-        when done, JobStopped once the endpoint keeps refusing every request."""
+        when done, JobStopped once the endpoint keeps refusing every request.
+
+        ``params``: the parameters the body was built with (default: the settings'). ``check``
+        turns an answer's text into the value kept, or raises a CaptionError (retried when
+        retryable, e.g. an answer that does not conform to its schema).
+        """
+        params = self._params if params is None else params
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
@@ -341,9 +365,11 @@ class VLMClient:
             attempt += 1
             ticket, waited = await self._wait_for_turn(tokens)
             throttled += waited
-            sent_params = self._accepted.params
+            sent_body, sent_params = self._accepted.body(body, params)
             try:
-                parsed = await self._attempt(self._accepted.body(body), ticket)
+                parsed = await self._attempt(sent_body, ticket)
+                self._pay(ticket, parsed)  # paid for, even when ``check`` refuses it
+                answer = parsed.caption if check is None else check(parsed.caption)
             except JobStopped:
                 raise
             except Exception as exc:  # every failure becomes a typed error below
@@ -368,17 +394,20 @@ class VLMClient:
                 continue
             self._throttle.record(overloaded=False)
             self._refusals = 0
-            if parsed.prompt_tokens is not None and parsed.completion_tokens is not None:
-                self._limiter.settle(ticket, parsed.prompt_tokens + parsed.completion_tokens)
-            self._spent += (
-                (parsed.prompt_tokens or 0) * self.settings.price_per_million_input_tokens
-                + (parsed.completion_tokens or 0) * self.settings.price_per_million_output_tokens
-            ) / 1e6
-            return Completion(scrub(parsed.caption, self._secrets, urls=False),
+            return Completion(scrub_answer(answer, self._secrets),
                               parsed.finish_reason, parsed.prompt_tokens,
                               parsed.completion_tokens, attempt,
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
                               reasoning_tokens=parsed.reasoning_tokens)
+
+    def _pay(self, ticket: Ticket, parsed: ParsedCompletion) -> None:
+        """Count an answer's tokens against the rate limits and its price against the budget."""
+        if parsed.prompt_tokens is not None and parsed.completion_tokens is not None:
+            self._limiter.settle(ticket, parsed.prompt_tokens + parsed.completion_tokens)
+        self._spent += (
+            (parsed.prompt_tokens or 0) * self.settings.price_per_million_input_tokens
+            + (parsed.completion_tokens or 0) * self.settings.price_per_million_output_tokens
+        ) / 1e6
 
     def _may_send(self) -> None:
         """JobStopped when the job has stopped (refusals, budget): checked before each of a record's

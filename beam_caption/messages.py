@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from beam_caption.errors import CaptionError
+from beam_caption.prompts import PromptSpec
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
@@ -20,6 +21,12 @@ class PromptSettings:
     image_key: str = "image"
     conversation_key: str = "conversation"
     image_detail: str | None = None  # OpenAI's low | high | auto, sent with every image
+    specs: tuple[PromptSpec, ...] = ()  # --prompts_file's prompts; () asks the one above
+
+    def prompt_specs(self, output_key: str) -> tuple[PromptSpec, ...]:
+        """The prompts each record is asked: the prompts file's, else the one of the flags."""
+        return self.specs or (PromptSpec(name=output_key, output_key=output_key,
+                                          prompt=self.prompt, template=False),)
 
 
 @dataclass(frozen=True)
@@ -33,15 +40,28 @@ class RequestPlan:
     turns: tuple[tuple[str, str], ...]
 
 
-def plan_request(record: dict, settings: PromptSettings) -> RequestPlan:
-    """Validate a record and extract its image paths and conversation turns.
+def plan_request(record: dict, settings: PromptSettings,
+                 spec: PromptSpec | None = None) -> RequestPlan:
+    """Validate a record and extract its image paths and the turns ``spec`` (default: the
+    flags' prompt) asks.
 
     Raises CaptionError(stage="read") for a record that cannot make a request.
     """
-    return RequestPlan(_image_paths(record, settings.image_key), _turns(record, settings))
+    return RequestPlan(image_paths(record, settings.image_key),
+                       prompt_turns(record, settings, spec))
 
 
-def _image_paths(record: dict, image_key: str) -> tuple[str, ...]:
+def prompt_turns(record: dict, settings: PromptSettings,
+                 spec: PromptSpec | None = None) -> tuple[tuple[str, str], ...]:
+    """The turns one prompt asks of a record: its text (fields filled in), else the record's
+    conversation (or --prompt). CaptionError(read) when the record cannot give them."""
+    if spec is not None and spec.prompt is not None:
+        return (("user", spec.user_text(record)),)
+    return _turns(record, settings)
+
+
+def image_paths(record: dict, image_key: str) -> tuple[str, ...]:
+    """The record's image paths; CaptionError(read) for a field that does not hold any."""
     if image_key not in record:
         raise CaptionError("read", "missing_image_key", f"record has no {image_key!r} field")
     value = record[image_key]

@@ -25,6 +25,8 @@ from beam_caption.keys import SECRET_VERSION
 from beam_caption.redact import clean_key, redact_url
 from beam_caption.tokens import DETAILS, FORMULAS
 
+OUTPUT_FORMATS = ("jsonl", "json", "parquet")
+
 
 @dataclasses.dataclass(frozen=True)
 class _Range:
@@ -89,6 +91,17 @@ class CaptionOptions(PipelineOptions):
                         help="Field the caption is written to.")
         io.add_argument("--num_shards", type=_NON_NEGATIVE_INT, default=0,
                         help="Output shards per file set (0 = the runner decides).")
+        io.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS,
+                        help="Captions and failures as JSON lines (default), a JSON array per "
+                             "shard, or Parquet (needs pyarrow; a fixed schema, each record "
+                             "as JSON in a column).")
+        io.add_argument("--output_compression", default="none", choices=("none", "gzip"),
+                        help="Compress the jsonl and json outputs (files end in .gz).")
+        io.add_argument("--report", action="store_true", default=False,
+                        help="After the job, write report.html into --output (see 'python -m "
+                             "beam_caption report').")
+        io.add_argument("--no_progress", action="store_true", default=False,
+                        help="No live progress line on a local run.")
         io.add_argument("--resume", action="store_true", default=False,
                         help="Keep the captions already in --output (final or checkpointed) and "
                              "caption only the other records; earlier failures are retried.")
@@ -121,6 +134,11 @@ class CaptionOptions(PipelineOptions):
         api.add_argument("--prompt", default=None,
                          help="User prompt for every image; by default the record's human turns "
                               "from --conversation_key are used.")
+        api.add_argument("--prompts_file", default=None,
+                         help="YAML or JSON file of several prompts asked of every image (name "
+                              "-> prompt with {field} placeholders, system, output_key, "
+                              "max_tokens, temperature, schema or response_format); each "
+                              "answer goes under its own key. Read at launch.")
         api.add_argument("--max_tokens", type=_POSITIVE_INT, default=None,
                          help="Upper bound on caption tokens per request (default: server's).")
         api.add_argument("--temperature", type=_Range(float, 0), default=None,
@@ -286,6 +304,14 @@ def validate_options(options: CaptionOptions) -> None:
                                  options.price_per_million_output_tokens):
         raise UsageError("--max_cost needs the model's prices: --price_per_million_input_tokens "
                          "and --price_per_million_output_tokens")
+    if options.prompts_file and options.prompt:
+        raise UsageError("give the prompt with --prompt or --prompts_file, not both")
+    if options.prompts_file and options.output_key != "caption":
+        raise UsageError("with --prompts_file each prompt names its output_key; leave out "
+                         "--output_key")
+    if options.output_format == "parquet" and options.output_compression != "none":
+        raise UsageError("Parquet files are compressed inside (snappy); --output_compression is "
+                         "for jsonl and json")
     if options.api_key_file and options.api_key_secret:
         raise UsageError("give the key with one of --api_key_file and --api_key_secret")
     if options.api_key_secret and not SECRET_VERSION.fullmatch(options.api_key_secret):
@@ -366,7 +392,8 @@ def _check_locations(options: CaptionOptions) -> None:
     s3:// and http(s)://; writes (--output, --cache_dir) local paths, gs:// and s3://."""
     reads = [("--input", value) for value in split_inputs(options.input)]
     reads += [(flag, value) for flag, value in (("--image_root", options.image_root),
-                                                ("--api_key_file", options.api_key_file))
+                                                ("--api_key_file", options.api_key_file),
+                                                ("--prompts_file", options.prompts_file))
               if value]
     writes = [(flag, value) for flag, value in (("--output", options.output),
                                                 ("--cache_dir", options.cache_dir)) if value]

@@ -4,10 +4,13 @@ Elements stay JSON-ready dicts (they are the output lines), but every one is bui
 
 - a keyed record ``{"key": "FILE#INDEX", "source": {"file", "index"}, "record": {...}}``
   (``record_element``), made by ReadManifests;
-- a captioned record: the input record unchanged plus the caption under ``--output_key`` and
-  ``caption_meta`` (``captioned_record``, ``CaptionMeta``);
+- a captioned record: the input record unchanged plus the caption under ``--output_key`` (with
+  ``--prompts_file``, each prompt's answer under its own key) and ``caption_meta``
+  (``captioned_record``, ``CaptionMeta``);
 - a failure ``{"key", "source", "record" | "raw", "error": {stage, type, message, attempts,
-  retryable}}`` (``failure_element``).
+  retryable[, prompt]}[, "answers"]}`` (``failure_element``): with several prompts, ``error``
+  is the first failed prompt's (named by ``prompt``) and ``answers`` holds the answers the
+  other prompts gave, so nothing paid for is lost.
 
 The output tags and the metrics namespace are named here too; ``STATS`` elements are
 ``{"throttled_ms": N}``, one per bundle of the caption step, summed into summary.json.
@@ -38,10 +41,16 @@ def record_element(file: str, index: int, record: dict) -> dict:
 
 
 def failure_element(key: str, source: dict, error: CaptionError, *, record: dict | None = None,
-                    raw: str | None = None) -> dict:
-    """A failure line: the record when it was read, else the raw text that could not be."""
+                    raw: str | None = None, prompt: str | None = None,
+                    answers: dict | None = None) -> dict:
+    """A failure line: the record when it was read, else the raw text that could not be; with
+    several prompts, the failed ``prompt``'s name and the other prompts' ``answers``."""
     payload = {"record": record} if record is not None else {"raw": raw or ""}
-    return {"key": key, "source": source, **payload, "error": error.to_dict()}
+    failure = {"key": key, "source": source, **payload,
+               "error": {**error.to_dict(), **({"prompt": prompt} if prompt else {})}}
+    if answers:
+        failure["answers"] = answers
+    return failure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +67,17 @@ class CaptionMeta:
     cached: bool
     key: str
     fingerprint: str
+    finished_at: float  # unix time the answer came (for throughput over time)
+    prompts: dict | None = None  # with several prompts: name -> that prompt's figures
 
     def to_json(self) -> dict:
-        return dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
+        meta = dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
+        if meta["prompts"] is None:
+            del meta["prompts"]
+        return meta
 
 
-def captioned_record(record: dict, output_key: str, caption: str, meta: CaptionMeta) -> dict:
-    """The output line of a captioned record: every input field unchanged, plus the caption."""
-    return {**record, output_key: caption, "caption_meta": meta.to_json()}
+def captioned_record(record: dict, answers: dict, meta: CaptionMeta) -> dict:
+    """The output line of a captioned record: every input field unchanged, plus the answers
+    (output key -> caption or structured value)."""
+    return {**record, **answers, "caption_meta": meta.to_json()}

@@ -55,36 +55,54 @@ def refused_param(status: int, body, params: dict) -> str | None:
 
 
 class AcceptedParams:
-    """What this endpoint accepts, learned from its refusals; one per client."""
+    """What this endpoint accepts, learned from its refusals; one per client.
 
-    def __init__(self, model: str, params: dict):
+    Requests are built with the parameters as asked (the completion limit spelled
+    ``max_completion_tokens``; prompts may set their own); ``accept`` gives the parameters as
+    this endpoint takes them, ``body`` a request body rewritten to match.
+    """
+
+    def __init__(self, model: str):
         self._model = model
-        self._sent_head = params_head(model, params)  # the head request bodies are built with
-        self.params = dict(params)
-        self._head = self._sent_head
-        self._renamed: set[str] = set()
+        self._limit: str | None = LIMIT_SPELLINGS[0]  # how the limit is spelled; None: dropped
+        self._dropped: set[str] = set()
 
-    def body(self, body: bytes) -> bytes:
-        """``body`` with its head rewritten to the parameters the endpoint accepts."""
-        if self._head is self._sent_head or not body.startswith(self._sent_head):
-            return body
-        return self._head + body[len(self._sent_head):]
+    def accept(self, params: dict) -> dict:
+        """``params`` (as a request was built) spelled the way the endpoint accepts them."""
+        if self._limit == LIMIT_SPELLINGS[0] and not self._dropped:
+            return params
+        accepted = {}
+        for name, value in params.items():
+            if name == LIMIT_SPELLINGS[0]:
+                if self._limit is not None:
+                    accepted[self._limit] = value
+            elif name not in self._dropped:
+                accepted[name] = value
+        return accepted
+
+    def body(self, body: bytes, params: dict) -> tuple[bytes, dict]:
+        """A body built with ``params`` (``build_body``), rewritten to what the endpoint accepts,
+        and the parameters it now carries."""
+        accepted = self.accept(params)
+        if accepted is params:
+            return body, params
+        head = params_head(self._model, params)
+        return params_head(self._model, accepted) + body[len(head):], accepted
 
     def adapt(self, name: str, model_text: str) -> None:
         """Stop sending ``name`` as it is: the other spelling, else none. Requests already on the
         wire with the old parameters may be refused too; their retry needs no second change."""
-        if name not in self.params:
+        if name in LIMIT_SPELLINGS:
+            if name != self._limit:
+                return  # another request changed it already
+            if name == LIMIT_SPELLINGS[0]:
+                self._limit = LIMIT_SPELLINGS[1]
+                _LOG.warning("%s refuses %s: sending the completion limit as %s from now on",
+                             model_text, name, self._limit)
+                return
+            self._limit = None
+        elif name in self._dropped:
             return
-        self.params = dict(self.params)  # a new dict: what a request was sent with stays as is
-        value = self.params.pop(name)
-        other = next((s for s in LIMIT_SPELLINGS if s != name), None) if name in LIMIT_SPELLINGS \
-            else None
-        if other and other not in self._renamed:
-            self._renamed.add(name)
-            self.params[other] = value
-            _LOG.warning("%s refuses %s: sending the completion limit as %s from now on",
-                         model_text, name, other)
         else:
-            _LOG.warning("%s refuses %s=%r: running without it from now on", model_text, name,
-                         value)
-        self._head = params_head(self._model, self.params)
+            self._dropped.add(name)
+        _LOG.warning("%s refuses %s: running without it from now on", model_text, name)

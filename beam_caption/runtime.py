@@ -21,12 +21,13 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from beam_caption.cache import RequestCache, request_digest
-from beam_caption.client import ClientSettings, VLMClient, request_body
+from beam_caption.client import ClientSettings, Completion, VLMClient, request_body
 from beam_caption.errors import CaptionError, JobStopped, UsageError
 from beam_caption.http_images import UrlGuard
 from beam_caption.images import (
@@ -36,9 +37,17 @@ from beam_caption.images import (
     resolve_image_path,
 )
 from beam_caption.keys import KeySource
-from beam_caption.messages import PromptSettings, build_messages, plan_request
+from beam_caption.messages import (
+    PromptSettings,
+    RequestPlan,
+    build_messages,
+    image_paths,
+    prompt_turns,
+)
+from beam_caption.prompts import PromptSpec
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
+from beam_caption.structured import answer_checker
 from beam_caption.tokens import estimate_request_tokens
 
 IO_THREADS_MAX = 64
@@ -65,17 +74,31 @@ class CaptionConfig:
     image_retries: int = 3  # reads after the first for retryable image failures
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     token_formula: str = "openai"  # how image tokens are counted (tokens.py)
-    # (ClientSettings, api key) -> client with ``async complete(body, tokens) -> Completion`` and
+    # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
+    # Completion`` (see VLMClient.complete) and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
     client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
+
+    @functools.cached_property
+    def prompt_specs(self) -> tuple[PromptSpec, ...]:
+        """The prompts each record is asked (``PromptSettings.prompt_specs``)."""
+        return self.prompts.prompt_specs(self.output_key)
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The fields the answers are written to."""
+        return [spec.output_key for spec in self.prompt_specs]
 
     @functools.cached_property
     def settings_digest(self) -> str:
         """Digest of every setting that shapes an answer (``caption_meta.fingerprint``)."""
         images = self.images
+        prompts = dataclasses.asdict(self.prompts)
+        if not prompts["specs"]:
+            del prompts["specs"]  # the flags' one prompt: digests as before prompts files
         return settings_digest({
             "model": self.client.model, "params": self.client.request_params(),
-            "prompts": dataclasses.asdict(self.prompts), "image_root": self.image_root,
+            "prompts": prompts, "image_root": self.image_root,
             "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
                        "max_pixels": images.max_pixels},
             "output_key": self.output_key})
@@ -156,6 +179,11 @@ class CaptionRuntime:
         self._cache = RequestCache(config.cache_dir, self._run_io)
         self._budget = ByteBudget(config.max_bytes_in_flight)
         self._guard = UrlGuard(config.allow_private_urls)
+        self._specs = config.prompt_specs
+        self._params = {spec.name: {**config.client.request_params(), **spec.request_params()}
+                        for spec in self._specs}
+        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema)
+                        for spec in self._specs}
         self._rng = random.Random()
         self._recent_sizes: collections.deque[int] = collections.deque(
             [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
@@ -177,55 +205,117 @@ class CaptionRuntime:
         return asyncio.run_coroutine_threadsafe(self._caption(element), self._loop)
 
     async def _caption(self, element: dict) -> Outcome:
-        record = element["record"]
+        record, specs = element["record"], self._specs
         try:
-            plan = plan_request(record, self.config.prompts)
-            completion = await self._budgeted_completion(plan)
+            paths = image_paths(record, self.config.prompts.image_key)
+            plans = [self._plan(record, paths, spec) for spec in specs]
+            if all(isinstance(plan, CaptionError) for plan in plans):
+                raise plans[0]  # type: ignore[misc]
+            answers = await self._budgeted_answers(paths, plans)
         except CaptionError as error:
-            return Outcome(None, failure_element(element["key"], element["source"], error,
-                                                 record=record),
-                           error.attempts, error.throttled_s)
+            return self._failure(element, error, None, {}, error.attempts, error.throttled_s)
         except JobStopped:
             raise
         except Exception as exc:  # a bug must not lose the record: report it as a failure
-            _LOG.exception("internal error while captioning %s", element["key"])
-            internal = CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
-            return Outcome(None, failure_element(element["key"], element["source"], internal,
-                                                 record=record), 0, 0.0)
-        meta = CaptionMeta(
-            model=self.config.client.model, attempts=completion.attempts,
-            latency_ms=completion.latency_ms, prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            reasoning_tokens=completion.reasoning_tokens,
-            finish_reason=completion.finish_reason, cached=completion.cached,
-            key=element["key"],
-            fingerprint=record_fingerprint(record, self.config.settings_digest))
-        return Outcome(captioned_record(record, self.config.output_key, completion.caption, meta),
-                       None, completion.attempts, completion.throttled_s)
+            return self._failure(element, _internal_error(element["key"], exc), None, {}, 0, 0.0)
+        attempts = sum(getattr(answer, "attempts", 0) for answer in answers)
+        throttled = sum(getattr(answer, "throttled_s", 0.0) for answer in answers)
+        failed = [(spec, answer) for spec, answer in zip(specs, answers, strict=True)
+                  if isinstance(answer, CaptionError)]
+        done = {spec.output_key: answer.caption for spec, answer in zip(specs, answers,
+                                                                        strict=True)
+                if isinstance(answer, Completion)}
+        if failed:
+            spec, first = failed[0]
+            if len(failed) > 1:
+                others = ", ".join(other.name for other, _ in failed[1:])
+                first = CaptionError(first.stage, first.type, f"{first.message} (also failed: "
+                                     f"{others})", first.retryable, first.attempts)
+            return self._failure(element, first, spec.name if len(specs) > 1 else None, done,
+                                 attempts, throttled)
+        meta = self._meta(element, answers)  # type: ignore[arg-type]
+        return Outcome(captioned_record(record, done, meta), None, attempts, throttled)
 
-    async def _budgeted_completion(self, plan):
-        """Read, prepare and send one record's request within the byte budget.
+    def _plan(self, record: dict, paths: tuple[str, ...],
+              spec: PromptSpec) -> RequestPlan | CaptionError:
+        try:
+            return RequestPlan(paths, prompt_turns(record, self.config.prompts, spec))
+        except CaptionError as error:
+            return error
+
+    def _failure(self, element: dict, error: CaptionError, prompt: str | None, answers: dict,
+                 attempts: int, throttled_s: float) -> Outcome:
+        return Outcome(None, failure_element(element["key"], element["source"], error,
+                                             record=element["record"], prompt=prompt,
+                                             answers=answers), attempts, throttled_s)
+
+    def _meta(self, element: dict, answers: list[Completion]) -> CaptionMeta:
+        """caption_meta: one prompt's figures, or with several the totals and each one's."""
+        def total(field: str) -> int | None:
+            values = [getattr(answer, field) for answer in answers]
+            return None if all(v is None for v in values) else sum(v or 0 for v in values)
+
+        reasons = {answer.finish_reason for answer in answers}
+        prompts = None
+        if len(answers) > 1:
+            prompts = {spec.name: {
+                "attempts": answer.attempts, "latency_ms": answer.latency_ms,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "finish_reason": answer.finish_reason, "cached": answer.cached}
+                for spec, answer in zip(self._specs, answers, strict=True)}
+        return CaptionMeta(
+            model=self.config.client.model, attempts=sum(a.attempts for a in answers),
+            latency_ms=max(a.latency_ms for a in answers),
+            prompt_tokens=total("prompt_tokens"), completion_tokens=total("completion_tokens"),
+            reasoning_tokens=total("reasoning_tokens"),
+            finish_reason=reasons.pop() if len(reasons) == 1 else None,
+            cached=all(a.cached for a in answers), key=element["key"],
+            fingerprint=record_fingerprint(element["record"], self.config.settings_digest),
+            finished_at=round(time.time(), 3), prompts=prompts)
+
+    async def _budgeted_answers(self, paths: tuple[str, ...],
+                                plans: list[RequestPlan | CaptionError]
+                                ) -> list[Completion | CaptionError]:
+        """Read and prepare the record's images once, then ask each prompt that has a plan,
+        within the byte budget; each prompt's answer or error, in prompt order.
 
         The record holds an estimate of its source size before reading (the largest of the
-        recent ones), then the real size, then its request body's size until the answer is in.
+        recent ones), then the real size, then its request bodies' size until the answers
+        are in.
         """
         held = max(self._recent_sizes)
         await self._budget.acquire(held)
         try:
-            sources = await self._read_retrying(plan.image_paths)
+            sources = await self._read_retrying(paths)
             size = sum(map(len, sources))
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)
             held = size
-            body, digest, tokens = await self._loop.run_in_executor(
-                self._cpu_pool, self._request, plan, sources)
+            requests = await self._loop.run_in_executor(self._cpu_pool, self._requests, plans,
+                                                        sources)
             del sources
-            await self._budget.resize(held, len(body))
-            held = len(body)
-            return await self._cache.complete(digest,
-                                              lambda: self._client.complete(body, tokens))
+            size = sum(len(request.body) for request in requests if request is not None)
+            await self._budget.resize(held, size)
+            held = size
+            return list(await asyncio.gather(*(
+                self._answer(spec, request) if request is not None else _plan_error(plan)
+                for spec, plan, request in zip(self._specs, plans, requests, strict=True))))
         finally:
             await self._budget.resize(held, 0)
+
+    async def _answer(self, spec: PromptSpec, request: _Request) -> Completion | CaptionError:
+        """One prompt's answer (from the cache or the model), or why there is none."""
+        check = self._checks[spec.name]
+        try:
+            return await self._cache.complete(request.digest, lambda: self._client.complete(
+                request.body, request.tokens, request.params, check))
+        except CaptionError as error:
+            return error
+        except JobStopped:
+            raise
+        except Exception as exc:  # a bug must not lose the other prompts' answers
+            return _internal_error(spec.name, exc)
 
     async def _read_retrying(self, paths: tuple[str, ...]) -> list[bytes]:
         """The record's images, read again after a retryable failure (up to
@@ -261,19 +351,48 @@ class CaptionRuntime:
         return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout, self._guard)
                 for path in paths]
 
-    def _request(self, plan, sources: list[bytes]) -> tuple[bytes, str, int]:
-        """Decode, resize and encode the images; the request body, its cache key and its
-        estimated tokens."""
+    def _requests(self, plans: list[RequestPlan | CaptionError],
+                  sources: list[bytes]) -> list[_Request | None]:
+        """Decode, resize and encode the images once; each planned prompt's request (None where
+        the prompt has no plan)."""
         images = [prepare_image_bytes(data, self.config.images) for data in sources]
         urls = [image.data_url for image in images]
-        prompts = self.config.prompts
-        body = request_body(self.config.client, build_messages(
-            plan, urls, prompts.system_prompt, prompts.image_detail))
-        tokens = estimate_request_tokens(len(body) - sum(map(len, urls)),
-                                         [(image.width, image.height) for image in images],
-                                         self.config.client.max_tokens, self.config.token_formula,
-                                         prompts.image_detail)
-        return body, request_digest(body), tokens
+        sizes = [(image.width, image.height) for image in images]
+        del images
+        prompts, client = self.config.prompts, self.config.client
+        requests: list[_Request | None] = []
+        for spec, plan in zip(self._specs, plans, strict=True):
+            if isinstance(plan, CaptionError):
+                requests.append(None)
+                continue
+            params = self._params[spec.name]
+            body = request_body(client, build_messages(
+                plan, urls, spec.system_prompt or prompts.system_prompt, prompts.image_detail),
+                params)
+            tokens = estimate_request_tokens(
+                len(body) - sum(map(len, urls)), sizes,
+                params.get("max_completion_tokens"), self.config.token_formula,
+                prompts.image_detail)
+            requests.append(_Request(body, params, request_digest(body), tokens))
+        return requests
+
+
+class _Request(NamedTuple):
+    """One prompt's request: body, the parameters it was built with, cache key, tokens."""
+
+    body: bytes
+    params: dict
+    digest: str
+    tokens: int
+
+
+async def _plan_error(plan) -> CaptionError:
+    return plan
+
+
+def _internal_error(what: str, exc: Exception) -> CaptionError:
+    _LOG.error("internal error while captioning %s", what, exc_info=exc)
+    return CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _worker_api_key(config: CaptionConfig) -> str | None:

@@ -109,10 +109,11 @@ def failure_counts(element: dict) -> dict:
             f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
 
 
-def summary_from_counts(counts: dict, options: dict,
-                        wall_time_s: float | None = None) -> dict:
+def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None = None,
+                        output_keys: list[str] | None = None) -> dict:
     """The summary.json document from the combined counts; ``wall_time_s`` from the job's start
-    to now (when the summary is written, after the last record)."""
+    to now (when the summary is written, after the last record); ``output_keys`` the fields
+    that hold answers (default: --output_key's)."""
     captioned, failed = counts.get("captioned", 0), counts.get("failed", 0)
     images = counts.get("images", 0)
     return {
@@ -136,6 +137,7 @@ def summary_from_counts(counts: dict, options: dict,
         "throttled_s": counts.get("throttled_ms", 0) / 1000,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
         "images_per_s": round(images / wall_time_s, 2) if wall_time_s else None,
+        "output_keys": output_keys or [options.get("output_key") or "caption"],
         "options": options,
     }
 
@@ -172,8 +174,9 @@ class WriteSummary(beam.PTransform):
     """
 
     def __init__(self, output_dir: str, image_key: str, options: dict,
-                 started_at: float | None = None):
+                 started_at: float | None = None, output_keys: list[str] | None = None):
         super().__init__()
+        self._output_keys = output_keys
         self._output_dir = output_dir
         self._image_key = image_key
         self._options = options
@@ -181,7 +184,7 @@ class WriteSummary(beam.PTransform):
 
     def expand(self, outputs: dict[str, beam.PCollection[dict]]) -> beam.PCollection[str]:
         image_key, output_dir, options = self._image_key, self._output_dir, self._options
-        started_at = self._started_at
+        started_at, output_keys = self._started_at, self._output_keys
         counts = [outputs["captions"] | "CaptionCounts" >> beam.Map(caption_counts, image_key),
                   outputs["failures"] | "FailureCounts" >> beam.Map(failure_counts)]
         for name in ("resumed", "set_aside"):
@@ -195,5 +198,5 @@ class WriteSummary(beam.PTransform):
             | "AllCounts" >> beam.Flatten()
             | "Combine" >> beam.CombineGlobally(_SummaryFn())
             | "Write" >> beam.Map(lambda counts: write_summary(summary_from_counts(
-                counts, options, None if started_at is None else time.time() - started_at),
-                output_dir)))
+                counts, options, None if started_at is None else time.time() - started_at,
+                output_keys), output_dir)))

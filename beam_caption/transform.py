@@ -20,6 +20,7 @@ from beam_caption.keys import KeySource
 from beam_caption.manifest import ReadManifests
 from beam_caption.messages import PromptSettings
 from beam_caption.options import CaptionOptions, reported_options
+from beam_caption.prompts import load_prompts_file
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
@@ -56,7 +57,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
             image_key=options.image_key, conversation_key=options.conversation_key,
-            image_detail=options.image_detail),
+            image_detail=options.image_detail,
+            specs=load_prompts_file(options.prompts_file) if options.prompts_file else ()),
         images=ImageSettings(max_side=options.max_image_side, max_bytes=options.max_image_bytes,
                              jpeg_quality=options.jpeg_quality),
         image_root=options.image_root or os.getcwd(),
@@ -130,5 +132,5 @@ class CaptionManifests(beam.PTransform):
         outputs[CAPTIONS] | "WriteCaptions" >> WriteJsonLines(out, CAPTIONS_PREFIX, shards)
         outputs[FAILURES] | "WriteFailures" >> WriteJsonLines(out, FAILURES_PREFIX, shards)
         {**outputs, STATS: captioned[STATS]} | "WriteSummary" >> WriteSummary(
-            out, self._image_key, self._reported, self._started_at)
+            out, self._image_key, self._reported, self._started_at, self._config.output_keys)
         return outputs

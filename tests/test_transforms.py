@@ -26,7 +26,7 @@ class ScriptedClient:
     def __init__(self, settings, api_key):
         self.settings = settings
 
-    async def complete(self, body: bytes, tokens: int = 0) -> Completion:
+    async def complete(self, body: bytes, tokens: int = 0, params=None, check=None) -> Completion:
         prompt = json.loads(body)["messages"][-1]["content"][-1]["text"]
         if "FAIL" in prompt:
             raise CaptionError("request", "http_400", "scripted refusal", attempts=1)

@@ -93,6 +93,10 @@ class FakeVLMConfig:
     reasoning_ms_per_token: float = 0.5  # extra latency per reasoning token
     legacy_params: bool = False  # refuses max_completion_tokens (older servers know max_tokens)
     refusal_marker: str | None = "REFUSE_ME"  # a prompt holding it gets a refusal answer
+    # Structured output (response_format json_schema): answers fill the schema from the caption
+    # (structured_answer); these give answers that do not conform instead:
+    schema_marker: str | None = "BREAK_SCHEMA"  # a prompt holding it, always
+    schema_break_first: int = 0  # the first N answers for each distinct request
     # An account's rate limits, enforced across all clients with 429s as OpenAI does: buckets
     # refilled at the limit per minute, holding ``account_burst_s`` seconds of it. Requests
     # are charged on arrival, tokens as prompt tokens plus max_tokens (or 0).
@@ -200,6 +204,7 @@ class _Chat(NamedTuple):
     max_tokens: int | None
     raw_messages: Any  # as sent (validated by _parse_messages)
     reasoning_effort: str | None = None
+    response_format: dict | None = None
 
 
 class _DecodedImage(NamedTuple):
@@ -231,7 +236,53 @@ def _parse_chat(raw: bytes, config: FakeVLMConfig) -> _Chat:
     messages = body.get("messages")
     _check_model_rules(body, config)
     return _Chat(model, _parse_messages(messages), _parse_max_tokens(body), messages,
-                 body.get("reasoning_effort"))
+                 body.get("reasoning_effort"), _parse_response_format(body))
+
+
+def _parse_response_format(body: dict) -> dict | None:
+    """response_format as OpenAI checks it: text, json_object, or json_schema with a name and
+    an object schema."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _APIError(400, "Invalid value for 'response_format.type'.", param="response_format")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+                not isinstance(spec.get("schema"), dict):
+            raise _APIError(400, "response_format.json_schema needs a name and a schema object.",
+                            param="response_format")
+    return value
+
+
+def structured_answer(schema: dict, caption: str) -> Any:
+    """The JSON value the fake answers for ``schema``: derived from the caption, conforming
+    (objects fill every property, strings are the caption, arrays its distinct words, numbers
+    its word count, booleans true, enums their first value)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {name: structured_answer(sub, caption)
+                for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        words = list(dict.fromkeys(word.strip(",.;:") for word in caption.split()))
+        items = schema.get("items", {"type": "string"})
+        count = max(1, min(len(words), schema.get("maxItems", 5)))
+        if items.get("type", "string") == "string" and "enum" not in items:
+            return words[:count]
+        return [structured_answer(items, caption)] * max(1, schema.get("minItems", 1))
+    if kind in ("integer", "number"):
+        return len(caption.split())
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return caption
 
 
 def _check_model_rules(body: dict, config: FakeVLMConfig) -> None:
@@ -721,6 +772,8 @@ class FakeVLMServer:
         empty content and finish_reason "length", as OpenAI's reasoning models do.
         """
         text = _caption([image.description for imgs in images for image in imgs])
+        if chat.response_format and chat.response_format["type"] != "text":
+            text = self._structured_text(chat, text)
         caption: str | None = (text.ljust(self.config.caption_chars, ".")
                                + self.config.caption_suffix)
         refusal = None
@@ -756,6 +809,28 @@ class FakeVLMServer:
                          "finish_reason": finish_reason}],
             "usage": self.config.usage or usage,
         })
+
+    def _structured_text(self, chat: _Chat, caption: str) -> str:
+        """A JSON answer for the request's response_format: conforming, unless the prompt
+        holds ``schema_marker`` or it is one of the first ``schema_break_first`` for its
+        request."""
+        marker = self.config.schema_marker
+        broken = marker is not None and any(marker in text for m in chat.messages
+                                            for text in m.texts)
+        if self.config.schema_break_first and not broken:
+            digest = "schema:" + hashlib.sha256(json.dumps(
+                chat.raw_messages, sort_keys=True).encode()).hexdigest()
+            seen = self._fail_counts.get(digest, 0)
+            if seen < self.config.schema_break_first:
+                self._fail_counts[digest] = seen + 1
+                broken = True
+        if broken:
+            self._stats.fault("schema")
+            return json.dumps({"unexpected": caption})
+        if chat.response_format["type"] == "json_object":  # type: ignore[index]
+            return json.dumps({"caption": caption})
+        schema = chat.response_format["json_schema"]["schema"]  # type: ignore[index]
+        return json.dumps(structured_answer(schema, caption))
 
     def _message_tokens(self, message: _Message, images: list[_DecodedImage]) -> int:
         patch = self.config.token_patch_px
@@ -846,6 +921,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--account_tpm", type=float, help="account tokens per minute (429s)")
     parser.add_argument("--account_burst_s", type=float, default=defaults.account_burst_s,
                         help="seconds of the account limits a full bucket holds")
+    parser.add_argument("--schema_break_first", type=int, default=0,
+                        help="the first N structured answers per request do not conform")
     parser.add_argument("--no_account_headers", dest="account_headers", action="store_false",
                         help="answer without x-ratelimit-* headers")
     return parser.parse_args(argv)

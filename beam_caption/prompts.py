@@ -1,0 +1,213 @@
+"""Several prompts per image: the ``--prompts_file`` (YAML or JSON) and what each prompt asks.
+
+A prompts file maps names to prompts (at the top level or under ``prompts:``)::
+
+    prompts:
+      caption:
+        prompt: Describe the image in one sentence.
+      tags:
+        system: You tag images for a search index.
+        prompt: "List the objects you see. The photographer called it: {title}"
+        output_key: tags          # default: the prompt's name
+        max_tokens: 200           # default: --max_tokens
+        temperature: 0            # default: --temperature
+        schema:                   # structured output (short for a json_schema response_format)
+          type: object
+          properties: {objects: {type: array, items: {type: string}}}
+          required: [objects]
+
+``{field}`` in ``prompt`` is filled from the record (strings as they are, other values as JSON;
+``{{`` is a literal brace). A prompt without ``prompt`` asks the record's conversation turns.
+The file is read and checked once, at launch; workers get the parsed prompts, not the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import string
+from typing import Any
+
+import fsspec
+import yaml
+
+from beam_caption.errors import CaptionError, UsageError
+
+RESPONSE_TYPES = ("text", "json_object", "json_schema")
+RESERVED_KEYS = ("caption_meta",)
+_SPEC_KEYS = ("prompt", "system", "output_key", "max_tokens", "temperature", "response_format",
+              "schema")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """One question asked of every image.
+
+    ``prompt`` None asks the record's conversation; ``template`` says whether ``{field}``
+    placeholders are filled (prompts files) or the text is sent as it is (``--prompt``).
+    ``system_prompt`` None sends the job's (``--system_prompt``); ``max_tokens`` and
+    ``temperature`` None use the job's. ``response_format`` is sent as OpenAI's parameter;
+    a JSON answer is parsed (and checked against its schema) before it is kept.
+    """
+
+    name: str
+    output_key: str
+    prompt: str | None = None
+    template: bool = True
+    system_prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    response_format: dict | None = None
+
+    @property
+    def wants_json(self) -> bool:
+        return (self.response_format or {}).get("type") in ("json_object", "json_schema")
+
+    @property
+    def schema(self) -> dict | None:
+        if (self.response_format or {}).get("type") != "json_schema":
+            return None
+        return self.response_format["json_schema"].get("schema")  # type: ignore[index]
+
+    def request_params(self) -> dict:
+        """Parameters this prompt sets on top of the job's."""
+        return {name: value for name, value in (
+            ("max_completion_tokens", self.max_tokens), ("temperature", self.temperature),
+            ("response_format", self.response_format)) if value is not None}
+
+    def user_text(self, record: dict) -> str:
+        """The prompt with the record's fields filled in; CaptionError(read) for a field the
+        record lacks."""
+        assert self.prompt is not None
+        if not self.template:
+            return self.prompt
+        missing = [name for name in placeholders(self.prompt) if name not in record]
+        if missing:
+            raise CaptionError("read", "missing_prompt_field",
+                               f"prompt {self.name!r} needs the record's {missing[0]!r} field")
+        return self.prompt.format_map({name: _as_text(record[name])
+                                       for name in placeholders(self.prompt)})
+
+
+def placeholders(template: str) -> list[str]:
+    """The field names a template's ``{field}`` placeholders name."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def load_prompts_file(path: str) -> tuple[PromptSpec, ...]:
+    """The prompts of a YAML or JSON prompts file (any fsspec path); UsageError for a file
+    that cannot be read or a prompt that is not right."""
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompts_file {path}: cannot read it ({type(exc).__name__}: "
+                         f"{exc})") from None
+    try:
+        document = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"--prompts_file {path}: not YAML or JSON{line}") from None
+    return parse_prompts(document, f"--prompts_file {path}")
+
+
+def parse_prompts(document: Any, source: str = "prompts") -> tuple[PromptSpec, ...]:
+    """Prompts from a parsed prompts document (see the module); UsageError naming what is
+    wrong."""
+    if isinstance(document, dict) and set(document) == {"prompts"}:
+        document = document["prompts"]
+    if not isinstance(document, dict) or not document:
+        raise UsageError(f"{source}: expected a mapping of prompt names to prompts")
+    specs = tuple(_spec(str(name), entry, f"{source}: prompt {name!r}")
+                  for name, entry in document.items())
+    keys = [spec.output_key for spec in specs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise UsageError(f"{source}: several prompts write output_key {twice[0]!r}")
+    return specs
+
+
+def _spec(name: str, entry: Any, where: str) -> PromptSpec:
+    if isinstance(entry, str):
+        entry = {"prompt": entry}
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: expected a prompt text or a mapping of {', '.join(_SPEC_KEYS)}")
+    for key in entry:
+        if key not in _SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), _SPEC_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{where}: unknown key {key!r}{hint}")
+    output_key = _text(entry, "output_key", where) or name
+    if output_key in RESERVED_KEYS:
+        raise UsageError(f"{where}: output_key {output_key!r} is reserved")
+    prompt = _text(entry, "prompt", where)
+    if prompt is not None:
+        try:
+            bad = [field for field in placeholders(prompt)
+                   if not field.isidentifier() and not field.replace("-", "_").isidentifier()]
+        except ValueError as exc:
+            raise UsageError(f"{where}: prompt has a stray brace ({exc}); write {{{{ for a "
+                             "literal {") from None
+        if bad:
+            raise UsageError(f"{where}: placeholder {{{bad[0]}}} is not a field name")
+    return PromptSpec(
+        name=name, output_key=output_key, prompt=prompt, template=True,
+        system_prompt=_text(entry, "system", where),
+        max_tokens=_number(entry, "max_tokens", where, int, 1),
+        temperature=_number(entry, "temperature", where, float, 0),
+        response_format=_response_format(entry, name, where))
+
+
+def _text(entry: dict, key: str, where: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise UsageError(f"{where}: {key} must be a non-empty text")
+    return value
+
+
+def _number(entry: dict, key: str, where: str, kind: type, low: float):
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and not float(value).is_integer()) or not value >= low:
+        noun = "an integer" if kind is int else "a number"
+        raise UsageError(f"{where}: {key} must be {noun} >= {low:g}, got {value!r}")
+    return kind(value)
+
+
+def _response_format(entry: dict, name: str, where: str) -> dict | None:
+    """OpenAI's response_format for this prompt (``schema`` is short for a json_schema one),
+    its JSON schema checked."""
+    if "schema" in entry and "response_format" in entry:
+        raise UsageError(f"{where}: give schema or response_format, not both")
+    if "schema" in entry:
+        schema_name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:64]
+        entry = {"response_format": {"type": "json_schema", "json_schema": {
+            "name": schema_name, "schema": entry["schema"], "strict": False}}}
+    response_format = entry.get("response_format")
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in RESPONSE_TYPES:
+        raise UsageError(f"{where}: response_format.type must be one of "
+                         f"{', '.join(RESPONSE_TYPES)}")
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise UsageError(f"{where}: a json_schema response_format needs json_schema.schema "
+                             "(an object)")
+        from beam_caption.structured import check_schema
+
+        problem = check_schema(spec["schema"])
+        if problem:
+            raise UsageError(f"{where}: the schema is not a valid JSON schema: {problem}")
+    return response_format

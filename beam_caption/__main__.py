@@ -27,7 +27,7 @@ from beam_caption.errors import JobStopped, UsageError  # noqa: E402
 from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
-COMMANDS = ("demo", "estimate")
+COMMANDS = ("demo", "estimate", "report")
 VERBOSE_FLAGS = {"-v", "--verbose"}
 
 
@@ -101,7 +101,9 @@ def print_help() -> None:
                "'python -m beam_caption demo [--output DIR]' (also what runs when neither "
                "--input nor --api_url is given) captions the bundled sample images with the "
                "bundled fake VLM server; 'python -m beam_caption estimate --help' counts a "
-               "job's tokens and cost without sending anything. -v (--verbose) shows "
+               "job's tokens and cost without sending anything; 'python -m beam_caption "
+               "report OUTDIR' writes OUTDIR/report.html, a page to judge a finished job at "
+               "a glance. -v (--verbose) shows "
                "beam_caption's debug lines.")
     CaptionOptions._add_argparse_args(parser)
     parser.print_help()
@@ -175,6 +177,10 @@ def _dispatch(argv: list[str]) -> int:
         from beam_caption.estimate import main as estimate
 
         return estimate(args)
+    if command == "report":
+        from beam_caption.report import main as report
+
+        return report(args)
     if flags & {"-h", "--help"}:
         if command == "demo":
             return demo(args)  # its parser prints its help and exits

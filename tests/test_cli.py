@@ -80,12 +80,14 @@ def test_every_options_class_flag_is_known_in_both_forms():
 
 
 @pytest.mark.parametrize("word, message", [
-    ("reprot", ("unknown command 'reprot' (commands: demo, estimate; a caption job takes "
-                "flags only, see --help)")),
-    ("dmeo", ("unknown command 'dmeo' (did you mean 'demo'? commands: demo, estimate; a "
-              "caption job takes flags only, see --help)")),
+    ("reprt", ("unknown command 'reprt' (did you mean 'report'? commands: demo, estimate, "
+               "report; a caption job takes flags only, see --help)")),
+    ("captoin", ("unknown command 'captoin' (commands: demo, estimate, report; a caption job "
+                 "takes flags only, see --help)")),
+    ("dmeo", ("unknown command 'dmeo' (did you mean 'demo'? commands: demo, estimate, report; "
+              "a caption job takes flags only, see --help)")),
     ("estimat", ("unknown command 'estimat' (did you mean 'estimate'? commands: demo, "
-                 "estimate; a caption job takes flags only, see --help)")),
+                 "estimate, report; a caption job takes flags only, see --help)")),
 ])
 def test_a_mistyped_command_is_refused_not_run_as_the_demo(capsys, tmp_path, monkeypatch, word,
                                                            message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,12 @@ logging.getLogger().addFilter(
                         and record.msg.startswith("apitools not found")))
 
 from beam_caption.errors import JobStopped, UsageError  # noqa: E402
+from beam_caption.outputs import (  # noqa: E402
+    CAPTIONS_PREFIX,
+    REPORT_FILE,
+    file_suffix,
+    read_output_records,
+)
 from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
@@ -44,7 +51,12 @@ def print_summary(summary: dict) -> None:
         print(f"  {summary['resumed']} captions were kept from the earlier run (--resume)")
     for kind, count in summary["failed_by_type"].items():
         print(f"  failed {kind}: {count}")
-    print(f"outputs: {output}/captions-*.jsonl, {output}/failures-*.jsonl, {output}/summary.json")
+    options = summary["options"]
+    suffix = file_suffix(options.get("output_format") or "jsonl",
+                         options.get("output_compression") or "none")
+    report = f", {output}/{REPORT_FILE}" if options.get("report") else ""
+    print(f"outputs: {output}/captions-*{suffix}, {output}/failures-*{suffix}, "
+          f"{output}/summary.json{report}")
 
 
 def print_translation(translation) -> None:
@@ -74,13 +86,10 @@ def demo(argv: list[str]) -> int:
                        "--api_url", server.url, "--model", "fake-vlm",
                        "--image_root", str(SAMPLE_DIR), "--overwrite", *beam_args])
     print_summary(summary)
-    import fsspec
-
-    for captions in fsspec.open_files(f"{output}/captions-*.jsonl", "rt", encoding="utf-8"):
-        with captions as lines:
-            for line in list(lines)[:3]:
-                record = json.loads(line)
-                print(f"  {record['image']} -> {record['caption']}")
+    for record in itertools.islice(read_output_records(output, CAPTIONS_PREFIX), 3):
+        answers = {key: record.get(key) for key in summary["output_keys"]}
+        print(f"  {record['image']} -> "
+              f"{answers.popitem()[1] if len(answers) == 1 else json.dumps(answers)}")
     print("\nTo caption your own images with a real model:\n"
           f"  export OPENAI_API_KEY=...   # or DF_API_KEY\n"
           f"  python -m beam_caption --input '{SAMPLE_DIR / 'sample_data.json'}' "

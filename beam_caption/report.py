@@ -8,7 +8,7 @@ It is self-contained (charts are inline SVG, thumbnails data URLs, no script) an
 Content-Security-Policy forbids scripts and every outside address. Records and answers are
 untrusted: all their text is escaped. The output files are streamed: memory holds counters,
 bounded histograms and the sample, however many records the job had. Beam is not imported
-(sinks.py names the same files), so the command starts at once.
+(outputs.py reads every output format without it), so the command starts at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
@@ -34,9 +33,14 @@ from beam_caption.images import (
     read_image_bytes,
     resolve_image_path,
 )
+from beam_caption.outputs import (
+    CAPTIONS_PREFIX,
+    FAILURES_PREFIX,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    read_output_records,
+)
 
-REPORT_FILE = "report.html"
-SUMMARY_FILE = "summary.json"
 THUMBNAIL_SETTINGS = ImageSettings(max_side=192, jpeg_quality=80)  # JPEG; PNG if <= 256 colours
 THUMBNAIL_THREADS = 8  # images read at once (remote ones wait on the network)
 MAX_BINS = 1024  # bins a histogram keeps before doubling their width
@@ -174,17 +178,6 @@ class _Images:
         except Exception as exc:  # any failure on untrusted data costs one thumbnail only
             reason = str(exc) if isinstance(exc, CaptionError) else f"{type(exc).__name__}: {exc}"
             return f'<div class="noimage">{escape(reason)}</div>'
-
-
-def _output_lines(output_dir: str, prefix: str) -> Iterator[dict]:
-    """The JSON objects of OUTDIR/PREFIX-*.jsonl (or compressed, .jsonl.gz ...), file by file."""
-    files = fsspec.open_files(f"{output_dir.rstrip('/')}/{prefix}-*.jsonl*", "rt",
-                              encoding="utf-8", compression="infer")
-    for file in sorted(files, key=lambda f: f.path):
-        with file as lines:
-            for line in lines:
-                if line.strip():
-                    yield json.loads(line)
 
 
 def _read_summary(output_dir: str) -> dict:
@@ -339,9 +332,9 @@ def write_report(output_dir: str, sample: int = 24, seed: int = 0) -> str:
     the path written."""
     summary = _read_summary(output_dir)
     stats = _Stats(sample, random.Random(seed))
-    for line in _output_lines(output_dir, "captions"):
+    for line in read_output_records(output_dir, CAPTIONS_PREFIX):
         stats.add_caption(line)
-    for line in _output_lines(output_dir, "failures"):
+    for line in read_output_records(output_dir, FAILURES_PREFIX):
         stats.add_failure(line)
     path = f"{output_dir.rstrip('/')}/{REPORT_FILE}"
     with fsspec.open(path, "wt", encoding="utf-8") as handle:

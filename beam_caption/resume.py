@@ -29,14 +29,16 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from beam_caption.errors import UsageError
-from beam_caption.sinks import (
+from beam_caption.outputs import (
     CAPTIONS_PREFIX,
     FAILURES_PREFIX,
+    REPORT_FILE,
     SET_ASIDE_PREFIX,
+    SHARDS,
     SUMMARY_FILE,
-    match_files,
-    output_path,
+    line_element,
 )
+from beam_caption.sinks import match_files, output_path
 
 BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at finalize
 
@@ -59,8 +61,8 @@ def settings_digest(settings: dict) -> str:
 
 def existing_outputs(output_dir: str) -> list[str]:
     """Caption, failure, summary and checkpoint files already in ``output_dir``."""
-    patterns = [f"{CAPTIONS_PREFIX}-*.jsonl", f"{FAILURES_PREFIX}-*.jsonl",
-                f"{SET_ASIDE_PREFIX}-*.jsonl", SUMMARY_FILE, f"{CHECKPOINT_DIR}/*.jsonl"]
+    patterns = [f"{CAPTIONS_PREFIX}{SHARDS}", f"{FAILURES_PREFIX}{SHARDS}",
+                f"{SET_ASIDE_PREFIX}{SHARDS}", SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*"]
     return sorted(p for pattern in patterns for p in match_files(output_path(output_dir, pattern)))
 
 
@@ -86,17 +88,17 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     finals = [path for prefix in (CAPTIONS_PREFIX, SET_ASIDE_PREFIX)
-              for path in match_files(output_path(output_dir, f"{prefix}-*.jsonl"))]
+              for path in match_files(output_path(output_dir, f"{prefix}{SHARDS}"))]
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
     FileSystems.rename(finals, [
         checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}") for path in finals])
-    stale = match_files(output_path(output_dir, f"{FAILURES_PREFIX}-*.jsonl"))
+    stale = match_files(output_path(output_dir, f"{FAILURES_PREFIX}{SHARDS}"))
     stale += match_files(output_path(output_dir, SUMMARY_FILE))
     if stale:
         FileSystems.delete(stale)
-    return bool(match_files(checkpoint_path(output_dir, "*.jsonl")))
+    return bool(match_files(checkpoint_path(output_dir, "*")))
 
 
 def remove_temp_files(output_dir: str) -> None:
@@ -115,8 +117,8 @@ def _done_by_fingerprint(line: str):
     """(fingerprint, caption record) from a caption line; torn or foreign lines are skipped,
     and captions made before fingerprints existed go under None (they are set aside)."""
     try:
-        caption = json.loads(line)
-        meta = caption["caption_meta"]
+        caption = line_element(line)  # a JSON-lines line, or an element line of a JSON array
+        meta = caption["caption_meta"]  # type: ignore[index]
         meta["key"]
     except (ValueError, KeyError, TypeError, RecursionError):
         return []
@@ -161,9 +163,7 @@ class SkipDone(beam.PTransform):
 
     def expand(self, records):
         digest = self._settings_digest
-        done = (records.pipeline
-                | "ReadDone" >> beam.io.ReadFromText(checkpoint_path(self._output_dir, "*.jsonl"))
-                | "KeyDone" >> beam.FlatMap(_done_by_fingerprint))
+        done = _read_done(records.pipeline, self._output_dir)
         keyed = records | "KeyRecords" >> beam.Map(
             lambda element: (record_fingerprint(element["record"], digest), element))
         split = ({"records": keyed, "done": done}
@@ -171,3 +171,23 @@ class SkipDone(beam.PTransform):
                  | "Split" >> beam.FlatMap(_split, "todo", "set_aside").with_outputs(
                      "todo", "set_aside", main="done"))
         return {"done": split.done, "todo": split.todo, "set_aside": split.set_aside}
+
+
+def _read_done(pipeline: beam.Pipeline, output_dir: str) -> beam.PCollection:
+    """(fingerprint, caption) of the checkpointed captions: checkpoint parts and earlier final
+    files in any output format (matched when the graph is built, at launch)."""
+    files = match_files(checkpoint_path(output_dir, "*"))
+    sources = []
+    if any(not path.endswith(".parquet") for path in files):
+        sources.append(pipeline
+                       | "ReadDone" >> beam.io.ReadFromText(checkpoint_path(output_dir, "*.json*"))
+                       | "KeyDone" >> beam.FlatMap(_done_by_fingerprint))
+    if any(path.endswith(".parquet") for path in files):
+        sources.append(pipeline
+                       | "ReadDoneParquet" >> beam.io.ReadFromParquet(
+                           checkpoint_path(output_dir, "*.parquet"), columns=["line"])
+                       | "KeyDoneParquet" >> beam.FlatMap(lambda row: _done_by_fingerprint(
+                           row["line"])))
+    if not sources:
+        return pipeline | "NothingDone" >> beam.Create([])
+    return sources[0] if len(sources) == 1 else sources | "AllDone" >> beam.Flatten()

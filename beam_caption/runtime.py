@@ -74,6 +74,7 @@ class CaptionConfig:
     image_retries: int = 3  # reads after the first for retryable image failures
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     token_formula: str = "openai"  # how image tokens are counted (tokens.py)
+    progress_dir: str | None = None  # local runs: where workers leave figures for the launcher
     # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
     # Completion`` (see VLMClient.complete) and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.

@@ -1,4 +1,5 @@
-"""Sinks: sharded JSONL captions and failures (exactly-once files), and summary.json."""
+"""Sinks: sharded captions and failures (exactly-once files; formats in outputs.py) and
+summary.json."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from collections import Counter
 
 import apache_beam as beam
 import fsspec
+from apache_beam import coders
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-CAPTIONS_PREFIX = "captions"
-FAILURES_PREFIX = "failures"
-SET_ASIDE_PREFIX = "set_aside"
-SUMMARY_FILE = "summary.json"
+from beam_caption.outputs import SUMMARY_FILE, file_suffix, parquet_row, parquet_schema
+
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _NO_EMPTY_UPLOADS = ("s3://",)  # Beam's writer makes an empty file a refused multipart upload
 
@@ -31,39 +33,98 @@ def to_json_line(element: dict) -> str:
     return json.dumps(element, ensure_ascii=False, separators=(",", ":"))
 
 
-class WriteJsonLines(beam.PTransform):
-    """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN.jsonl``; returns the final file names.
+class WriteRecords(beam.PTransform):
+    """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN`` + the format's suffix (outputs.py):
+    JSON lines, a JSON array per shard, or Parquet; returns the final file names.
 
-    An empty set is one empty file (``PREFIX-00000-of-00001.jsonl``) unless ``skip_if_empty``.
-    On S3, where Beam would upload an empty file as a multipart upload of no parts (which S3
-    refuses, failing the job at its very end), that file is written with one plain PUT instead.
+    Files are exactly-once (Beam's temp files renamed at finalize). An empty set is one file
+    of no records (``PREFIX-00000-of-00001...``) unless ``skip_if_empty``. On S3, where Beam
+    would upload an empty file as a multipart upload of no parts (which S3 refuses, failing the
+    job at its very end), an empty JSON-lines file is written with one plain PUT instead.
+    ``image_key`` and ``output_keys`` fill Parquet's image and answers columns.
     """
 
     def __init__(self, output_dir: str, prefix: str, num_shards: int = 0,
-                 skip_if_empty: bool = False):
+                 skip_if_empty: bool = False, output_format: str = "jsonl",
+                 compression: str = "none", image_key: str = "image",
+                 output_keys: list[str] | None = None):
         super().__init__()
         self._path = output_path(output_dir, prefix)
         self._num_shards = num_shards
         self._skip_if_empty = skip_if_empty
+        self._format = output_format
+        self._compression = compression
+        self._image_key = image_key
+        self._output_keys = output_keys or ["caption"]
 
     def expand(self, elements: beam.PCollection[dict]) -> beam.PCollection[str]:
-        empty_by_hand = not self._skip_if_empty and self._path.startswith(_NO_EMPTY_UPLOADS)
+        suffix = file_suffix(self._format, self._compression)
+        if self._format == "parquet":
+            return (elements
+                    | "ToRows" >> beam.Map(parquet_row, self._image_key, self._output_keys)
+                    | "Write" >> beam.io.WriteToParquet(
+                        self._path, parquet_schema(), file_name_suffix=suffix,
+                        num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE,
+                        codec="snappy"))
+        empty_by_hand = (self._format == "jsonl" and self._compression == "none"
+                         and not self._skip_if_empty and self._path.startswith(_NO_EMPTY_UPLOADS))
+        sink = _JsonArraySink if self._format == "json" else _JsonLinesSink
         files = (elements
                  | "ToJson" >> beam.Map(to_json_line)
-                 | "Write" >> beam.io.WriteToText(
-                     self._path, file_name_suffix=".jsonl", num_shards=self._num_shards,
-                     shard_name_template=SHARD_TEMPLATE,
-                     skip_if_empty=self._skip_if_empty or empty_by_hand))
+                 | "Write" >> beam.io.Write(sink(
+                     self._path, suffix, self._num_shards, self._compression,
+                     skip_if_empty=self._skip_if_empty or empty_by_hand)))
         if empty_by_hand:
             _ = (files
                  | "CountFiles" >> beam.combiners.Count.Globally()
-                 | "WriteIfEmpty" >> beam.Map(_write_empty_file_set, self._path))
+                 | "WriteIfEmpty" >> beam.Map(_write_empty_file_set,
+                                              f"{self._path}-00000-of-00001{suffix}"))
         return files
+
+
+class _JsonLinesSink(filebasedsink.FileBasedSink):
+    """One JSON text per line (what WriteToText writes), optionally gzip-compressed."""
+
+    def __init__(self, path: str, suffix: str, num_shards: int, compression: str,
+                 skip_if_empty: bool):
+        super().__init__(path, coder=coders.StrUtf8Coder(), file_name_suffix=suffix,
+                         num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
+                         mime_type="application/json", skip_if_empty=skip_if_empty,
+                         compression_type=(CompressionTypes.GZIP if compression == "gzip"
+                                           else CompressionTypes.UNCOMPRESSED))
+
+    def write_encoded_record(self, file_handle, encoded_value: bytes) -> None:
+        file_handle.write(encoded_value + b"\n")
+
+
+class _ArrayFile:
+    """A shard file being written as a JSON array, and whether it holds an element yet."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.started = False
+
+
+class _JsonArraySink(_JsonLinesSink):
+    """A JSON array per shard, one element per line: ``[``, ``{...},``, ``{...}``, ``]``."""
+
+    def open(self, temp_path: str):
+        handle = super().open(temp_path)
+        handle.write(b"[")
+        return _ArrayFile(handle)
+
+    def write_encoded_record(self, file_handle: _ArrayFile, encoded_value: bytes) -> None:
+        file_handle.handle.write((b",\n" if file_handle.started else b"\n") + encoded_value)
+        file_handle.started = True
+
+    def close(self, file_handle: _ArrayFile) -> None:
+        file_handle.handle.write(b"\n]\n")
+        super().close(file_handle.handle)
 
 
 def _write_empty_file_set(files_written: int, path: str) -> None:
     if files_written == 0:
-        with fsspec.open(f"{path}-00000-of-00001.jsonl", "wb"):
+        with fsspec.open(path, "wb"):
             pass  # one PUT of no bytes
 
 

@@ -7,6 +7,7 @@ recipes in pipelines/ apply this same transform; a user can drop it into their o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -20,17 +21,12 @@ from beam_caption.keys import KeySource
 from beam_caption.manifest import ReadManifests
 from beam_caption.messages import PromptSettings
 from beam_caption.options import CaptionOptions, reported_options
+from beam_caption.outputs import CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX
 from beam_caption.prompts import load_prompts_file
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
-from beam_caption.sinks import (
-    CAPTIONS_PREFIX,
-    FAILURES_PREFIX,
-    SET_ASIDE_PREFIX,
-    WriteJsonLines,
-    WriteSummary,
-)
+from beam_caption.sinks import WriteRecords, WriteSummary
 
 RESUMED = "resumed"
 SET_ASIDE = "set_aside"
@@ -89,8 +85,11 @@ class CaptionManifests(beam.PTransform):
     def __init__(self, files: list[str], config: CaptionConfig, output_dir: str, *,
                  num_shards: int = 0, reuse_checkpoints: bool = False, image_key: str = "image",
                  reported: dict | None = None, checkpoint_interval: float = 10.0,
-                 started_at: float | None = None):
+                 started_at: float | None = None, output_format: str = "jsonl",
+                 compression: str = "none"):
         super().__init__()
+        self._output_format = output_format
+        self._compression = compression
         self._files = list(files)
         self._config = config
         self._checkpoint_interval = checkpoint_interval
@@ -103,16 +102,23 @@ class CaptionManifests(beam.PTransform):
 
     @classmethod
     def from_options(cls, options: CaptionOptions, files: list[str],
-                     reuse_checkpoints: bool = False,
-                     started_at: float | None = None) -> CaptionManifests:
-        """The transform the CLI runs for these flags."""
-        return cls(files, caption_config(options), options.output,
+                     reuse_checkpoints: bool = False, started_at: float | None = None,
+                     progress_dir: str | None = None) -> CaptionManifests:
+        """The transform the CLI runs for these flags (``progress_dir``: see CaptionConfig)."""
+        config = dataclasses.replace(caption_config(options), progress_dir=progress_dir)
+        return cls(files, config, options.output,
                    num_shards=options.num_shards, reuse_checkpoints=reuse_checkpoints,
                    image_key=options.image_key, reported=reported_options(options),
-                   checkpoint_interval=options.checkpoint_interval, started_at=started_at)
+                   checkpoint_interval=options.checkpoint_interval, started_at=started_at,
+                   output_format=options.output_format, compression=options.output_compression)
+
+    def _write(self, prefix: str, skip_if_empty: bool = False) -> WriteRecords:
+        return WriteRecords(self._output_dir, prefix, self._num_shards, skip_if_empty,
+                            self._output_format, self._compression, self._image_key,
+                            self._config.output_keys)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
-        out, shards = self._output_dir, self._num_shards
+        out = self._output_dir
         read = pbegin | "ReadManifests" >> ReadManifests(self._files)
         records = read[RECORDS]
         if self._reuse_checkpoints:
@@ -127,10 +133,10 @@ class CaptionManifests(beam.PTransform):
             outputs[RESUMED] = split["done"]
             outputs[SET_ASIDE] = split[SET_ASIDE]
             outputs[CAPTIONS] = (checkpointed, split["done"]) | "WithDone" >> beam.Flatten()
-            outputs[SET_ASIDE] | "WriteSetAside" >> WriteJsonLines(
-                out, SET_ASIDE_PREFIX, shards, skip_if_empty=True)
-        outputs[CAPTIONS] | "WriteCaptions" >> WriteJsonLines(out, CAPTIONS_PREFIX, shards)
-        outputs[FAILURES] | "WriteFailures" >> WriteJsonLines(out, FAILURES_PREFIX, shards)
+            outputs[SET_ASIDE] | "WriteSetAside" >> self._write(SET_ASIDE_PREFIX,
+                                                                 skip_if_empty=True)
+        outputs[CAPTIONS] | "WriteCaptions" >> self._write(CAPTIONS_PREFIX)
+        outputs[FAILURES] | "WriteFailures" >> self._write(FAILURES_PREFIX)
         {**outputs, STATS: captioned[STATS]} | "WriteSummary" >> WriteSummary(
             out, self._image_key, self._reported, self._started_at, self._config.output_keys)
         return outputs

@@ -23,12 +23,14 @@ from beam_caption.errors import CaptionError, UsageError
 from beam_caption.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.images import resolve_image_path
 from beam_caption.manifest import iter_manifest, match_manifests
-from beam_caption.messages import PromptSettings, plan_request
+from beam_caption.messages import PromptSettings, image_paths, prompt_turns
 from beam_caption.options import split_inputs
+from beam_caption.prompts import load_prompts_file
 from beam_caption.tokens import (
     DEFAULT_COMPLETION_TOKENS,
     DETAILS,
     FORMULAS,
+    default_max_side,
     image_tokens,
     text_tokens,
 )
@@ -72,9 +74,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversation_key", default="conversation")
     parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
     parser.add_argument("--prompt", default=None)
+    parser.add_argument("--prompts_file", default=None,
+                        help="the job's prompts file: every image is counted once per prompt")
     parser.add_argument("--model", default=None, help="shown in the report only")
-    parser.add_argument("--max_image_side", type=int, default=1024,
-                        help="longest side sent, as the job's flag (0 keeps the size)")
+    parser.add_argument("--max_image_side", type=int, default=None,
+                        help="longest side sent, as the job's flag (0 keeps the size; default "
+                             "1024, 512 with --image_detail low)")
     parser.add_argument("--image_detail", choices=DETAILS, default=None)
     parser.add_argument("--token_formula", choices=FORMULAS, default="openai")
     parser.add_argument("--max_tokens", type=int, default=None)
@@ -90,22 +95,33 @@ def parser() -> argparse.ArgumentParser:
 def estimate(args: argparse.Namespace) -> Estimate:
     """Read every manifest and image header named by ``args`` (``parser()``'s flags)."""
     files = match_manifests(split_inputs(args.input))
-    prompts = PromptSettings(system_prompt=args.system_prompt or None, prompt=args.prompt,
-                             image_key=args.image_key, conversation_key=args.conversation_key)
+    prompts = PromptSettings(
+        system_prompt=args.system_prompt or None, prompt=args.prompt, image_key=args.image_key,
+        conversation_key=args.conversation_key,
+        specs=load_prompts_file(args.prompts_file) if args.prompts_file else ())
+    specs = prompts.prompt_specs("caption")
     root = args.image_root or os.getcwd()
     guard = UrlGuard(args.allow_private_urls)
-    output_each = args.expected_output_tokens or args.max_tokens or DEFAULT_COMPLETION_TOKENS
+    output_each = sum(args.expected_output_tokens or spec.max_tokens or args.max_tokens
+                      or DEFAULT_COMPLETION_TOKENS for spec in specs)
+    max_side = _max_side(args)
     totals = Estimate()
 
     def count(element: dict) -> tuple[int, int, int]:
-        """(images, image tokens, text tokens) of one record; CaptionError when unreadable."""
-        plan = plan_request(element["record"], prompts)
-        system = prompts.system_prompt if not any(r == "system" for r, _ in plan.turns) else ""
-        text = len(system or "") + sum(len(t) for _, t in plan.turns)
-        sizes = [_sent_size(_header_size(resolve_image_path(path, root), guard),
-                            args.max_image_side) for path in plan.image_paths]
+        """(images, image tokens, text tokens) of one record's requests (one per prompt);
+        CaptionError when unreadable."""
+        record = element["record"]
+        paths = image_paths(record, prompts.image_key)
+        text = 0
+        for spec in specs:
+            turns = prompt_turns(record, prompts, spec)
+            system = spec.system_prompt or prompts.system_prompt
+            text += sum(len(t) for _, t in turns) + (
+                len(system or "") if not any(r == "system" for r, _ in turns) else 0)
+        sizes = [_sent_size(_header_size(resolve_image_path(path, root), guard), max_side)
+                 for path in paths]
         tokens = sum(image_tokens(w, h, args.token_formula, args.image_detail) for w, h in sizes)
-        return len(sizes), tokens, text_tokens(text)
+        return len(sizes), tokens * len(specs), text_tokens(text)
 
     def add(futures: list[concurrent.futures.Future]) -> None:
         for future in futures:
@@ -156,6 +172,13 @@ def _header_size(url: str, guard: UrlGuard) -> tuple[int, int]:
         raise CaptionError("image", "not_an_image", f"{url}: {type(exc).__name__}") from None
 
 
+def _max_side(args: argparse.Namespace) -> int:
+    """--max_image_side as the job would take it (its default depends on formula and detail)."""
+    if args.max_image_side is None:
+        return default_max_side(args.token_formula, args.image_detail)
+    return args.max_image_side
+
+
 def _sent_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     width, height = size
     if not max_side or max(width, height) <= max_side:
@@ -168,12 +191,13 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
     """The lines ``estimate`` prints."""
     input_cost, output_cost = totals.cost(args.price_per_million_input_tokens,
                                           args.price_per_million_output_tokens)
-    each = args.expected_output_tokens or args.max_tokens or DEFAULT_COMPLETION_TOKENS
+    counted = totals.records - totals.unreadable_records
+    each = totals.output_tokens // counted if counted else 0
     lines = [
         f"estimate: {totals.records:,} records, {totals.images:,} images"
         f"{f' for {args.model}' if args.model else ''} (token formula {args.token_formula}, "
         f"image detail {args.image_detail or 'not sent'}, max image side "
-        f"{args.max_image_side or 'unchanged'})",
+        f"{_max_side(args) or 'unchanged'})",
         f"  input tokens:  {totals.input_tokens:,} = images {totals.image_tokens:,} + text "
         f"{totals.text_tokens:,}",
         f"  output tokens: {totals.output_tokens:,} ({each:,} per record)",
@@ -189,7 +213,7 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.max_image_side < 0:
+    if args.max_image_side is not None and args.max_image_side < 0:
         raise UsageError("--max_image_side must be >= 0")
     for line in report(estimate(args), args):
         print(line)

@@ -23,7 +23,7 @@ from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.errors import UsageError
 from beam_caption.keys import SECRET_VERSION
 from beam_caption.redact import clean_key, redact_url
-from beam_caption.tokens import DETAILS, FORMULAS
+from beam_caption.tokens import DETAILS, FORMULAS, default_max_side
 
 OUTPUT_FORMATS = ("jsonl", "json", "parquet")
 
@@ -197,8 +197,10 @@ class CaptionOptions(PipelineOptions):
                            help="Do not check endpoint, key and model before the job starts.")
 
         images = parser.add_argument_group("images")
-        images.add_argument("--max_image_side", type=_NON_NEGATIVE_INT, default=1024,
-                            help="Longest side sent to the model in pixels (0 keeps the size).")
+        images.add_argument("--max_image_side", type=_NON_NEGATIVE_INT, default=None,
+                            help="Longest side sent to the model in pixels (0 keeps the size; "
+                                 "default 1024, or 512 with --image_detail low, where OpenAI "
+                                 "shrinks images to 512 itself).")
         images.add_argument("--max_image_bytes", type=_POSITIVE_INT, default=50 * 2**20,
                             help="Refuse source images larger than this many bytes.")
         images.add_argument("--jpeg_quality", type=_Range(int, 1, 100), default=85,
@@ -324,14 +326,17 @@ def validate_options(options: CaptionOptions) -> None:
 
 def prepare_launch(options: PipelineOptions) -> None:
     """Settings that must be fixed on the launcher, before the options reach any worker: local
-    path flags made absolute (a worker resolves a relative one in its own directory), and the
-    offline local runner when no --runner is named, and the number of worker processes that
-    share the job's rate limits."""
+    path flags made absolute (a worker resolves a relative one in its own directory), the
+    default --max_image_side for the token formula and detail, the offline local runner when
+    no --runner is named, and the number of worker processes that share the job's rate
+    limits."""
     flags = options.view_as(CaptionOptions)
     for name in LOCAL_PATH_FLAGS:
         value = getattr(flags, name)
         if value and "://" not in value:
             setattr(flags, name, os.path.abspath(os.path.expanduser(value)))
+    if flags.max_image_side is None:
+        flags.max_image_side = default_max_side(flags.token_formula, flags.image_detail)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER

@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterable
 
 FORMULAS = ("openai", "qwen")
+DEFAULT_MAX_SIDE = 1024  # --max_image_side when not given (low detail: LOW_DETAIL_SIDE)
+LOW_DETAIL_SIDE = 512  # OpenAI shrinks a low-detail image to 512x512 itself
 DETAILS = ("low", "high", "auto")
 DEFAULT_COMPLETION_TOKENS = 256  # counted for the answer when --max_tokens is not set
 CHARS_PER_TOKEN = 4  # text tokens are estimated from characters
@@ -70,3 +72,10 @@ def estimate_request_tokens(text_chars: int, image_sizes: Iterable[tuple[int, in
     text, its images as sent and the longest answer it allows."""
     images = sum(image_tokens(width, height, formula, detail) for width, height in image_sizes)
     return text_tokens(text_chars) + images + (max_tokens or DEFAULT_COMPLETION_TOKENS)
+
+
+def default_max_side(formula: str, detail: str | None) -> int:
+    """--max_image_side when not given: 512 for OpenAI's low detail (the model sees no more: the
+    same 85 tokens, a quarter of the bytes), else 1024 (benchmarks/bench_image_tokens.py shows
+    what each side costs per formula)."""
+    return LOW_DETAIL_SIDE if formula == "openai" and detail == "low" else DEFAULT_MAX_SIDE

@@ -27,6 +27,7 @@ from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.resume import SkipDone
 from beam_caption.runtime import CaptionConfig
 from beam_caption.sinks import WriteRecords, WriteSummary
+from beam_caption.tokens import default_max_side
 
 RESUMED = "resumed"
 SET_ASIDE = "set_aside"
@@ -34,6 +35,9 @@ SET_ASIDE = "set_aside"
 
 def caption_config(options: CaptionOptions) -> CaptionConfig:
     """The worker-side configuration from the parsed flags."""
+    max_side = options.max_image_side
+    if max_side is None:  # options not prepared by the launcher (a recipe's own pipeline)
+        max_side = default_max_side(options.token_formula, options.image_detail)
     return CaptionConfig(
         client=ClientSettings(
             api_url=options.api_url, model=options.model,
@@ -55,7 +59,7 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             image_key=options.image_key, conversation_key=options.conversation_key,
             image_detail=options.image_detail,
             specs=load_prompts_file(options.prompts_file) if options.prompts_file else ()),
-        images=ImageSettings(max_side=options.max_image_side, max_bytes=options.max_image_bytes,
+        images=ImageSettings(max_side=max_side, max_bytes=options.max_image_bytes,
                              jpeg_quality=options.jpeg_quality),
         image_root=options.image_root or os.getcwd(),
         output_key=options.output_key,

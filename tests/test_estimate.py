@@ -81,3 +81,18 @@ def test_hostile_images_cost_their_record_only(tmp_path, monkeypatch):
     assert (totals.records, totals.images) == (4, 1)
     assert totals.problems == {"image/decompression_bomb": 1, "image/not_an_image": 1,
                                "read/malformed_json": 1}
+
+
+def test_a_prompts_file_counts_every_image_once_per_prompt(tmp_path):
+    Image.new("RGB", (2048, 1536)).save(tmp_path / "big.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "big.png", "title": "Dusk", "conversation": '
+                                      '[{"from": "human", "value": "Hi"}]}\n')
+    (tmp_path / "p.yaml").write_text("a: Describe it.\n"
+                                     "b: {prompt: 'Tag {title}', max_tokens: 50}\n")
+    args = ["--input", str(tmp_path / "m.jsonl"), "--image_root", str(tmp_path), "--max_tokens",
+            "100"]
+    one = estimate(parser().parse_args(args))
+    two = estimate(parser().parse_args([*args, "--prompts_file", str(tmp_path / "p.yaml")]))
+    assert one.image_tokens == image_tokens(1024, 768) and two.image_tokens == 2 * one.image_tokens
+    assert (one.output_tokens, two.output_tokens) == (100, 100 + 50)
+    assert two.text_tokens > one.text_tokens

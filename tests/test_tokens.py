@@ -3,7 +3,7 @@ estimate."""
 
 import pytest
 
-from beam_caption.tokens import estimate_request_tokens, image_tokens
+from beam_caption.tokens import default_max_side, estimate_request_tokens, image_tokens
 
 
 @pytest.mark.parametrize("size, detail, tokens", [
@@ -35,3 +35,15 @@ def test_a_request_counts_text_images_and_the_longest_answer():
     assert estimate_request_tokens(400, [(1024, 1024), (512, 512)], 300) == 100 + 765 + 255 + 300
     assert estimate_request_tokens(1, [], None) == 1 + 256  # no --max_tokens: a default answer
     assert estimate_request_tokens(0, [(1024, 1024)], 10, detail="low") == 85 + 10
+
+
+def test_the_default_image_side_is_what_the_model_sees_at_low_detail():
+    from beam_caption.options import CaptionOptions, prepare_launch
+
+    assert default_max_side("openai", "low") == 512 and image_tokens(512, 384, detail="low") == 85
+    assert default_max_side("openai", "high") == default_max_side("qwen", None) == 1024
+    for flags, side in ((["--image_detail", "low"], 512), ([], 1024),
+                        (["--image_detail", "low", "--max_image_side", "0"], 0)):
+        options = CaptionOptions(flags)
+        prepare_launch(options)
+        assert options.max_image_side == side

@@ -1,0 +1,65 @@
+"""Caption again the records an earlier run could not: its failures file as the new input.
+
+Reads ``--from_output``'s failures (any output format), keeps the records whose failure may
+succeed another time (``retryable``: timeouts, 429s, 5xx, schema misses...; ``--all`` keeps
+every failure that holds its record), writes them as ``--output/retried_records.jsonl`` and
+captions that manifest into ``--output`` as a normal job would. Lines that could not be read
+as records (``raw``) cannot be retried and are counted as left. Run from the repository root:
+
+    python pipelines/recaption_failures.py --from_output out/ --output out_retry/ \\
+        --api_url http://127.0.0.1:8011/v1 --model fake-vlm
+
+Give the first run's --image_root (relative image paths are resolved against it).
+"""
+
+import json
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_caption.options import CaptionOptions, prepare_launch
+from beam_caption.outputs import FAILURES_PREFIX, read_output_records
+from beam_caption.transform import CaptionManifests
+
+RETRY_MANIFEST = "retried_records.jsonl"
+
+
+class RecaptionOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--from_output", required=True,
+                            help="Output directory of the earlier run.")
+        parser.add_argument("--all", action="store_true", default=False,
+                            help="Retry every failure that holds its record, not only the "
+                                 "retryable ones.")
+
+
+def write_retry_manifest(from_output: str, output_dir: str, every: bool) -> tuple[str, int, int]:
+    """The manifest of the records to retry, how many it holds, and how many were left."""
+    path = f"{output_dir.rstrip('/')}/{RETRY_MANIFEST}"
+    kept = left = 0
+    with fsspec.open(path, "wt", encoding="utf-8", auto_mkdir=True) as manifest:
+        for failure in read_output_records(from_output, FAILURES_PREFIX):
+            if "record" in failure and (every or failure["error"]["retryable"]):
+                manifest.write(json.dumps(failure["record"], ensure_ascii=False) + "\n")
+                kept += 1
+            else:
+                left += 1
+    return path, kept, left
+
+
+def main(argv=None):
+    options = PipelineOptions(argv)
+    recaption, flags = options.view_as(RecaptionOptions), options.view_as(CaptionOptions)
+    prepare_launch(options)
+    manifest, kept, left = write_retry_manifest(recaption.from_output, flags.output,
+                                                recaption.all)
+    print(f"retrying {kept} records from {recaption.from_output}; {left} failures left as they "
+          "are (not retryable, or not a record)")
+    with beam.Pipeline(options=options) as p:
+        p | "CaptionManifests" >> CaptionManifests.from_options(flags, [manifest])
+
+
+if __name__ == "__main__":
+    main()

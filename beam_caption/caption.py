@@ -20,6 +20,7 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.errors import JobStopped
+from beam_caption.progress import figures_for
 from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Outcome, usable_cores
 
@@ -33,6 +34,7 @@ class _CaptionRecords(beam.DoFn):
         self._config = config
         self._shared = shared_handle
         self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
+        self._images = Metrics.counter(METRICS_NAMESPACE, "images")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "failed")
         self._retries = Metrics.counter(METRICS_NAMESPACE, "retries")
         self._prompt_tokens = Metrics.counter(METRICS_NAMESPACE, "prompt_tokens")
@@ -46,6 +48,8 @@ class _CaptionRecords(beam.DoFn):
         self._runtime = self._shared.acquire(lambda: CaptionRuntime(config), tag=repr(config))
         self._window = 2 * config.client.max_concurrency + usable_cores()
         self._done = {"captioned": 0, "failed": 0, "retries": 0}
+        self._progress = figures_for(config.progress_dir)  # a local run's live figures
+        self._image_key = config.prompts.image_key
         self._logged_at = time.monotonic()
 
     def start_bundle(self) -> None:
@@ -67,6 +71,7 @@ class _CaptionRecords(beam.DoFn):
         if self._throttled_in_bundle_ms:
             yield beam.pvalue.TaggedOutput(STATS, GlobalWindows.windowed_value(
                 {"throttled_ms": self._throttled_in_bundle_ms}))
+        self._progress.flush()
 
     def _emit_next(self):
         """Wait for the next record to finish and emit it."""
@@ -105,34 +110,50 @@ class _CaptionRecords(beam.DoFn):
         for future in list(self._pending):
             if future.done() and not future.cancelled() and future.exception() is None:
                 yield from self._emit(future)
+        self._progress.flush()
 
     def _count(self, outcome: Outcome):
-        """Metrics (in the bundle thread, where Beam keeps them) and a periodic log line."""
+        """Metrics (in the bundle thread, where Beam keeps them), the live figures of a local
+        run and a periodic log line."""
         retries = max(outcome.attempts - 1, 0)
         if retries:  # a Beam counter update costs microseconds: only those that count
             self._retries.inc(retries)
             self._done["retries"] += retries
-        if outcome.throttled_s:
-            throttled_ms = int(outcome.throttled_s * 1000)
+        throttled_ms = int(outcome.throttled_s * 1000)
+        if throttled_ms:
             self._throttled_ms.inc(throttled_ms)
             self._throttled_in_bundle_ms += throttled_ms
         self._log_progress()
         if outcome.failure is not None:
             self._failed.inc()
             self._done["failed"] += 1
+            self._progress.add(failed=1, throttled_ms=throttled_ms)
             error = outcome.failure["error"]
             _LOG.debug("%s failed: %s/%s after %d attempts: %s", outcome.failure["key"],
                        error["stage"], error["type"], error["attempts"], error["message"])
             return
         assert outcome.caption is not None  # an Outcome holds a caption or a failure
-        meta = outcome.caption["caption_meta"]
+        self._count_caption(outcome.caption, throttled_ms)
+
+    def _count_caption(self, caption: dict, throttled_ms: int) -> None:
+        """_count's figures of a captioned record."""
+        meta = caption["caption_meta"]
+        images = caption.get(self._image_key)
+        image_count = len(images) if isinstance(images, list) else 1  # as summary.json counts
         self._done["captioned"] += 1
         self._captioned.inc()
+        self._images.inc(image_count)
         self._prompt_tokens.inc(meta["prompt_tokens"] or 0)
         self._completion_tokens.inc(meta["completion_tokens"] or 0)
         if meta["reasoning_tokens"]:
             self._reasoning_tokens.inc(meta["reasoning_tokens"])
         self._latency.update(int(meta["latency_ms"]))
+        if meta["cached"]:  # summary.json counts a cached answer's tokens as saved, not spent
+            self._progress.add(captioned=1, images=image_count, throttled_ms=throttled_ms)
+        else:
+            self._progress.add(captioned=1, images=image_count, throttled_ms=throttled_ms,
+                               prompt_tokens=meta["prompt_tokens"] or 0,
+                               completion_tokens=meta["completion_tokens"] or 0)
 
     def _log_progress(self) -> None:
         now = time.monotonic()

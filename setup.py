@@ -22,15 +22,20 @@ setup(
         "fsspec>=2024.1",
         "gcsfs>=2024.1",
         "aiohttp>=3.9",
+        "jsonschema>=4",  # structured output: answers checked against their JSON schema
+        "pyyaml>=6",  # --prompts_file
+        "tqdm>=4.66",
     ],
     extras_require={
         # the tests cover the Dataflow dry run, Secret Manager keys and jobs on gs:// and s3://
         # (against emulators on loopback): the gcp and s3 extras' packages and the emulators
-        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", *GCP, *S3,
+        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", "pyarrow>=14", *GCP, *S3,
                  "gcp-storage-emulator>=2024.8", "moto[server]>=5"],
         # Dataflow, --dry_run, and --api_key_secret (Secret Manager, read on the workers)
         "gcp": GCP,
         "s3": S3,
+        # --output_format parquet (Beam's Parquet sink; apache-beam installs pyarrow today)
+        "parquet": ["pyarrow>=14"],
     },
     entry_points={"console_scripts": ["beam-caption=beam_caption.__main__:main"]},
 )

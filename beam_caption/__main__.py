@@ -34,7 +34,7 @@ from beam_caption.outputs import (  # noqa: E402
 from beam_caption.redact import ScrubbingFilter, clean_key  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
-COMMANDS = ("demo", "estimate", "report")
+COMMANDS = ("demo", "estimate", "report", "collect")
 VERBOSE_FLAGS = {"-v", "--verbose"}
 
 
@@ -112,7 +112,9 @@ def print_help() -> None:
                "bundled fake VLM server; 'python -m beam_caption estimate --help' counts a "
                "job's tokens and cost without sending anything; 'python -m beam_caption "
                "report OUTDIR' writes OUTDIR/report.html, a page to judge a finished job at "
-               "a glance. -v (--verbose) shows "
+               "a glance; 'python -m beam_caption collect' with a --mode batch job's flags "
+               "waits for its batches and collects them, submitting nothing. -v (--verbose) "
+               "shows "
                "beam_caption's debug lines.")
     CaptionOptions._add_argparse_args(parser)
     parser.print_help()
@@ -207,7 +209,9 @@ def _dispatch(argv: list[str]) -> int:
 
     from beam_caption.pipeline import run, translate, translates_only
 
-    if translates_only(PipelineOptions(args)):
+    if command == "collect":
+        print_summary(run(args, collect_only=True))
+    elif translates_only(PipelineOptions(args)):
         print_translation(translate(args))
     else:
         print_summary(run(args))

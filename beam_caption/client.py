@@ -66,6 +66,7 @@ class ClientSettings:
     max_cost: float | None = None  # this process's share of the job's --max_cost
     price_per_million_input_tokens: float = 0.0
     price_per_million_output_tokens: float = 0.0
+    batch_discount: float = 0.5  # Batch API price as a share of the online price
     stop_after_refusals: int = 5
 
     def request_params(self) -> dict:

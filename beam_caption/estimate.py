@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
                              f"else {DEFAULT_COMPLETION_TOKENS})")
     parser.add_argument("--price_per_million_input_tokens", type=float, default=0.0)
     parser.add_argument("--price_per_million_output_tokens", type=float, default=0.0)
+    parser.add_argument("--batch_discount", type=float, default=0.5,
+                        help="Batch API price as a share of the online price (--mode batch)")
     parser.add_argument("--allow_private_urls", action="store_true")
     return parser
 
@@ -205,6 +207,9 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
         f"${input_cost + output_cost:,.4f} at ${args.price_per_million_input_tokens:g} / "
         f"${args.price_per_million_output_tokens:g} per million tokens",
     ]
+    batch = (input_cost + output_cost) * args.batch_discount
+    lines.append(f"  with --mode batch: ${batch:,.4f} (--batch_discount {args.batch_discount:g}"
+                 f", saving ${input_cost + output_cost - batch:,.4f})")
     if totals.unreadable_records:
         lines.append(f"  not counted: {totals.unreadable_records:,} records that would fail (" +
                      ", ".join(f"{key}: {n}" for key, n in sorted(totals.problems.items())) + ")")

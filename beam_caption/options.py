@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 from typing import Any
@@ -148,6 +149,29 @@ class CaptionOptions(PipelineOptions):
                          choices=("minimal", "low", "medium", "high"),
                          help="Reasoning effort for reasoning models (gpt-5, o-series); "
                               "captioning rarely needs more than minimal.")
+
+        batch = parser.add_argument_group("batch mode (OpenAI-style Batch API)")
+        batch.add_argument("--mode", default="online", choices=("online", "batch"),
+                           help="online: one request per record and prompt, answered at once; "
+                                "batch: submitted as Batch API batches (about half the price, "
+                                "answered within 24 h), recorded in --output/batches/, polled "
+                                "by the launcher, then collected into the same outputs.")
+        batch.add_argument("--batch_max_requests", type=_POSITIVE_INT, default=50_000,
+                           help="Requests per batch input file (the provider's limit).")
+        batch.add_argument("--batch_max_bytes", type=_POSITIVE_INT, default=200_000_000,
+                           help="Bytes per batch input file (images make them large).")
+        batch.add_argument("--batch_poll_interval", type=_POSITIVE_FLOAT, default=60.0,
+                           help="Longest wait between two polls of the batches (the first "
+                                "ones come sooner).")
+        batch.add_argument("--batch_discount", type=_Range(float, 0, 1), default=0.5,
+                           help="Batch price as a share of the --price_per_million_* prices, "
+                                "for --max_cost and the summary's cost.")
+        batch.add_argument("--retry_failed", action="store_true", default=False,
+                           help="Submit once more the records the batches left unanswered "
+                                "(error lines, expired or failed batches) before collecting.")
+        batch.add_argument("--fallback", default="none", choices=("none", "online"),
+                           help="online: caption what the batches could not through the "
+                                "online path when collecting, instead of recording failures.")
 
         calls = parser.add_argument_group("requests")
         calls.add_argument("--max_concurrency", type=_POSITIVE_INT, default=32,
@@ -306,11 +330,16 @@ def validate_options(options: CaptionOptions) -> None:
                                  options.price_per_million_output_tokens):
         raise UsageError("--max_cost needs the model's prices: --price_per_million_input_tokens "
                          "and --price_per_million_output_tokens")
+    if options.mode == "online" and (options.retry_failed or options.fallback != "none"):
+        raise UsageError("--retry_failed and --fallback are for --mode batch")
     if options.prompts_file and options.prompt:
         raise UsageError("give the prompt with --prompt or --prompts_file, not both")
     if options.prompts_file and options.output_key != "caption":
         raise UsageError("with --prompts_file each prompt names its output_key; leave out "
                          "--output_key")
+    if options.output_format == "parquet" and _missing_module("pyarrow"):
+        raise UsageError("--output_format parquet needs the parquet extra: pip install "
+                         "'beam_caption[parquet]'")
     if options.output_format == "parquet" and options.output_compression != "none":
         raise UsageError("Parquet files are compressed inside (snappy); --output_compression is "
                          "for jsonl and json")
@@ -417,13 +446,15 @@ def _check_locations(options: CaptionOptions) -> None:
 def _missing_package(scheme: str, write: bool) -> str | None:
     """What to install for ``scheme`` (reads through fsspec; --output through Beam's own
     filesystems), or None when it is there."""
-    import importlib.util
-
     if scheme == "s3":
         modules = ["s3fs"] + (["boto3"] if write else [])
-        if any(importlib.util.find_spec(module) is None for module in modules):
+        if any(map(_missing_module, modules)):
             return "the s3 extra: pip install 'beam_caption[s3]'"
     return None
+
+
+def _missing_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is None
 
 
 def _check_output_dir(output: str) -> None:

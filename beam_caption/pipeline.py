@@ -8,6 +8,7 @@ template), and says what would run.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import NamedTuple
 
@@ -23,6 +24,8 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from beam_caption.batch import CollectBatchResults
+from beam_caption.batch_job import submit_and_wait
 from beam_caption.checkpoint import clear_checkpoints
 from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.manifest import match_manifests
@@ -35,6 +38,8 @@ from beam_caption.options import (
     validate_options,
 )
 from beam_caption.preflight import preflight
+from beam_caption.progress import live_progress
+from beam_caption.report import write_report
 from beam_caption.resume import prepare_output_dir, remove_temp_files
 from beam_caption.sinks import read_summary
 from beam_caption.transform import CaptionManifests, caption_config
@@ -51,36 +56,61 @@ class Translation(NamedTuple):
     template_location: str | None  # where the template went (template launches)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
     """Parse flags, check the endpoint, run the job to completion; returns summary.json's content.
 
-    Raises UsageError (or PreflightError) before anything runs when the job cannot work, and
-    for a dry run or template launch (use ``translate``).
+    A local run shows its live progress on stderr (not with ``--no_progress``; see progress.py);
+    ``--report`` writes report.html after the job. With ``--mode batch`` the requests go
+    through the Batch API (batch_job.py); ``collect_only`` (the ``collect`` command) submits
+    nothing and collects the batches already in ``--output``. Raises UsageError (or
+    PreflightError) before anything runs when the job cannot work, and for a dry run or
+    template launch (use ``translate``).
     """
     started_at = time.time()
     options = _launch_options(argv)
     if translates_only(options):
         raise UsageError("--dry_run and --template_location start no job: use translate()")
+    if collect_only:
+        if options.overwrite:
+            raise UsageError("collect keeps what --output holds: leave out --overwrite")
+        options.mode, options.resume = "batch", True
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
     api_key = config.api_key.resolve()  # read once here: an unreadable key stops the launch
     if not options.skip_preflight:
         preflight(config.client, api_key)
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
+    captioner = None
+    if options.mode == "batch":
+        entries = submit_and_wait(options, manifest_files, config, api_key, resume,
+                                  _new_pipeline, collect_only)
+        captioner = CollectBatchResults(config, options.output, entries,
+                                        fallback=options.fallback == "online")
     pipeline = _new_pipeline(options)
-    pipeline | "CaptionManifests" >> CaptionManifests.from_options(
-        options, manifest_files, reuse_checkpoints=resume, started_at=started_at)
+    shows_progress = is_local_runner(options) and not options.no_progress
+    with (live_progress(manifest_files) if shows_progress
+          else contextlib.nullcontext()) as progress_dir:
+        pipeline | "CaptionManifests" >> CaptionManifests.from_options(
+            options, manifest_files, reuse_checkpoints=resume, started_at=started_at,
+            progress_dir=progress_dir, captioner=captioner)
+        _run_to_completion(pipeline, options.output)
+    clear_checkpoints(options.output)
+    if options.report:
+        write_report(options.output)
+    return read_summary(options.output)
+
+
+def _run_to_completion(pipeline: beam.Pipeline, output_dir: str) -> None:
+    """Run the job and wait for it; a stop (JobStopped) raises StoppedError."""
     try:
         result = pipeline.run()
         result.wait_until_finish()
     except BaseException as exc:
-        remove_temp_files(options.output)
+        remove_temp_files(output_dir)
         reason = JobStopped.find(str(exc))
         if reason is not None:
             raise StoppedError(reason) from None
         raise
-    clear_checkpoints(options.output)
-    return read_summary(options.output)
 
 
 def translates_only(options: PipelineOptions) -> bool:

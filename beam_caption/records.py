@@ -69,11 +69,13 @@ class CaptionMeta:
     fingerprint: str
     finished_at: float  # unix time the answer came (for throughput over time)
     prompts: dict | None = None  # with several prompts: name -> that prompt's figures
+    batch_id: str | None = None  # the Batch API batch that answered (--mode batch)
 
     def to_json(self) -> dict:
         meta = dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
-        if meta["prompts"] is None:
-            del meta["prompts"]
+        for optional in ("prompts", "batch_id"):
+            if meta[optional] is None:
+                del meta[optional]
         return meta
 
 

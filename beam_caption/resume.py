@@ -27,6 +27,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.batch_ledger import LEDGER_DIR
 from beam_caption.checkpoint import CHECKPOINT_DIR, checkpoint_path
 from beam_caption.errors import UsageError
 from beam_caption.outputs import (
@@ -38,8 +39,10 @@ from beam_caption.outputs import (
     SUMMARY_FILE,
     line_element,
 )
+from beam_caption.progress import figures_for
 from beam_caption.sinks import match_files, output_path
 
+SET_ASIDE = "set_aside"
 BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at finalize
 
 _LOG = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ def settings_digest(settings: dict) -> str:
 def existing_outputs(output_dir: str) -> list[str]:
     """Caption, failure, summary and checkpoint files already in ``output_dir``."""
     patterns = [f"{CAPTIONS_PREFIX}{SHARDS}", f"{FAILURES_PREFIX}{SHARDS}",
-                f"{SET_ASIDE_PREFIX}{SHARDS}", SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*"]
+                f"{SET_ASIDE_PREFIX}{SHARDS}", SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*",
+                f"{LEDGER_DIR}/*"]
     return sorted(p for pattern in patterns for p in match_files(output_path(output_dir, pattern)))
 
 
@@ -147,6 +151,25 @@ def _split(grouped, todo_tag: str, set_aside_tag: str):
         yield beam.pvalue.TaggedOutput(set_aside_tag, caption)
 
 
+class _Split(beam.DoFn):
+    """``_split`` in a DoFn that counts the records it finds done in the live progress."""
+
+    def __init__(self, progress_dir: str | None):
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._figures = figures_for(self._progress_dir)
+
+    def process(self, grouped):
+        for output in _split(grouped, "todo", SET_ASIDE):
+            if not isinstance(output, beam.pvalue.TaggedOutput):
+                self._figures.add(resumed=1)
+            yield output
+
+    def finish_bundle(self):
+        self._figures.flush()
+
+
 class SkipDone(beam.PTransform):
     """Split records into those captioned by an earlier run (re-emitted once) and the rest.
 
@@ -156,10 +179,11 @@ class SkipDone(beam.PTransform):
     record of this run may reuse (other content or settings, or a manifest left out).
     """
 
-    def __init__(self, output_dir: str, settings_digest: str):
+    def __init__(self, output_dir: str, settings_digest: str, progress_dir: str | None = None):
         super().__init__()
         self._output_dir = output_dir
         self._settings_digest = settings_digest
+        self._progress_dir = progress_dir
 
     def expand(self, records):
         digest = self._settings_digest
@@ -168,8 +192,8 @@ class SkipDone(beam.PTransform):
             lambda element: (record_fingerprint(element["record"], digest), element))
         split = ({"records": keyed, "done": done}
                  | "Join" >> beam.CoGroupByKey()
-                 | "Split" >> beam.FlatMap(_split, "todo", "set_aside").with_outputs(
-                     "todo", "set_aside", main="done"))
+                 | "Split" >> beam.ParDo(_Split(self._progress_dir)).with_outputs(
+                     "todo", SET_ASIDE, main="done"))
         return {"done": split.done, "todo": split.todo, "set_aside": split.set_aside}
 
 

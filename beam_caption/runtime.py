@@ -48,7 +48,7 @@ from beam_caption.prompts import PromptSpec
 from beam_caption.records import CaptionMeta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
 from beam_caption.structured import answer_checker
-from beam_caption.tokens import estimate_request_tokens
+from beam_caption.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
 
 IO_THREADS_MAX = 64
 IMAGE_BACKOFF_S = 0.5  # first wait before reading a record's images again
@@ -103,6 +103,14 @@ class CaptionConfig:
             "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
                        "max_pixels": images.max_pixels},
             "output_key": self.output_key})
+
+
+class Prepared(NamedTuple):
+    """A record's requests, prepared but not sent (Batch API): (prompt name, body, estimated
+    input tokens, most output tokens) each, or the failure that leaves it without."""
+
+    requests: list[tuple[str, bytes, int, int]]
+    failure: dict | None
 
 
 class Outcome(NamedTuple):
@@ -279,11 +287,22 @@ class CaptionRuntime:
                                 plans: list[RequestPlan | CaptionError]
                                 ) -> list[Completion | CaptionError]:
         """Read and prepare the record's images once, then ask each prompt that has a plan,
-        within the byte budget; each prompt's answer or error, in prompt order.
+        within the byte budget; each prompt's answer or error, in prompt order."""
+        requests, held = await self._built_requests(paths, plans)
+        try:
+            return list(await asyncio.gather(*(
+                self._answer(spec, request) if request is not None else _plan_error(plan)
+                for spec, plan, request in zip(self._specs, plans, requests, strict=True))))
+        finally:
+            await self._budget.resize(held, 0)
+
+    async def _built_requests(self, paths: tuple[str, ...],
+                              plans: list[RequestPlan | CaptionError]
+                              ) -> tuple[list[_Request | None], int]:
+        """The record's requests and the budget bytes they hold (the caller gives them back).
 
         The record holds an estimate of its source size before reading (the largest of the
-        recent ones), then the real size, then its request bodies' size until the answers
-        are in.
+        recent ones), then the real size, then its request bodies' size.
         """
         held = max(self._recent_sizes)
         await self._budget.acquire(held)
@@ -298,12 +317,39 @@ class CaptionRuntime:
             del sources
             size = sum(len(request.body) for request in requests if request is not None)
             await self._budget.resize(held, size)
-            held = size
-            return list(await asyncio.gather(*(
-                self._answer(spec, request) if request is not None else _plan_error(plan)
-                for spec, plan, request in zip(self._specs, plans, requests, strict=True))))
-        finally:
+            return requests, size
+        except BaseException:
             await self._budget.resize(held, 0)
+            raise
+
+    def submit_prepare(self, element: dict) -> concurrent.futures.Future:
+        """Start preparing one keyed record's requests without sending them (the Batch API);
+        the future resolves to its ``Prepared``."""
+        return asyncio.run_coroutine_threadsafe(self._prepare(element), self._loop)
+
+    async def _prepare(self, element: dict) -> Prepared:
+        record, specs = element["record"], self._specs
+        try:
+            paths = image_paths(record, self.config.prompts.image_key)
+            plans = [self._plan(record, paths, spec) for spec in specs]
+            for spec, plan in zip(specs, plans, strict=True):
+                if isinstance(plan, CaptionError):  # sent later or never: the record fails now
+                    return Prepared([], self._failure(
+                        element, plan, spec.name if len(specs) > 1 else None, {}, 0, 0.0).failure)
+            requests, held = await self._built_requests(paths, plans)
+            await self._budget.resize(held, 0)  # the bodies leave the runtime
+        except CaptionError as error:
+            return Prepared([], self._failure(element, error, None, {}, 0, 0.0).failure)
+        except Exception as exc:  # a bug must not lose the record: report it as a failure
+            return Prepared([], self._failure(element, _internal_error(element["key"], exc),
+                                              None, {}, 0, 0.0).failure)
+        prepared = []
+        for spec, request in zip(specs, requests, strict=True):
+            assert request is not None  # every prompt has a plan here
+            answer = self._params[spec.name].get("max_completion_tokens") or \
+                DEFAULT_COMPLETION_TOKENS
+            prepared.append((spec.name, request.body, request.tokens - answer, answer))
+        return Prepared(prepared, None)
 
     async def _answer(self, spec: PromptSpec, request: _Request) -> Completion | CaptionError:
         """One prompt's answer (from the cache or the model), or why there is none."""

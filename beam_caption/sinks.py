@@ -160,6 +160,9 @@ def caption_counts(element: dict, image_key: str) -> dict:
         counts.update(prompt_tokens=meta["prompt_tokens"] or 0,
                       completion_tokens=meta["completion_tokens"] or 0,
                       reasoning_tokens=meta.get("reasoning_tokens") or 0)
+    if meta.get("batch_id"):  # at the batch price
+        counts.update(batch_prompt_tokens=meta["prompt_tokens"] or 0,
+                      batch_completion_tokens=meta["completion_tokens"] or 0)
     return counts
 
 
@@ -204,8 +207,12 @@ def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None =
 
 
 def _cost(counts: dict, options: dict) -> dict:
-    """Dollars at the run's --price_per_million_* (0 without prices)."""
-    spent = {side: counts.get(f"{tokens}_tokens", 0)
+    """Dollars at the run's --price_per_million_* (0 without prices), Batch API answers at
+    --batch_discount of them."""
+    discount = options.get("batch_discount")
+    discount = 0.5 if discount is None else discount
+    spent = {side: (counts.get(f"{tokens}_tokens", 0) - counts.get(f"batch_{tokens}_tokens", 0)
+                    * (1 - discount))
              * (options.get(f"price_per_million_{side}_tokens") or 0) / 1e6
              for side, tokens in (("input", "prompt"), ("output", "completion"))}
     return {**{side: round(value, 6) for side, value in spent.items()},

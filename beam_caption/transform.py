@@ -24,13 +24,12 @@ from beam_caption.options import CaptionOptions, reported_options
 from beam_caption.outputs import CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX
 from beam_caption.prompts import load_prompts_file
 from beam_caption.records import CAPTIONS, FAILURES, RECORDS, STATS
-from beam_caption.resume import SkipDone
+from beam_caption.resume import SET_ASIDE, SkipDone
 from beam_caption.runtime import CaptionConfig
 from beam_caption.sinks import WriteRecords, WriteSummary
 from beam_caption.tokens import default_max_side
 
 RESUMED = "resumed"
-SET_ASIDE = "set_aside"
 
 
 def caption_config(options: CaptionOptions) -> CaptionConfig:
@@ -53,7 +52,8 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
             max_cost=(options.max_cost / (options.worker_processes or 1)
                       if options.max_cost else None),
             price_per_million_input_tokens=options.price_per_million_input_tokens,
-            price_per_million_output_tokens=options.price_per_million_output_tokens),
+            price_per_million_output_tokens=options.price_per_million_output_tokens,
+            batch_discount=options.batch_discount),
         prompts=PromptSettings(
             system_prompt=options.system_prompt or None, prompt=options.prompt,
             image_key=options.image_key, conversation_key=options.conversation_key,
@@ -81,8 +81,8 @@ class CaptionManifests(beam.PTransform):
     checkpointed under ``output_dir`` while the job runs. With ``reuse_checkpoints`` (set by the
     launcher when ``--resume`` found earlier captions) records are first matched to them.
     ``reported`` is the options dict summary.json shows; ``started_at`` (``time.time()``, by
-    default when the transform is made) is when its wall time starts. Returns the PCollections
-    written:
+    default when the transform is made) is when its wall time starts. ``captioner`` replaces
+    the caption step (batch mode's CollectBatchResults). Returns the PCollections written:
     ``{CAPTIONS, FAILURES[, RESUMED, SET_ASIDE]}``.
     """
 
@@ -90,8 +90,9 @@ class CaptionManifests(beam.PTransform):
                  num_shards: int = 0, reuse_checkpoints: bool = False, image_key: str = "image",
                  reported: dict | None = None, checkpoint_interval: float = 10.0,
                  started_at: float | None = None, output_format: str = "jsonl",
-                 compression: str = "none"):
+                 compression: str = "none", captioner: beam.PTransform | None = None):
         super().__init__()
+        self._captioner = captioner
         self._output_format = output_format
         self._compression = compression
         self._files = list(files)
@@ -107,14 +108,17 @@ class CaptionManifests(beam.PTransform):
     @classmethod
     def from_options(cls, options: CaptionOptions, files: list[str],
                      reuse_checkpoints: bool = False, started_at: float | None = None,
-                     progress_dir: str | None = None) -> CaptionManifests:
-        """The transform the CLI runs for these flags (``progress_dir``: see CaptionConfig)."""
+                     progress_dir: str | None = None,
+                     captioner: beam.PTransform | None = None) -> CaptionManifests:
+        """The transform the CLI runs for these flags (``progress_dir``: see CaptionConfig;
+        ``captioner``: the caption step, CaptionImages by default)."""
         config = dataclasses.replace(caption_config(options), progress_dir=progress_dir)
         return cls(files, config, options.output,
                    num_shards=options.num_shards, reuse_checkpoints=reuse_checkpoints,
                    image_key=options.image_key, reported=reported_options(options),
                    checkpoint_interval=options.checkpoint_interval, started_at=started_at,
-                   output_format=options.output_format, compression=options.output_compression)
+                   output_format=options.output_format, compression=options.output_compression,
+                   captioner=captioner)
 
     def _write(self, prefix: str, skip_if_empty: bool = False) -> WriteRecords:
         return WriteRecords(self._output_dir, prefix, self._num_shards, skip_if_empty,
@@ -123,12 +127,14 @@ class CaptionManifests(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
         out = self._output_dir
-        read = pbegin | "ReadManifests" >> ReadManifests(self._files)
+        progress_dir = self._config.progress_dir
+        read = pbegin | "ReadManifests" >> ReadManifests(self._files, progress_dir=progress_dir)
         records = read[RECORDS]
         if self._reuse_checkpoints:
-            split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest)
+            split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest,
+                                                     progress_dir)
             records = split["todo"]
-        captioned = records | "CaptionImages" >> CaptionImages(self._config)
+        captioned = records | "CaptionImages" >> (self._captioner or CaptionImages(self._config))
         checkpointed = captioned[CAPTIONS] | "CheckpointCaptions" >> CheckpointCaptions(
             out, self._checkpoint_interval)
         failures = (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()

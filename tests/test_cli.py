@@ -79,15 +79,16 @@ def test_every_options_class_flag_is_known_in_both_forms():
                  "--system_prompt", "- be brief", "--max_concurrency", "64"])
 
 
+COMMAND_LIST = ("commands: demo, estimate, report, collect; a caption job takes flags only, "
+                "see --help)")
+
+
 @pytest.mark.parametrize("word, message", [
-    ("reprt", ("unknown command 'reprt' (did you mean 'report'? commands: demo, estimate, "
-               "report; a caption job takes flags only, see --help)")),
-    ("captoin", ("unknown command 'captoin' (commands: demo, estimate, report; a caption job "
-                 "takes flags only, see --help)")),
-    ("dmeo", ("unknown command 'dmeo' (did you mean 'demo'? commands: demo, estimate, report; "
-              "a caption job takes flags only, see --help)")),
-    ("estimat", ("unknown command 'estimat' (did you mean 'estimate'? commands: demo, "
-                 "estimate, report; a caption job takes flags only, see --help)")),
+    ("reprt", f"unknown command 'reprt' (did you mean 'report'? {COMMAND_LIST}"),
+    ("captoin", f"unknown command 'captoin' ({COMMAND_LIST}"),
+    ("dmeo", f"unknown command 'dmeo' (did you mean 'demo'? {COMMAND_LIST}"),
+    ("estimat", f"unknown command 'estimat' (did you mean 'estimate'? {COMMAND_LIST}"),
+    ("colect", f"unknown command 'colect' (did you mean 'collect'? {COMMAND_LIST}"),
 ])
 def test_a_mistyped_command_is_refused_not_run_as_the_demo(capsys, tmp_path, monkeypatch, word,
                                                            message):

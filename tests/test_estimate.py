@@ -66,6 +66,8 @@ def test_the_cli_prints_tokens_and_cost(dataset_factory, capsys):
     cost = totals.input_tokens * 2 / 1e6 + 400 * 8 / 1e6
     assert lines[3].startswith(f"  cost: ${totals.input_tokens * 2 / 1e6:,.4f} input + "
                                f"${400 * 8 / 1e6:,.4f} output = ${cost:,.4f}")
+    assert lines[4] == (f"  with --mode batch: ${cost / 2:,.4f} (--batch_discount 0.5, saving "
+                        f"${cost / 2:,.4f})")
 
 
 def test_hostile_images_cost_their_record_only(tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 from aiohttp import web
 from PIL import ExifTags, Image
 
+from beam_caption.testing.fake_batches import FakeBatchAPI
+
 FAULTS = ("429", "500", "reset", "malformed", "empty", "html", "hang")
 LISTENING = "fake VLM listening on "
 _ROLES = ("system", "user", "assistant")
@@ -97,6 +99,10 @@ class FakeVLMConfig:
     # (structured_answer); these give answers that do not conform instead:
     schema_marker: str | None = "BREAK_SCHEMA"  # a prompt holding it, always
     schema_break_first: int = 0  # the first N answers for each distinct request
+    # Batch API (/v1/files, /v1/batches; fake_batches.py):
+    batch_delay_s: float = 0.0  # from a batch's creation to its end
+    batch_expire: bool = False  # batches expire: only the first half of their lines answered
+    batch_fail_marker: str | None = "BATCH_FAIL"  # a line whose prompt holds it errors (500)
     # An account's rate limits, enforced across all clients with 429s as OpenAI does: buckets
     # refilled at the limit per minute, holding ``account_burst_s`` seconds of it. Requests
     # are charged on arrival, tokens as prompt tokens plus max_tokens (or 0).
@@ -435,10 +441,17 @@ class _Stats:
             self._by_status: dict[str, int] = {}
             self._faults: dict[str, int] = {}
             self._by_caption: dict[str, int] = {}
+            self._events: dict[str, int] = {}
+
+    def event(self, kind: str) -> None:
+        """Count a Batch API event (upload, batch, ...)."""
+        with self._lock:
+            self._events[kind] = self._events.get(kind, 0) + 1
 
     def snapshot(self) -> dict:
         with self._lock:
             return {"requests": self._requests, "succeeded": self._succeeded,
+                    "events": dict(self._events),
                     "by_status": dict(self._by_status), "faults": dict(self._faults),
                     "in_flight": self._in_flight, "max_in_flight": self._max_in_flight,
                     "images": self._images, "by_caption": dict(self._by_caption)}
@@ -509,6 +522,7 @@ class FakeVLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._batches = FakeBatchAPI(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -573,6 +587,7 @@ class FakeVLMServer:
             web.get("/v1/models", self._handle_models),
             web.get("/stats", self._handle_stats),
             web.post("/stats/reset", self._handle_stats_reset),
+            *self._batches.routes(),
         ])
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                shutdown_timeout=0.25)
@@ -687,6 +702,17 @@ class FakeVLMServer:
                 f" (request header Authorization: {request.headers.get('Authorization', '')})")
         return exc.response()
 
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The 401 answer when a request lacks the configured key, else None."""
+        try:
+            self._check_auth(request)
+        except _APIError as exc:
+            return self._error_response(exc, request)
+        return None
+
+    def count_event(self, kind: str) -> None:
+        self._stats.event(kind)
+
     def _check_auth(self, request: web.Request) -> None:
         key = self.config.api_key
         if key is None:
@@ -766,6 +792,21 @@ class FakeVLMServer:
 
     def _completion(self, chat: _Chat, images: list[list[_DecodedImage]],
                     reasoning: int = 0) -> web.Response:
+        return web.json_response(self._completion_body(chat, images, reasoning))
+
+    def answer_line(self, raw: bytes) -> tuple[int, dict]:
+        """(status, body) of one chat request of a batch input file: validated and answered as
+        :meth:`_answer_chat` does, without latency, faults or account limits."""
+        try:
+            chat = _parse_chat(raw, self.config)
+            self._check_reject_marker(chat)
+            images = [[_decode_image(url) for url in m.image_urls] for m in chat.messages]
+        except _APIError as exc:
+            return exc.status, exc.body
+        return 200, self._completion_body(chat, images, self._reasoning_tokens(chat))
+
+    def _completion_body(self, chat: _Chat, images: list[list[_DecodedImage]],
+                         reasoning: int = 0) -> dict:
         """The chat.completion answer: caption of all the request's images in order, and usage.
 
         Reasoning tokens count against the completion limit first: a limit they use up gives
@@ -799,7 +840,7 @@ class FakeVLMServer:
             "total_tokens": prompt_tokens + completion_tokens}
         if self.config.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-        return web.json_response({
+        return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -808,7 +849,7 @@ class FakeVLMServer:
                                                  "refusal": refusal},
                          "finish_reason": finish_reason}],
             "usage": self.config.usage or usage,
-        })
+        }
 
     def _structured_text(self, chat: _Chat, caption: str) -> str:
         """A JSON answer for the request's response_format: conforming, unless the prompt
@@ -923,6 +964,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of the account limits a full bucket holds")
     parser.add_argument("--schema_break_first", type=int, default=0,
                         help="the first N structured answers per request do not conform")
+    parser.add_argument("--batch_delay_s", type=float, default=0.0,
+                        help="seconds from a batch's creation to its end")
+    parser.add_argument("--batch_expire", action="store_true",
+                        help="batches expire with half of their lines answered")
     parser.add_argument("--no_account_headers", dest="account_headers", action="store_false",
                         help="answer without x-ratelimit-* headers")
     return parser.parse_args(argv)

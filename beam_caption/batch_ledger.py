@@ -1,0 +1,93 @@
+"""The batch ledger: what was submitted to the Batch API, kept in ``OUTDIR/batches/``.
+
+One JSON file per uploaded input file, named by its file id and written (temp file, then
+rename) as soon as the upload returns, before the batch is created: so a launcher or worker
+that dies at any point leaves either nothing (the upload is not used; its records are
+submitted again) or an entry whose batch can be found again (by its input file id), never a
+paid batch nobody collects. An entry holds the custom ids it covers (``KEY`` or
+``KEY|PROMPT`` with several prompts), the batch id and status once known, and the result
+file ids once it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+
+LEDGER_DIR = "batches"
+UNSENT_PREFIX = "unsent"  # failures of records that could not be prepared, per run
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+FAILED_ENDS = ("failed", "expired", "cancelled")  # ends that leave requests unanswered
+PROMPT_SEPARATOR = "|"
+
+
+def custom_id(key: str, prompt: str | None) -> str:
+    """A request's custom_id: the record's key, and its prompt's name when there are several."""
+    return key if prompt is None else f"{key}{PROMPT_SEPARATOR}{prompt}"
+
+
+def split_custom_id(value: str, several_prompts: bool) -> tuple[str, str | None]:
+    """(record key, prompt name or None) of a custom_id."""
+    if not several_prompts:
+        return value, None
+    key, _, prompt = value.rpartition(PROMPT_SEPARATOR)
+    return key, prompt
+
+
+@dataclass
+class LedgerEntry:
+    """One uploaded input file and the batch made of it."""
+
+    file_id: str
+    custom_ids: list[str]
+    uploaded_at: float
+    estimated_cost: float = 0.0
+    batch_id: str | None = None
+    status: str = "uploaded"  # then the batch's: validating, in_progress, ..., completed
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    ended_at: float | None = None
+    errors: list[str] = field(default_factory=list)  # why a failed batch failed
+    request_counts: dict = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def update(self, batch: dict) -> None:
+        """Take the batch's id, status, result files and counts as the API shows them."""
+        self.batch_id = batch["id"]
+        self.status = batch["status"]
+        self.output_file_id = batch.get("output_file_id")
+        self.error_file_id = batch.get("error_file_id")
+        self.request_counts = dict(batch.get("request_counts") or {})
+        ends = [batch.get(name) for name in ("completed_at", "failed_at", "expired_at",
+                                             "cancelled_at")]
+        self.ended_at = next((float(t) for t in ends if t), None)
+        errors = (batch.get("errors") or {}).get("data") or []
+        self.errors = [str(error.get("message") or error.get("code")) for error in errors][:5]
+
+
+def ledger_dir(output_dir: str) -> str:
+    return f"{output_dir.rstrip('/')}/{LEDGER_DIR}"
+
+
+def write_entry(output_dir: str, entry: LedgerEntry) -> None:
+    """Write ``entry`` whole or not at all (temp file, then rename)."""
+    fs, root = fsspec.core.url_to_fs(ledger_dir(output_dir))
+    fs.makedirs(root, exist_ok=True)
+    final = f"{root}/{entry.file_id}.json"
+    temp = f"{root}/.{entry.file_id}.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(temp, json.dumps(asdict(entry)).encode("utf-8"))
+    fs.mv(temp, final)
+
+
+def read_entries(output_dir: str) -> list[LedgerEntry]:
+    """Every entry of the ledger, oldest upload first."""
+    fs, root = fsspec.core.url_to_fs(ledger_dir(output_dir))
+    paths = fs.glob(f"{root}/*.json")
+    entries = [LedgerEntry(**json.loads(fs.cat_file(path))) for path in paths]
+    return sorted(entries, key=lambda entry: entry.uploaded_at)

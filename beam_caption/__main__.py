@@ -18,11 +18,17 @@ import sys
 from pathlib import Path
 
 # Importing apache_beam with gcsfs's google-cloud-storage but no apitools logs "apitools not
-# found, and bigquery client libraries are not available" on every start; nothing here uses
-# BigQuery, so the CLI drops that one line.
-logging.getLogger().addFilter(
-    lambda record: not (isinstance(record.msg, str)
-                        and record.msg.startswith("apitools not found")))
+# found, and bigquery client libraries are not available" on every start (nothing here uses
+# BigQuery), and Beam's file sink warns "No shards found to finalize" for a file set left
+# empty on purpose (set-aside captions, unsent batch records): the CLI drops those lines.
+_NOISE = ("apitools not found", "No shards found to finalize")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(_NOISE))
+
+
+logging.getLogger().addFilter(_not_noise)  # the import-time line, logged on the root logger
 
 from beam_caption.errors import JobStopped, UsageError  # noqa: E402
 from beam_caption.outputs import (  # noqa: E402
@@ -159,6 +165,7 @@ def _api_keys(argv: list[str]) -> tuple[str, ...]:
 def _configure_logging(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_noise)  # lines of Beam's own loggers reach the handlers only
         handler.addFilter(_reported_elsewhere)
         handler.addFilter(ScrubbingFilter(_api_keys(argv)))
 

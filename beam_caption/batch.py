@@ -312,16 +312,18 @@ class _Assemble(beam.DoFn):
 
     def process(self, joined):
         _, groups = joined
-        if not groups["record"]:
-            return  # results of a record not in this run (resumed, or no longer in a manifest)
-        element = groups["record"][0]
-        if groups["unsent"]:
+        # No record: results of one not in this run (resumed, or no longer in a manifest).
+        if groups["record"] and groups["unsent"]:
             yield beam.pvalue.TaggedOutput(FAILURES, groups["unsent"][0])
-            return
+        elif groups["record"]:
+            yield self._outcome(groups["record"][0], groups["results"])
+
+    def _outcome(self, element: dict, results: list):
+        """The record's caption, its failure, or (fallback) the record for the online path."""
         several = len(self._specs) > 1
         answers, errors = {}, {}
         for spec in self._specs:
-            mine = [r for r in groups["results"] if r[0] == (spec.name if several else None)]
+            mine = [r for r in results if r[0] == (spec.name if several else None)]
             answer, error = self._pick(spec, mine)
             if answer is not None:
                 answers[spec.name] = answer
@@ -330,16 +332,15 @@ class _Assemble(beam.DoFn):
                     "request", "not_submitted", "no batch holds this request: run the job "
                     "with --resume to submit it", retryable=True)
         if not errors:
-            yield self._caption(element, answers)
-        elif self._fallback:
-            yield beam.pvalue.TaggedOutput(FALLBACK, element)
-        else:
-            name, error = next(iter(errors.items()))
-            done = {spec.output_key: answers[spec.name][0] for spec in self._specs
-                    if spec.name in answers}
-            yield beam.pvalue.TaggedOutput(FAILURES, failure_element(
-                element["key"], element["source"], error, record=element["record"],
-                prompt=name if several else None, answers=done))
+            return self._caption(element, answers)
+        if self._fallback:
+            return beam.pvalue.TaggedOutput(FALLBACK, element)
+        name, error = next(iter(errors.items()))
+        done = {spec.output_key: answers[spec.name][0] for spec in self._specs
+                if spec.name in answers}
+        return beam.pvalue.TaggedOutput(FAILURES, failure_element(
+            element["key"], element["source"], error, record=element["record"],
+            prompt=name if several else None, answers=done))
 
     def _pick(self, spec, results):
         """The first result that is a usable answer ((value, parsed, result)), else the last

@@ -21,7 +21,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_caption.errors import JobStopped
 from beam_caption.progress import figures_for
-from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS
+from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS, caption_retries
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Outcome, usable_cores
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
@@ -115,7 +115,8 @@ class _CaptionRecords(beam.DoFn):
     def _count(self, outcome: Outcome):
         """Metrics (in the bundle thread, where Beam keeps them), the live figures of a local
         run and a periodic log line."""
-        retries = max(outcome.attempts - 1, 0)
+        retries = (caption_retries(outcome.caption["caption_meta"]) if outcome.caption
+                   else max(outcome.attempts - 1, 0))
         if retries:  # a Beam counter update costs microseconds: only those that count
             self._retries.inc(retries)
             self._done["retries"] += retries

@@ -87,7 +87,9 @@ def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
         captioner = CollectBatchResults(config, options.output, entries,
                                         fallback=options.fallback == "online")
     pipeline = _new_pipeline(options)
-    shows_progress = is_local_runner(options) and not options.no_progress
+    # In batch mode the poll lines were the progress; collecting takes seconds.
+    shows_progress = (is_local_runner(options) and not options.no_progress
+                      and options.mode == "online")
     with (live_progress(manifest_files) if shows_progress
           else contextlib.nullcontext()) as progress_dir:
         pipeline | "CaptionManifests" >> CaptionManifests.from_options(

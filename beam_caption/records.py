@@ -83,3 +83,9 @@ def captioned_record(record: dict, answers: dict, meta: CaptionMeta) -> dict:
     """The output line of a captioned record: every input field unchanged, plus the answers
     (output key -> caption or structured value)."""
     return {**record, **answers, "caption_meta": meta.to_json()}
+
+
+def caption_retries(meta: dict) -> int:
+    """Attempts after the first, over a caption's prompts (``caption_meta``)."""
+    per_prompt = (meta.get("prompts") or {}).values() or [meta]
+    return sum(max(prompt["attempts"] - 1, 0) for prompt in per_prompt)

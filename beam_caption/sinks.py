@@ -15,6 +15,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.outputs import SUMMARY_FILE, file_suffix, parquet_row, parquet_schema
+from beam_caption.records import caption_retries
 
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _NO_EMPTY_UPLOADS = ("s3://",)  # Beam's writer makes an empty file a refused multipart upload
@@ -153,7 +154,7 @@ def caption_counts(element: dict, image_key: str) -> dict:
     images = element.get(image_key)
     tokens = (meta["prompt_tokens"] or 0) + (meta["completion_tokens"] or 0)
     counts = {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
-              "attempts": meta["attempts"], "retries": max(meta["attempts"] - 1, 0)}
+              "attempts": meta["attempts"], "retries": caption_retries(meta)}
     if meta.get("cached"):
         counts.update(cache_hits=1, tokens_saved=tokens)
     else:

@@ -174,3 +174,15 @@ def test_prompts_file_conflicts_and_a_bad_file_are_one_line_errors(tmp_path):
         result = run_cli([*base, *extra], tmp_path / "out")
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_retries_are_counted_per_prompt(dataset_factory, tmp_path):
+    data = dataset_factory(4, files=1)
+    manifest, prompts, _ = write_prompts_manifest(data, tmp_path)
+    with FakeVLMServer(FakeVLMConfig(schema_break_first=1)) as server:
+        summary = run([*TEST_RUNNER, "--input", str(manifest), "--output", str(tmp_path / "out"),
+                       "--api_url", server.url, "--model", "fake-vlm", "--image_root",
+                       str(data.root), "--prompts_file", str(prompts), "--max_backoff", "0.01",
+                       "--no_progress"])
+    # each record's tags prompt was asked twice, the two others once: one retry a record
+    assert summary["retries"] == 4 and summary["attempts"] == 4 * 4

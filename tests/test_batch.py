@@ -145,3 +145,22 @@ def test_an_expired_batch_is_recorded_or_falls_back_to_the_online_path(dataset_f
     check_every_record_once(fallback, data)
     online = [c for c in fallback.captions if "batch_id" not in c["caption_meta"]]
     assert len(online) == 5 and chats == 5  # the five the expired batch left
+
+
+def test_max_cost_stops_submitting_and_resume_continues(dataset_factory, tmp_path):
+    data = dataset_factory(12, files=1)
+    prices = ["--price_per_million_input_tokens", "2", "--price_per_million_output_tokens", "8",
+              "--max_tokens", "100", "--batch_max_requests", "4"]
+    with FakeVLMServer() as server:
+        # a file of 4 requests costs at most ~4 * (300 + 100 * 4) / 1e6 = $0.0028 at batch price
+        stopped = run_cli([*job_flags(server, data), *BATCH, *prices, "--max_cost", "0.004"],
+                          tmp_path / "out")
+        assert stopped.returncode == 2, stopped.stderr[-3000:]
+        assert stopped.stderr.count("\n") == 1 and "--max_cost would be spent" in stopped.stderr
+        submitted = sum(len(e.custom_ids) for e in read_entries(str(tmp_path / "out")))
+        assert 0 < submitted < 12 and server.stats()["events"]["batch"] == submitted // 4
+        resumed = run_cli([*job_flags(server, data), *BATCH, *prices, "--resume"],
+                          tmp_path / "out")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_every_record_once(resumed, data)
+    assert sum(len(e.custom_ids) for e in read_entries(str(tmp_path / "out"))) == 12

@@ -31,7 +31,10 @@ from beam_caption.batch_ledger import (
     UNSENT_PREFIX,
     LedgerEntry,
     custom_id,
+    entry_exists,
+    entry_name,
     ledger_dir,
+    read_entry,
     split_custom_id,
     write_entry,
 )
@@ -51,6 +54,7 @@ from beam_caption.records import (
     captioned_record,
     failure_element,
 )
+from beam_caption.redact import scrub
 from beam_caption.resume import record_fingerprint
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Prepared, usable_cores
 from beam_caption.sinks import WriteRecords, match_files
@@ -67,8 +71,8 @@ def request_line(cid: str, body: bytes) -> bytes:
 
 
 class _PrepareRequests(beam.DoFn):
-    """Keyed records -> each record's [(custom_id, input file line, estimated cost)], one per
-    prompt; failures tagged."""
+    """Keyed records -> each record's [(custom_id, fingerprint, input file line, estimated
+    cost)], one per prompt; failures tagged."""
 
     def __init__(self, config: CaptionConfig, shared_handle: shared.Shared):
         self._config = config
@@ -84,11 +88,11 @@ class _PrepareRequests(beam.DoFn):
         self._several = len(config.prompt_specs) > 1
 
     def start_bundle(self):
-        self._pending: collections.deque[tuple[str, concurrent.futures.Future]] = \
+        self._pending: collections.deque[tuple[dict, concurrent.futures.Future]] = \
             collections.deque()
 
     def process(self, element):
-        self._pending.append((element["key"], self._runtime.submit_prepare(element)))
+        self._pending.append((element, self._runtime.submit_prepare(element)))
         while len(self._pending) >= self._window or (self._pending and self._pending[0][1].done()):
             yield from self._emit(*self._pending.popleft())
 
@@ -101,16 +105,17 @@ class _PrepareRequests(beam.DoFn):
                 else:
                     yield GlobalWindows.windowed_value(output)
 
-    def _emit(self, key: str, future: concurrent.futures.Future):
+    def _emit(self, element: dict, future: concurrent.futures.Future):
         prepared: Prepared = future.result()
         if prepared.failure is not None:
             yield beam.pvalue.TaggedOutput(FAILURES, prepared.failure)
             return
+        fingerprint = record_fingerprint(element["record"], self._config.settings_digest)
         requests = []
         for name, body, input_tokens, output_tokens in prepared.requests:
-            cid = custom_id(key, name if self._several else None)
+            cid = custom_id(element["key"], name if self._several else None)
             cost = input_tokens * self._prices[0] + output_tokens * self._prices[1]
-            requests.append((cid, request_line(cid, body), cost))
+            requests.append((cid, fingerprint, request_line(cid, body), cost))
         yield requests  # a record's requests stay in one input file
 
 
@@ -124,8 +129,13 @@ class _BatchSubmitter:
         self.spent = 0.0
         self.lock = threading.Lock()
 
-    def submit(self, lines: list[bytes], cids: list[str], cost: float) -> LedgerEntry:
-        """Upload one input file, record it, make it a batch, record that."""
+    def submit(self, lines: list[bytes], cids: list[str], fingerprints: list[str],
+               cost: float) -> LedgerEntry | None:
+        """Upload one input file, record it, make it a batch, record that; None when the
+        ledger has it already (a bundle the runner runs again)."""
+        name = entry_name(cids, fingerprints)
+        if entry_exists(self.output_dir, name):
+            return None
         with self.lock:
             if self.budget is not None and self.spent + cost > self.budget:
                 raise JobStopped(
@@ -136,7 +146,7 @@ class _BatchSubmitter:
             self.spent += cost
         try:
             file_id = self.api.upload(b"".join(lines), f"beam_caption-{uuid.uuid4().hex}.jsonl")
-            entry = LedgerEntry(file_id, cids, time.time(), round(cost, 6))
+            entry = LedgerEntry(name, file_id, cids, fingerprints, time.time(), round(cost, 6))
             write_entry(self.output_dir, entry)
             entry.update(self.api.create(file_id, {"beam_caption_file": file_id}))
             write_entry(self.output_dir, entry)
@@ -147,7 +157,8 @@ class _BatchSubmitter:
 
 
 class _SubmitFiles(beam.DoFn):
-    """Records' [(custom_id, line, cost)] -> ledger entries: lines gathered into input files
+    """Records' [(custom_id, fingerprint, line, cost)] -> ledger entries: lines gathered into
+    input files
     within the limits (or what one bundle holds), a record's lines in one file, each file
     uploaded and made a batch."""
 
@@ -167,31 +178,34 @@ class _SubmitFiles(beam.DoFn):
     def start_bundle(self):
         self._lines: list[bytes] = []
         self._cids: list[str] = []
+        self._fingerprints: list[str] = []
         self._bytes = 0
         self._cost = 0.0
 
     def process(self, requests):
-        size = sum(len(line) for _, line, _ in requests)
+        size = sum(len(line) for _, _, line, _ in requests)
         if self._lines and (len(self._lines) + len(requests) > self._max_requests
                             or self._bytes + size > self._max_bytes):
             yield from self._flush()
-        for cid, line, cost in requests:
+        for cid, fingerprint, line, cost in requests:
             self._lines.append(line)
             self._cids.append(cid)
+            self._fingerprints.append(fingerprint)
             self._cost += cost
         self._bytes += size
 
     def finish_bundle(self):
         for entry in self._flush():
-            yield beam.transforms.window.GlobalWindows.windowed_value(entry)
+            yield GlobalWindows.windowed_value(entry)
 
     def _flush(self):
         if not self._lines:
             return
-        entry = self._submitter.submit(self._lines, self._cids, self._cost)
+        entry = self._submitter.submit(self._lines, self._cids, self._fingerprints, self._cost)
         self.start_bundle()
-        yield {"file_id": entry.file_id, "batch_id": entry.batch_id,
-               "requests": len(entry.custom_ids)}
+        if entry is not None:
+            yield {"file_id": entry.file_id, "batch_id": entry.batch_id,
+                   "requests": len(entry.custom_ids)}
 
 
 class SubmitBatches(beam.PTransform):
@@ -229,74 +243,89 @@ def _batch_error(entry: LedgerEntry) -> CaptionError:
                         attempts=1)
 
 
-def _line_error(line: dict) -> CaptionError:
+def _line_error(line: dict, secrets: tuple[str, ...]) -> CaptionError:
     """The error of one error-file line: a non-200 answer, or the batch's own error."""
     response = line.get("response") or {}
     if isinstance(response.get("status_code"), int):  # typed as the online path types it
         typed = classify_exception(HTTPStatusFailure(
             response["status_code"], None, json.dumps(response.get("body")).encode()))
-        return CaptionError(typed.stage, typed.type, typed.message, typed.retryable, 1)
+        return CaptionError(typed.stage, typed.type, scrub(typed.message, secrets),
+                            typed.retryable, 1)
     error = line.get("error") or {}
     code = str(error.get("code") or "batch_error")
-    return CaptionError("request", code, str(error.get("message") or code)[:500],
+    return CaptionError("request", code, scrub(str(error.get("message") or code)[:500], secrets),
                         retryable=True, attempts=1)
 
 
 class _DownloadResults(beam.DoFn):
-    """A ledger entry -> (key, result) for each of its requests: its output and error lines,
-    and for a request in neither, the batch's end. A result is (prompt name or None, answer
-    body or None, CaptionError or None, batch id, ended at, latency ms)."""
+    """A ledger entry's path -> (fingerprint, result) for each of its requests: its output and
+    error lines, and for a request in neither, the batch's end (or the download's failure). A
+    result is (prompt name or None, answer body or None, CaptionError or None, batch id, ended
+    at, latency ms)."""
 
     def __init__(self, config: CaptionConfig):
         self._config = config
 
     def setup(self):
-        self._api = BatchAPI(self._config.client.api_url, self._config.api_key.resolve())
+        api_key = self._config.api_key.resolve()
+        self._api = BatchAPI(self._config.client.api_url, api_key)
+        self._secrets = (api_key,) if api_key else ()
         self._several = len(self._config.prompt_specs) > 1
 
-    def process(self, entry_dict: dict):
-        entry = LedgerEntry(**entry_dict)
-        latency = round(((entry.ended_at or entry.uploaded_at) - entry.uploaded_at) * 1000, 1)
-        seen = set()
+    def process(self, path: str):
+        entry = read_entry(path)
+        fingerprints = dict(zip(entry.custom_ids, entry.fingerprints, strict=True))
+        ended = entry.ended_at or entry.uploaded_at
+        latency = round(max(0.0, ended - entry.uploaded_at) * 1000, 1)
+        seen: set[str] = set()
+        missing: CaptionError | None = None
         for file_id in (entry.output_file_id, entry.error_file_id):
-            for line in self._lines(file_id):
+            try:
+                lines = self._lines(file_id)
+            except BatchAPIError as exc:
+                missing = CaptionError("request", "batch_download_failed", scrub(
+                    str(exc), self._secrets), retryable=True, attempts=1)
+                continue
+            for line in lines:
                 cid = line.get("custom_id")
-                if not isinstance(cid, str) or cid in seen:
+                if cid not in fingerprints or cid in seen:
                     continue
                 seen.add(cid)
-                key, prompt = split_custom_id(cid, self._several)
+                prompt = split_custom_id(cid, self._several)[1]
                 response = line.get("response") or {}
+                result: tuple
                 if response.get("status_code") == 200 and isinstance(response.get("body"), dict):
-                    yield key, (prompt, response["body"], None, entry.batch_id, entry.ended_at,
-                                latency)
+                    result = (prompt, response["body"], None)
                 else:
-                    yield key, (prompt, None, _line_error(line), entry.batch_id, entry.ended_at,
-                                latency)
-        if entry.status in FAILED_ENDS or len(seen) < len(entry.custom_ids):
-            error = _batch_error(entry) if entry.status in FAILED_ENDS else CaptionError(
+                    result = (prompt, None, _line_error(line, self._secrets))
+                yield fingerprints[cid], (*result, entry.batch_id, ended, latency)
+        if missing is None and (entry.status in FAILED_ENDS or len(seen) < len(fingerprints)):
+            missing = _batch_error(entry) if entry.status in FAILED_ENDS else CaptionError(
                 "request", "batch_missing_result",
                 f"batch {entry.batch_id} {entry.status} without a result for this request",
                 retryable=True, attempts=1)
-            for cid in entry.custom_ids:
-                if cid not in seen:
-                    key, prompt = split_custom_id(cid, self._several)
-                    yield key, (prompt, None, error, entry.batch_id, entry.ended_at, latency)
+        for cid, fingerprint in fingerprints.items():
+            if cid not in seen:
+                prompt = split_custom_id(cid, self._several)[1]
+                yield fingerprint, (prompt, None, missing, entry.batch_id, ended, latency)
 
-    def _lines(self, file_id: str | None):
+    def _lines(self, file_id: str | None) -> list[dict]:
         if not file_id:
-            return
+            return []
+        lines = []
         for raw in self._api.download(file_id).splitlines():
             try:
                 line = json.loads(raw)
             except ValueError:
                 continue  # a torn line: its request counts as without a result
             if isinstance(line, dict):
-                yield line
+                lines.append(line)
+        return lines
 
 
 class _Assemble(beam.DoFn):
-    """(key, {"record": [element], "results": [...], "unsent": [failure]}) -> the record's
-    caption, or its failure, or (``fallback``) the record for the online path."""
+    """(fingerprint, {"record": [elements], "results": [...], "unsent": [failures]}) -> each
+    record's caption, or its failure, or (``fallback``) the record for the online path."""
 
     def __init__(self, config: CaptionConfig, fallback: bool):
         self._config = config
@@ -312,11 +341,14 @@ class _Assemble(beam.DoFn):
 
     def process(self, joined):
         _, groups = joined
-        # No record: results of one not in this run (resumed, or no longer in a manifest).
-        if groups["record"] and groups["unsent"]:
-            yield beam.pvalue.TaggedOutput(FAILURES, groups["unsent"][0])
-        elif groups["record"]:
-            yield self._outcome(groups["record"][0], groups["results"])
+        # Records of the same content and settings share their answers; results without a
+        # record are of one not in this run (resumed, edited, or no longer in a manifest).
+        unsent = {failure["key"]: failure for failure in groups["unsent"]}
+        for element in groups["record"]:
+            if element["key"] in unsent:
+                yield beam.pvalue.TaggedOutput(FAILURES, unsent[element["key"]])
+            else:
+                yield self._outcome(element, groups["results"])
 
     def _outcome(self, element: dict, results: list):
         """The record's caption, its failure, or (fallback) the record for the online path."""
@@ -395,32 +427,30 @@ class _Assemble(beam.DoFn):
 
 class CollectBatchResults(beam.PTransform):
     """The caption step of batch mode: keyed records in, ``{CAPTIONS, FAILURES, STATS}`` out
-    (as CaptionImages), from the ended batches of ``entries`` (see the module)."""
+    (as CaptionImages), from the ended batches of the ledger (see the module)."""
 
-    def __init__(self, config: CaptionConfig, output_dir: str, entries: list[LedgerEntry],
-                 fallback: bool = False):
+    def __init__(self, config: CaptionConfig, output_dir: str, fallback: bool = False):
         super().__init__()
         self._config = config
         self._output_dir = output_dir
-        self._entries = [dict(vars(entry)) for entry in entries]
         self._fallback = fallback
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
-        pipeline = records.pipeline
+        pipeline, digest = records.pipeline, self._config.settings_digest
+        ledger = ledger_dir(self._output_dir)
         results = (pipeline
-                   | "Entries" >> beam.Create(self._entries)
+                   | "Ledger" >> beam.Create(match_files(f"{ledger}/*.json"))
                    | "Reshuffle" >> beam.Reshuffle()
                    | "Download" >> beam.ParDo(_DownloadResults(self._config)))
-        unsent_pattern = f"{ledger_dir(self._output_dir)}/{UNSENT_PREFIX}-*"
-        if match_files(unsent_pattern):
+        if match_files(f"{ledger}/{UNSENT_PREFIX}-*"):
             unsent = (pipeline
-                      | "ReadUnsent" >> beam.io.ReadFromText(unsent_pattern)
-                      | "KeyUnsent" >> beam.Map(lambda line: (json.loads(line)["key"],
-                                                              json.loads(line))))
+                      | "ReadUnsent" >> beam.io.ReadFromText(f"{ledger}/{UNSENT_PREFIX}-*")
+                      | "KeyUnsent" >> beam.Map(_by_fingerprint, digest))
         else:
             unsent = pipeline | "NoUnsent" >> beam.Create([])
-        joined = ({"record": records | "KeyRecords" >> beam.Map(lambda e: (e["key"], e)),
-                   "results": results, "unsent": unsent}
+        keyed = records | "KeyRecords" >> beam.Map(
+            lambda element: (record_fingerprint(element["record"], digest), element))
+        joined = ({"record": keyed, "results": results, "unsent": unsent}
                   | "Join" >> beam.CoGroupByKey()
                   | "Assemble" >> beam.ParDo(_Assemble(self._config, self._fallback))
                   .with_outputs(FAILURES, FALLBACK, main=CAPTIONS))
@@ -431,3 +461,8 @@ class CollectBatchResults(beam.PTransform):
         return {CAPTIONS: (joined[CAPTIONS], online[CAPTIONS]) | "AllCaptions" >> beam.Flatten(),
                 FAILURES: (joined[FAILURES], online[FAILURES]) | "AllFailures" >> beam.Flatten(),
                 STATS: online[STATS]}
+
+
+def _by_fingerprint(line: str, digest: str) -> tuple[str, dict]:
+    failure = json.loads(line)
+    return record_fingerprint(failure["record"], digest), failure

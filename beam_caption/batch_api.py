@@ -7,6 +7,7 @@ connection errors, 408, 409, 429 and 5xx with backoff (``max_retries``); anythin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -20,6 +21,8 @@ COMPLETION_WINDOW: Final = "24h"
 UPLOAD_TIMEOUT_S = 900.0  # a 200 MB input file on a slow link
 LIST_PAGE = 100
 FIND_SLACK_S = 3600  # batches are listed newest first: stop this long before the upload
+CREATE_ATTEMPTS = 5
+CREATE_BACKOFF_S = 1.0
 
 T = TypeVar("T")
 
@@ -48,11 +51,30 @@ class BatchAPI:
         return uploaded.id
 
     def create(self, input_file_id: str, metadata: dict[str, str]) -> dict:
-        """Create a batch of the chat requests in ``input_file_id``."""
-        return self._call(f"creating a batch of {input_file_id}", lambda: self._client.batches
-                          .create(input_file_id=input_file_id, endpoint=CHAT_ENDPOINT,
-                                  completion_window=COMPLETION_WINDOW,
-                                  metadata=metadata)).model_dump()
+        """Create a batch of the chat requests in ``input_file_id``, once.
+
+        The SDK would retry a create whose answer was lost (a timeout, a 502) and make a
+        second paid batch of the same file: each attempt here is sent without retries, and
+        after a failure that may have created it, the batch is looked for before another try.
+        """
+        once = self._client.with_options(max_retries=0)
+        attempts = 0
+        while True:
+            try:
+                return self._call(f"creating a batch of {input_file_id}", lambda: once.batches
+                                  .create(input_file_id=input_file_id, endpoint=CHAT_ENDPOINT,
+                                          completion_window=COMPLETION_WINDOW,
+                                          metadata=metadata)).model_dump()
+            except BatchAPIError as exc:
+                attempts += 1
+                refused = exc.status is not None and exc.status < 500 and \
+                    exc.status not in (408, 409, 429)  # nothing was created
+                if refused or attempts >= CREATE_ATTEMPTS:
+                    raise
+            time.sleep(CREATE_BACKOFF_S * 2 ** (attempts - 1))
+            found = self.find(input_file_id, time.time())
+            if found is not None:
+                return found
 
     def retrieve(self, batch_id: str) -> dict:
         return self._call(f"reading batch {batch_id}",

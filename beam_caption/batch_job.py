@@ -13,6 +13,7 @@ be started again at any time; the ledger in ``OUTDIR/batches/`` says what was su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -29,20 +30,21 @@ from beam_caption.batch_ledger import (
     LedgerEntry,
     ledger_dir,
     read_entries,
-    split_custom_id,
+    read_entry,
     write_entry,
 )
 from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.manifest import ReadManifests
-from beam_caption.options import CaptionOptions
+from beam_caption.options import CaptionOptions, is_local_runner
 from beam_caption.records import RECORDS
-from beam_caption.resume import SkipDone
+from beam_caption.resume import SkipDone, record_fingerprint
 from beam_caption.runtime import CaptionConfig
 from beam_caption.sinks import match_files
 
 FIRST_POLL_S = 2.0
 POLL_GROWTH = 1.5
-RETRY_KEYS_FILE = "retry-keys.txt"
+RETRY_FILE = "retry-fingerprints.txt"
+ADOPT_GRACE_S = 900.0  # on a cluster, an upload this young may still get its batch from its job
 
 
 def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionConfig,
@@ -54,23 +56,35 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
     ledger."""
     out = options.output
     api = BatchAPI(config.client.api_url, api_key)
-    _adopt(api, out)
-    several = len(config.prompt_specs) > 1
+    grace = 0.0 if is_local_runner(options) else ADOPT_GRACE_S
+    _adopt(api, out, grace)
     if not collect_only:
         _delete(f"{ledger_dir(out)}/{UNSENT_PREFIX}-*")  # those records are tried again
-        _run_submit(new_pipeline(options), files, config, options, resume, None)
-    entries = poll(api, out, options.batch_poll_interval)
+        _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
+                    resume, None)
+    entries = poll(api, out, options.batch_poll_interval, grace)
     if options.retry_failed and not collect_only:
-        keys = unanswered_keys(api, entries, several)
-        if keys:
-            path = f"{ledger_dir(out)}/{RETRY_KEYS_FILE}"
+        fingerprints = unanswered(api, entries)
+        if fingerprints:
+            path = f"{ledger_dir(out)}/{RETRY_FILE}"
             with fsspec.open(path, "wt", encoding="utf-8") as handle:
-                handle.writelines(f"{json.dumps(key)}\n" for key in sorted(keys))
-            print(f"batch: submitting again the {len(keys)} records the batches left "
+                handle.writelines(f"{json.dumps(fp)}\n" for fp in sorted(fingerprints))
+            print(f"batch: submitting again the {len(fingerprints)} records the batches left "
                   "unanswered (--retry_failed)", file=sys.stderr)
-            _run_submit(new_pipeline(options), files, config, options, resume, path)
-            entries = poll(api, out, options.batch_poll_interval)
+            _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
+                        resume, path)
+            entries = poll(api, out, options.batch_poll_interval, grace)
     return entries
+
+
+def budgeted(config: CaptionConfig, options: CaptionOptions, output_dir: str) -> CaptionConfig:
+    """``config`` with each worker process's share of what --max_cost leaves once the ledger's
+    batches are paid (at their largest possible cost)."""
+    if not options.max_cost:
+        return config
+    spent = sum(entry.estimated_cost for entry in read_entries(output_dir))
+    share = max(0.0, options.max_cost - spent) / (options.worker_processes or 1)
+    return dataclasses.replace(config, client=dataclasses.replace(config.client, max_cost=share))
 
 
 def _run_submit(pipeline: beam.Pipeline, files: list[str], config: CaptionConfig,
@@ -82,15 +96,14 @@ def _run_submit(pipeline: beam.Pipeline, files: list[str], config: CaptionConfig
     if resume:
         records = (records | "SkipDone" >> SkipDone(out, config.settings_digest))["todo"]
     if only_keys:
-        keys = (pipeline | "ReadKeys" >> beam.io.ReadFromText(only_keys)
-                | "ParseKeys" >> beam.Map(lambda line: (json.loads(line), None)))
-        chosen = _join_keys(records, keys, keep_listed=True)
+        listed = (pipeline | "ReadFingerprints" >> beam.io.ReadFromText(only_keys)
+                  | "ParseFingerprints" >> beam.Map(lambda line: (json.loads(line), None)))
+        chosen = _join(records, listed, config.settings_digest, keep_listed=True)
     else:
-        several = len(config.prompt_specs) > 1
         entries = match_files(f"{ledger_dir(out)}/*.json")
         covered = (pipeline | "Ledger" >> beam.Create(entries)
-                   | "CoveredKeys" >> beam.FlatMap(_entry_keys, several))
-        chosen = _join_keys(records, covered, keep_listed=False)
+                   | "Covered" >> beam.FlatMap(_entry_fingerprints))
+        chosen = _join(records, covered, config.settings_digest, keep_listed=False)
     chosen | "SubmitBatches" >> SubmitBatches(
         config, out, options.batch_max_requests, options.batch_max_bytes,
         time.strftime("%Y%m%dT%H%M%S"))
@@ -103,32 +116,32 @@ def _run_submit(pipeline: beam.Pipeline, files: list[str], config: CaptionConfig
         raise
 
 
-def _entry_keys(path: str, several: bool):
-    with fsspec.open(path, "rt", encoding="utf-8") as handle:
-        cids = json.load(handle)["custom_ids"]
-    for key in dict.fromkeys(split_custom_id(cid, several)[0] for cid in cids):
-        yield key, None
+def _entry_fingerprints(path: str):
+    for fingerprint in set(read_entry(path).fingerprints):
+        yield fingerprint, None
 
 
-def _join_keys(records: beam.PCollection, keys: beam.PCollection,
-               keep_listed: bool) -> beam.PCollection:
-    """The records whose key is (``keep_listed``) or is not among ``keys``."""
+def _join(records: beam.PCollection, fingerprints: beam.PCollection, digest: str,
+          keep_listed: bool) -> beam.PCollection:
+    """The records whose fingerprint is (``keep_listed``) or is not among ``fingerprints``."""
     def choose(joined):
         _, groups = joined
-        if bool(groups["keys"]) == keep_listed:
+        if bool(groups["listed"]) == keep_listed:
             yield from groups["records"]
 
-    return ({"records": records | "KeyRecords" >> beam.Map(lambda e: (e["key"], e)),
-             "keys": keys}
-            | "JoinKeys" >> beam.CoGroupByKey()
+    keyed = records | "KeyRecords" >> beam.Map(
+        lambda element: (record_fingerprint(element["record"], digest), element))
+    return ({"records": keyed, "listed": fingerprints}
+            | "Join" >> beam.CoGroupByKey()
             | "Choose" >> beam.FlatMap(choose))
 
 
-def _adopt(api: BatchAPI, output_dir: str) -> None:
+def _adopt(api: BatchAPI, output_dir: str, grace: float) -> None:
     """Give every uploaded input file of the ledger its batch: the one created of it before the
-    last launcher died, else a new one (never two)."""
+    last launcher died, else a new one (never two). Uploads younger than ``grace`` seconds are
+    left to the submit job that may still be running (on a cluster)."""
     for entry in read_entries(output_dir):
-        if entry.batch_id is not None:
+        if entry.batch_id is not None or time.time() - entry.uploaded_at < grace:
             continue
         try:
             batch = api.find(entry.file_id, entry.uploaded_at) or api.create(
@@ -139,11 +152,14 @@ def _adopt(api: BatchAPI, output_dir: str) -> None:
         write_entry(output_dir, entry)
 
 
-def poll(api: BatchAPI, output_dir: str, max_interval: float) -> list[LedgerEntry]:
+def poll(api: BatchAPI, output_dir: str, max_interval: float,
+         grace: float = 0.0) -> list[LedgerEntry]:
     """Wait for every batch of the ledger to end, writing each one's state as it changes;
-    one progress line on stderr per poll. The ended ledger."""
+    one progress line on stderr per poll. A batch the API no longer knows (404) counts as
+    failed. The ended ledger."""
     delay = min(FIRST_POLL_S, max_interval)
     while True:
+        _adopt(api, output_dir, grace)
         entries = read_entries(output_dir)
         for entry in entries:
             if entry.ended or entry.batch_id is None:
@@ -151,8 +167,11 @@ def poll(api: BatchAPI, output_dir: str, max_interval: float) -> list[LedgerEntr
             try:
                 batch = api.retrieve(entry.batch_id)
             except BatchAPIError as exc:
-                print(f"batch: {exc}; asking again", file=sys.stderr)
-                continue
+                if exc.status != 404:
+                    print(f"batch: {exc}; asking again", file=sys.stderr)
+                    continue
+                batch = {"id": entry.batch_id, "status": "failed", "errors": {"data": [
+                    {"message": f"the API no longer knows batch {entry.batch_id}"}]}}
             if batch["status"] != entry.status or batch.get("request_counts") != \
                     entry.request_counts:
                 entry.update(batch)
@@ -179,19 +198,22 @@ def progress_line(entries: list[LedgerEntry]) -> str:
             f"{failed:,} failed")
 
 
-def unanswered_keys(api: BatchAPI, entries: list[LedgerEntry], several: bool) -> set[str]:
-    """Keys of the records with a request no ended batch answered (error lines, failed or
-    expired batches)."""
+def unanswered(api: BatchAPI, entries: list[LedgerEntry]) -> set[str]:
+    """Fingerprints of the records with a request no ended batch answered (error lines, failed
+    or expired batches)."""
     answered: set[str] = set()
-    asked: set[str] = set()
+    asked: dict[str, str] = {}
     for entry in entries:
-        asked.update(entry.custom_ids)
+        asked.update(zip(entry.custom_ids, entry.fingerprints, strict=True))
         if entry.output_file_id:
             for raw in api.download(entry.output_file_id).splitlines():
-                line = json.loads(raw)
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue  # a torn line: its request is unanswered
                 if (line.get("response") or {}).get("status_code") == 200:
-                    answered.add(line["custom_id"])
-    return {split_custom_id(cid, several)[0] for cid in asked - answered}
+                    answered.add(str(line.get("custom_id")))
+    return {fingerprint for cid, fingerprint in asked.items() if cid not in answered}
 
 
 def _delete(pattern: str) -> None:

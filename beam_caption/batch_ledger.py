@@ -1,16 +1,19 @@
 """The batch ledger: what was submitted to the Batch API, kept in ``OUTDIR/batches/``.
 
-One JSON file per uploaded input file, named by its file id and written (temp file, then
-rename) as soon as the upload returns, before the batch is created: so a launcher or worker
-that dies at any point leaves either nothing (the upload is not used; its records are
-submitted again) or an entry whose batch can be found again (by its input file id), never a
-paid batch nobody collects. An entry holds the custom ids it covers (``KEY`` or
-``KEY|PROMPT`` with several prompts), the batch id and status once known, and the result
-file ids once it ended.
+One JSON file per uploaded input file, named by a digest of the requests it holds and
+written (temp file, then rename) as soon as the upload returns, before the batch is created:
+so a launcher or worker that dies at any point leaves either nothing (the upload is not used;
+its records are submitted again) or an entry whose batch can be found again (by its input file
+id), never a paid batch nobody collects; and a bundle a runner retries finds its file already
+recorded instead of submitting it again. An entry holds the custom ids it covers (``KEY`` or
+``KEY|PROMPT`` with several prompts) and, for each, the record's fingerprint (its content
+under the answer settings, as ``--resume`` matches captions): answers are joined to records by
+fingerprint, so an edited manifest or changed settings never get another record's answer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -22,6 +25,12 @@ UNSENT_PREFIX = "unsent"  # failures of records that could not be prepared, per 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 FAILED_ENDS = ("failed", "expired", "cancelled")  # ends that leave requests unanswered
 PROMPT_SEPARATOR = "|"
+
+
+def entry_name(custom_ids: list[str], fingerprints: list[str]) -> str:
+    """The ledger name of an input file: a digest of the requests it holds."""
+    digest = hashlib.sha256(json.dumps([custom_ids, fingerprints]).encode("utf-8"))
+    return digest.hexdigest()[:32]
 
 
 def custom_id(key: str, prompt: str | None) -> str:
@@ -41,8 +50,10 @@ def split_custom_id(value: str, several_prompts: bool) -> tuple[str, str | None]
 class LedgerEntry:
     """One uploaded input file and the batch made of it."""
 
+    name: str  # entry_name of its requests: the ledger file's name
     file_id: str
     custom_ids: list[str]
+    fingerprints: list[str]  # of each custom id's record
     uploaded_at: float
     estimated_cost: float = 0.0
     batch_id: str | None = None
@@ -79,8 +90,8 @@ def write_entry(output_dir: str, entry: LedgerEntry) -> None:
     """Write ``entry`` whole or not at all (temp file, then rename)."""
     fs, root = fsspec.core.url_to_fs(ledger_dir(output_dir))
     fs.makedirs(root, exist_ok=True)
-    final = f"{root}/{entry.file_id}.json"
-    temp = f"{root}/.{entry.file_id}.{uuid.uuid4().hex}.tmp"
+    final = f"{root}/{entry.name}.json"
+    temp = f"{root}/.{entry.name}.{uuid.uuid4().hex}.tmp"
     fs.pipe_file(temp, json.dumps(asdict(entry)).encode("utf-8"))
     fs.mv(temp, final)
 
@@ -91,3 +102,13 @@ def read_entries(output_dir: str) -> list[LedgerEntry]:
     paths = fs.glob(f"{root}/*.json")
     entries = [LedgerEntry(**json.loads(fs.cat_file(path))) for path in paths]
     return sorted(entries, key=lambda entry: entry.uploaded_at)
+
+
+def entry_exists(output_dir: str, name: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(ledger_dir(output_dir))
+    return fs.exists(f"{root}/{name}.json")
+
+
+def read_entry(path: str) -> LedgerEntry:
+    with fsspec.open(path, "rt", encoding="utf-8") as handle:
+        return LedgerEntry(**json.load(handle))

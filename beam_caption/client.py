@@ -41,6 +41,10 @@ THROTTLE_BUCKET_MS = 1_000
 THROTTLE_OVERLOAD_RATIO = 2.0
 THROTTLE_DELAY_S = 0.5
 NO_KEY = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key
+# Never dropped on a refusal: a refused response_format is a wrong schema of one prompt (its
+# records fail), not a server that lacks the parameter; dropping it would turn structured
+# output off for every prompt.
+KEPT_PARAMS = frozenset({"response_format"})
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,7 @@ class VLMClient:
         if failure is None:
             return False
         name = refused_param(failure.status, failure.body, sent_params)
-        if name is None:
+        if name is None or name in KEPT_PARAMS:
             return False
         self._accepted.adapt(name, f"model {self.settings.model!r}")
         return True

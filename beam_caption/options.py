@@ -332,6 +332,9 @@ def validate_options(options: CaptionOptions) -> None:
                          "and --price_per_million_output_tokens")
     if options.mode == "online" and (options.retry_failed or options.fallback != "none"):
         raise UsageError("--retry_failed and --fallback are for --mode batch")
+    if options.mode == "batch" and options.max_cost and not options.max_tokens:
+        raise UsageError("--max_cost in batch mode needs --max_tokens: a batch's cost is "
+                         "capped before any answer comes, by the longest answer it allows")
     if options.prompts_file and options.prompt:
         raise UsageError("give the prompt with --prompt or --prompts_file, not both")
     if options.prompts_file and options.output_key != "caption":

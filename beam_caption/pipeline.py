@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from beam_caption.batch import CollectBatchResults
-from beam_caption.batch_job import submit_and_wait
+from beam_caption.batch_job import budgeted, submit_and_wait
 from beam_caption.checkpoint import clear_checkpoints
 from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.manifest import match_manifests
@@ -67,13 +67,13 @@ def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
     template launch (use ``translate``).
     """
     started_at = time.time()
-    options = _launch_options(argv)
+    options = _launch_options([*(argv or []), "--mode", "batch"] if collect_only else argv)
     if translates_only(options):
         raise UsageError("--dry_run and --template_location start no job: use translate()")
     if collect_only:
         if options.overwrite:
             raise UsageError("collect keeps what --output holds: leave out --overwrite")
-        options.mode, options.resume = "batch", True
+        options.resume = True
     manifest_files = match_manifests(split_inputs(options.input))
     config = caption_config(options)
     api_key = config.api_key.resolve()  # read once here: an unreadable key stops the launch
@@ -82,10 +82,10 @@ def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
     resume = prepare_output_dir(options.output, options.resume, options.overwrite)
     captioner = None
     if options.mode == "batch":
-        entries = submit_and_wait(options, manifest_files, config, api_key, resume,
-                                  _new_pipeline, collect_only)
-        captioner = CollectBatchResults(config, options.output, entries,
-                                        fallback=options.fallback == "online")
+        submit_and_wait(options, manifest_files, config, api_key, resume, _new_pipeline,
+                        collect_only)
+        captioner = CollectBatchResults(budgeted(config, options, options.output),
+                                        options.output, fallback=options.fallback == "online")
     pipeline = _new_pipeline(options)
     # In batch mode the poll lines were the progress; collecting takes seconds.
     shows_progress = (is_local_runner(options) and not options.no_progress

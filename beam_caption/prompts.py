@@ -124,6 +124,10 @@ def parse_prompts(document: Any, source: str = "prompts") -> tuple[PromptSpec, .
         document = document["prompts"]
     if not isinstance(document, dict) or not document:
         raise UsageError(f"{source}: expected a mapping of prompt names to prompts")
+    bad_names = [name for name in document if not str(name).strip() or "|" in str(name)]
+    if bad_names:
+        raise UsageError(f"{source}: prompt name {bad_names[0]!r} is empty or holds '|' (batch "
+                         "requests are named KEY|PROMPT)")
     specs = tuple(_spec(str(name), entry, f"{source}: prompt {name!r}")
                   for name, entry in document.items())
     keys = [spec.output_key for spec in specs]

@@ -58,7 +58,13 @@ def parse_json_answer(text: str) -> Any:
     """The JSON value of an answer, a Markdown code fence around it removed."""
     fenced = _FENCE.match(text.strip())
     try:
-        return json.loads(fenced.group("body") if fenced else text)
+        return json.loads(fenced.group("body") if fenced else text,
+                          parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise CaptionError("response", "schema", f"the answer is not JSON: "
                            f"{str(exc)[:_MESSAGE_CHARS]}", retryable=True) from None
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity are not JSON: an answer holding them would make the outputs invalid."""
+    raise ValueError(f"{name} is not a JSON value")

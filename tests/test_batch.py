@@ -76,10 +76,34 @@ def test_killing_the_launcher_after_submission_and_resuming_submits_nothing_twic
         submitted = server.stats()["events"]
         assert submitted["batch"] == submitted["upload"] == len(read_entries(str(out))) >= 3
         assert not list(out.glob("captions-*"))  # killed before anything was collected
+        # The manifest is edited meanwhile: every record after the first moves up one place.
+        manifest = data.manifests[0]
+        first, *rest = open(manifest).read().splitlines()
+        open(manifest, "w").write("\n".join(rest) + "\n")
+        del data.expected[json.loads(first)["id"]]
         resumed = run_cli([*job_flags(server, data), *BATCH, "--resume"], out)
         assert server.stats()["events"] == submitted  # no upload, no batch twice
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_every_record_once(resumed, data)
+    check_every_record_once(resumed, data)  # each record got the answer for its own image
+
+
+def test_a_result_file_that_cannot_be_downloaded_fails_its_records_not_the_job(
+        dataset_factory, tmp_path):
+    data = dataset_factory(5, files=1)
+    out = tmp_path / "out"
+    with FakeVLMServer() as server:
+        assert run_cli([*job_flags(server, data), *BATCH], out).returncode == 0
+        (entry,) = read_entries(str(out))
+        entry.output_file_id = "file-gone"  # past the provider's retention
+        write_entry(str(out), entry)
+        for collected_file in [*out.glob("captions-*"), *out.glob("failures-*")]:
+            collected_file.unlink()  # as if they had never been collected
+        collected = run_cli(["collect", *job_flags(server, data)], out)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert not collected.captions and len(collected.failures) == 5
+    error = collected.failures[0]["error"]
+    assert (error["type"], error["retryable"]) == ("batch_download_failed", True)
+    assert "file-gone" in error["message"]
 
 
 def test_a_batch_found_again_after_a_death_between_upload_and_ledger(dataset_factory,
@@ -96,7 +120,8 @@ def test_a_batch_found_again_after_a_death_between_upload_and_ledger(dataset_fac
             file_id = api.upload(api.download(entry.file_id), "again.jsonl")  # same lines
             if created:
                 api.create(file_id, {})  # the batch was made, the ledger not told
-            write_entry(str(out), LedgerEntry(file_id, entry.custom_ids, time.time()))
+            write_entry(str(out), LedgerEntry(entry.name, file_id, entry.custom_ids,
+                                              entry.fingerprints, time.time()))
             before = server.stats()["events"]["batch"]
             collected = run_cli([*job_flags(server, data), *BATCH, "--resume"], out)
             assert collected.returncode == 0, collected.stderr[-3000:]

@@ -61,6 +61,7 @@ def test_a_prompts_file_parses_with_defaults_and_the_schema_shorthand(tmp_path):
     ({"a": {"prompt": "x", "schema": {"type": "objekt"}}}, "not a valid JSON schema"),
     ({"a": {"prompt": "x", "response_format": {"type": "xml"}}}, "response_format.type"),
     ([], "expected a mapping"),
+    ({"a|b": "x"}, "holds '|'"),
 ])
 def test_a_wrong_prompts_file_is_refused_naming_what_is_wrong(document, message):
     with pytest.raises(UsageError, match="prompts") as raised:
@@ -80,6 +81,8 @@ def test_json_answers_are_parsed_fenced_or_not_and_checked_against_the_schema():
     assert "at words" in raised.value.message
     with pytest.raises(CaptionError, match="not JSON"):
         parse_json_answer("Sure! Here are the tags: cat")
+    with pytest.raises(CaptionError, match="NaN is not a JSON value"):
+        parse_json_answer('{"words": NaN}')  # Python's json would take it
     assert answer_checker(False, None) is None
 
 

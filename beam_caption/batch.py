@@ -40,6 +40,7 @@ from beam_caption.batch_ledger import (
 )
 from beam_caption.caption import CaptionImages
 from beam_caption.client import (
+    Completion,
     HTTPStatusFailure,
     classify_exception,
     parse_completion,
@@ -50,7 +51,7 @@ from beam_caption.records import (
     CAPTIONS,
     FAILURES,
     STATS,
-    CaptionMeta,
+    answers_meta,
     captioned_record,
     failure_element,
 )
@@ -395,34 +396,18 @@ class _Assemble(beam.DoFn):
         return None, error
 
     def _caption(self, element: dict, answers: dict) -> dict:
-        specs = self._specs
-        parsed = [answers[spec.name][1] for spec in specs]
-        results = [answers[spec.name][2] for spec in specs]
-
-        def total(field: str) -> int | None:
-            values = [getattr(p, field) for p in parsed]
-            return None if all(v is None for v in values) else sum(v or 0 for v in values)
-
-        prompts = None
-        if len(specs) > 1:
-            prompts = {spec.name: {"attempts": 1, "latency_ms": r[5],
-                                   "prompt_tokens": p.prompt_tokens,
-                                   "completion_tokens": p.completion_tokens,
-                                   "finish_reason": p.finish_reason, "cached": False}
-                       for spec, p, r in zip(specs, parsed, results, strict=True)}
-        reasons = {p.finish_reason for p in parsed}
-        meta = CaptionMeta(
-            model=self._config.client.model, attempts=len(specs),
-            latency_ms=max(r[5] for r in results), prompt_tokens=total("prompt_tokens"),
-            completion_tokens=total("completion_tokens"),
-            reasoning_tokens=total("reasoning_tokens"),
-            finish_reason=reasons.pop() if len(reasons) == 1 else None, cached=False,
-            key=element["key"],
-            fingerprint=record_fingerprint(element["record"], self._config.settings_digest),
-            finished_at=max(r[4] or 0 for r in results), prompts=prompts,
-            batch_id=results[0][3])
+        """The captioned record of its answers (prompt name -> (value, parsed, result))."""
+        completions = {name: Completion(
+            value, parsed.finish_reason, parsed.prompt_tokens, parsed.completion_tokens,
+            attempts=1, latency_ms=result[5], reasoning_tokens=parsed.reasoning_tokens)
+            for name, (value, parsed, result) in answers.items()}
+        results = [result for _, _, result in answers.values()]
+        meta = answers_meta(
+            self._config.client.model, element["key"],
+            record_fingerprint(element["record"], self._config.settings_digest), completions,
+            max(result[4] or 0 for result in results), batch_id=results[0][3])
         return captioned_record(element["record"], {
-            spec.output_key: answers[spec.name][0] for spec in specs}, meta)
+            spec.output_key: answers[spec.name][0] for spec in self._specs}, meta)
 
 
 class CollectBatchResults(beam.PTransform):

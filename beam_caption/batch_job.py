@@ -50,10 +50,10 @@ ADOPT_GRACE_S = 900.0  # on a cluster, an upload this young may still get its ba
 def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionConfig,
                     api_key: str | None, resume: bool,
                     new_pipeline: Callable[[CaptionOptions], beam.Pipeline],
-                    collect_only: bool = False) -> list[LedgerEntry]:
+                    collect_only: bool = False) -> None:
     """Submit what no batch holds yet (not when ``collect_only``), wait for every batch of the
-    ledger to end, resubmit what they left unanswered once (``--retry_failed``); the ended
-    ledger."""
+    ledger to end, resubmit what they left unanswered once (``--retry_failed``) and wait
+    again."""
     out = options.output
     api = BatchAPI(config.client.api_url, api_key)
     grace = 0.0 if is_local_runner(options) else ADOPT_GRACE_S
@@ -73,8 +73,7 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
                   "unanswered (--retry_failed)", file=sys.stderr)
             _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
                         resume, path)
-            entries = poll(api, out, options.batch_poll_interval, grace)
-    return entries
+            poll(api, out, options.batch_poll_interval, grace)
 
 
 def budgeted(config: CaptionConfig, options: CaptionOptions, output_dir: str) -> CaptionConfig:

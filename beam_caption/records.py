@@ -19,6 +19,7 @@ The output tags and the metrics namespace are named here too; ``STATS`` elements
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from beam_caption.errors import CaptionError
 
@@ -77,6 +78,34 @@ class CaptionMeta:
             if meta[optional] is None:
                 del meta[optional]
         return meta
+
+
+def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any],
+                 finished_at: float, batch_id: str | None = None) -> CaptionMeta:
+    """``caption_meta`` of a record's answers (prompt name -> an answer with ``attempts``,
+    ``latency_ms``, ``prompt_tokens``, ``completion_tokens``, ``reasoning_tokens``,
+    ``finish_reason`` and ``cached``, as client.Completion): one prompt's figures, or with
+    several their totals and each one's."""
+    given = list(answers.values())
+
+    def total(field: str) -> int | None:
+        values = [getattr(answer, field) for answer in given]
+        return None if all(v is None for v in values) else sum(v or 0 for v in values)
+
+    reasons = {answer.finish_reason for answer in given}
+    prompts = None if len(given) == 1 else {name: {
+        "attempts": answer.attempts, "latency_ms": answer.latency_ms,
+        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+        "finish_reason": answer.finish_reason, "cached": answer.cached}
+        for name, answer in answers.items()}
+    return CaptionMeta(
+        model=model, attempts=sum(answer.attempts for answer in given),
+        latency_ms=max(answer.latency_ms for answer in given),
+        prompt_tokens=total("prompt_tokens"), completion_tokens=total("completion_tokens"),
+        reasoning_tokens=total("reasoning_tokens"),
+        finish_reason=reasons.pop() if len(reasons) == 1 else None,
+        cached=all(answer.cached for answer in given), key=key, fingerprint=fingerprint,
+        finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id)
 
 
 def captioned_record(record: dict, answers: dict, meta: CaptionMeta) -> dict:

@@ -45,7 +45,7 @@ from beam_caption.messages import (
     prompt_turns,
 )
 from beam_caption.prompts import PromptSpec
-from beam_caption.records import CaptionMeta, captioned_record, failure_element
+from beam_caption.records import CaptionMeta, answers_meta, captioned_record, failure_element
 from beam_caption.resume import record_fingerprint, settings_digest
 from beam_caption.structured import answer_checker
 from beam_caption.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
@@ -259,29 +259,11 @@ class CaptionRuntime:
                                              answers=answers), attempts, throttled_s)
 
     def _meta(self, element: dict, answers: list[Completion]) -> CaptionMeta:
-        """caption_meta: one prompt's figures, or with several the totals and each one's."""
-        def total(field: str) -> int | None:
-            values = [getattr(answer, field) for answer in answers]
-            return None if all(v is None for v in values) else sum(v or 0 for v in values)
-
-        reasons = {answer.finish_reason for answer in answers}
-        prompts = None
-        if len(answers) > 1:
-            prompts = {spec.name: {
-                "attempts": answer.attempts, "latency_ms": answer.latency_ms,
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "finish_reason": answer.finish_reason, "cached": answer.cached}
-                for spec, answer in zip(self._specs, answers, strict=True)}
-        return CaptionMeta(
-            model=self.config.client.model, attempts=sum(a.attempts for a in answers),
-            latency_ms=max(a.latency_ms for a in answers),
-            prompt_tokens=total("prompt_tokens"), completion_tokens=total("completion_tokens"),
-            reasoning_tokens=total("reasoning_tokens"),
-            finish_reason=reasons.pop() if len(reasons) == 1 else None,
-            cached=all(a.cached for a in answers), key=element["key"],
-            fingerprint=record_fingerprint(element["record"], self.config.settings_digest),
-            finished_at=round(time.time(), 3), prompts=prompts)
+        return answers_meta(
+            self.config.client.model, element["key"],
+            record_fingerprint(element["record"], self.config.settings_digest),
+            {spec.name: answer for spec, answer in zip(self._specs, answers, strict=True)},
+            time.time())
 
     async def _budgeted_answers(self, paths: tuple[str, ...],
                                 plans: list[RequestPlan | CaptionError]

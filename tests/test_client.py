@@ -368,3 +368,29 @@ def test_requests_in_flight_when_a_parameter_is_refused_are_sent_again_not_faile
         results = asyncio.run(go(server))
     assert all(1 <= r.attempts <= 2 for r in results)
     assert len([r for r in caplog.records if "refuses" in r.getMessage()]) == 1
+
+
+def test_a_refused_response_format_fails_its_request_and_is_kept_for_the_others():
+    """A 400 naming response_format is a bad schema of one prompt, not a server without the
+    parameter: structured output must not be switched off for every prompt."""
+    bad = {"response_format": {"type": "xml"}}
+    good = {"response_format": {"type": "json_object"}}
+
+    async def go():
+        client = VLMClient(ClientSettings(api_url=server.url, model="fake-vlm",
+                                          initial_backoff=0.01), api_key=None, seed=0)
+        try:
+            with pytest.raises(CaptionError) as refused:
+                await client.complete(request_body(client.settings, messages(), bad), 0, bad)
+            answer = await client.complete(request_body(client.settings, messages(), good), 0,
+                                           good, json.loads)
+            return refused.value, answer
+        finally:
+            await client.aclose()
+
+    with FakeVLMServer(FakeVLMConfig()) as server:
+        refused, answer = asyncio.run(go())
+        requests = server.stats()["requests"]
+    assert (refused.type, refused.attempts) == ("http_400", 1)
+    assert answer.caption == {"caption": "A fake caption: landscape image, colour #ff0000"}
+    assert requests == 2

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import io
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -130,7 +132,7 @@ class _BatchSubmitter:
         self.spent = 0.0
         self.lock = threading.Lock()
 
-    def submit(self, lines: list[bytes], cids: list[str], fingerprints: list[str],
+    def submit(self, data: io.BytesIO, cids: list[str], fingerprints: list[str],
                cost: float) -> LedgerEntry | None:
         """Upload one input file, record it, make it a batch, record that; None when the
         ledger has it already (a bundle the runner runs again)."""
@@ -146,7 +148,8 @@ class _BatchSubmitter:
                     "a higher --max_cost.")
             self.spent += cost
         try:
-            file_id = self.api.upload(b"".join(lines), f"beam_caption-{uuid.uuid4().hex}.jsonl")
+            data.seek(0)
+            file_id = self.api.upload(data, f"beam_caption-{uuid.uuid4().hex}.jsonl")
             entry = LedgerEntry(name, file_id, cids, fingerprints, time.time(), round(cost, 6))
             write_entry(self.output_dir, entry)
             entry.update(self.api.create(file_id, {"beam_caption_file": file_id}))
@@ -177,7 +180,7 @@ class _SubmitFiles(beam.DoFn):
                                                tag=f"submit:{output_dir}:{config!r}")
 
     def start_bundle(self):
-        self._lines: list[bytes] = []
+        self._file = io.BytesIO()  # the input file being filled: one copy of its lines
         self._cids: list[str] = []
         self._fingerprints: list[str] = []
         self._bytes = 0
@@ -185,11 +188,11 @@ class _SubmitFiles(beam.DoFn):
 
     def process(self, requests):
         size = sum(len(line) for _, _, line, _ in requests)
-        if self._lines and (len(self._lines) + len(requests) > self._max_requests
-                            or self._bytes + size > self._max_bytes):
+        if self._cids and (len(self._cids) + len(requests) > self._max_requests
+                           or self._bytes + size > self._max_bytes):
             yield from self._flush()
         for cid, fingerprint, line, cost in requests:
-            self._lines.append(line)
+            self._file.write(line)
             self._cids.append(cid)
             self._fingerprints.append(fingerprint)
             self._cost += cost
@@ -200,9 +203,9 @@ class _SubmitFiles(beam.DoFn):
             yield GlobalWindows.windowed_value(entry)
 
     def _flush(self):
-        if not self._lines:
+        if not self._cids:
             return
-        entry = self._submitter.submit(self._lines, self._cids, self._fingerprints, self._cost)
+        entry = self._submitter.submit(self._file, self._cids, self._fingerprints, self._cost)
         self.start_bundle()
         if entry is not None:
             yield {"file_id": entry.file_id, "batch_id": entry.batch_id,
@@ -310,18 +313,22 @@ class _DownloadResults(beam.DoFn):
                 prompt = split_custom_id(cid, self._several)[1]
                 yield fingerprint, (prompt, None, missing, entry.batch_id, ended, latency)
 
-    def _lines(self, file_id: str | None) -> list[dict]:
-        if not file_id:
-            return []
-        lines = []
-        for raw in self._api.download(file_id).splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue  # a torn line: its request counts as without a result
-            if isinstance(line, dict):
-                lines.append(line)
-        return lines
+    def _lines(self, file_id: str | None) -> Iterator[dict]:
+        """The JSON lines of a result file, downloaded first (a failure raises here, before any
+        line is used), then parsed one by one."""
+        data = self._api.download(file_id) if file_id else b""
+        return json_lines(data)
+
+
+def json_lines(data: bytes) -> Iterator[dict]:
+    """The JSON objects of a result file's lines; torn lines are skipped."""
+    for raw in io.BytesIO(data):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue  # a torn line: its request counts as without a result
+        if isinstance(line, dict):
+            yield line
 
 
 class _Assemble(beam.DoFn):

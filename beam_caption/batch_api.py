@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import openai
 
@@ -44,8 +44,8 @@ class BatchAPI:
         self._client = openai.OpenAI(base_url=api_url, api_key=api_key or NO_KEY,
                                      max_retries=max_retries, timeout=UPLOAD_TIMEOUT_S)
 
-    def upload(self, data: bytes, name: str) -> str:
-        """Upload a batch input file; its file id."""
+    def upload(self, data: bytes | IO[bytes], name: str) -> str:
+        """Upload a batch input file (bytes or a binary file object); its file id."""
         uploaded = self._call(f"uploading {name}", lambda: self._client.files.create(
             file=(name, data, "application/jsonl"), purpose="batch"))
         return uploaded.id

@@ -23,7 +23,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.io.filesystems import FileSystems
 
-from beam_caption.batch import SubmitBatches
+from beam_caption.batch import SubmitBatches, json_lines
 from beam_caption.batch_api import BatchAPI, BatchAPIError
 from beam_caption.batch_ledger import (
     UNSENT_PREFIX,
@@ -205,11 +205,7 @@ def unanswered(api: BatchAPI, entries: list[LedgerEntry]) -> set[str]:
     for entry in entries:
         asked.update(zip(entry.custom_ids, entry.fingerprints, strict=True))
         if entry.output_file_id:
-            for raw in api.download(entry.output_file_id).splitlines():
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    continue  # a torn line: its request is unanswered
+            for line in json_lines(api.download(entry.output_file_id)):
                 if (line.get("response") or {}).get("status_code") == 200:
                     answered.add(str(line.get("custom_id")))
     return {fingerprint for cid, fingerprint in asked.items() if cid not in answered}

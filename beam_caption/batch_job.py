@@ -3,7 +3,8 @@
 ``--mode batch`` runs ``submit_and_wait`` before the job's graph: the records no batch of the
 ledger holds yet are submitted (a Beam job: SubmitBatches), then the launcher polls every
 batch of the ledger until it ends (backoff up to ``--batch_poll_interval``, one progress line
-per poll), and with ``--retry_failed`` submits once more the records a batch left unanswered.
+per poll), and with ``--retry_failed`` or ``--resume`` (earlier failures are tried again, as
+online) submits once more the records the batches left unanswered.
 The job's graph then collects (CollectBatchResults). ``collect`` (``python -m beam_caption
 collect``) does the waiting and collecting only, submitting nothing.
 
@@ -52,8 +53,8 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
                     new_pipeline: Callable[[CaptionOptions], beam.Pipeline],
                     collect_only: bool = False) -> None:
     """Submit what no batch holds yet (not when ``collect_only``), wait for every batch of the
-    ledger to end, resubmit what they left unanswered once (``--retry_failed``) and wait
-    again."""
+    ledger to end, resubmit what they left unanswered once (``--retry_failed``, ``--resume``)
+    and wait again."""
     out = options.output
     api = BatchAPI(config.client.api_url, api_key)
     grace = 0.0 if is_local_runner(options) else ADOPT_GRACE_S
@@ -63,14 +64,14 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
         _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
                     resume, None)
     entries = poll(api, out, options.batch_poll_interval, grace)
-    if options.retry_failed and not collect_only:
+    if (options.retry_failed or options.resume) and not collect_only:
         fingerprints = unanswered(api, entries)
         if fingerprints:
             path = f"{ledger_dir(out)}/{RETRY_FILE}"
             with fsspec.open(path, "wt", encoding="utf-8") as handle:
                 handle.writelines(f"{json.dumps(fp)}\n" for fp in sorted(fingerprints))
             print(f"batch: submitting again the {len(fingerprints)} records the batches left "
-                  "unanswered (--retry_failed)", file=sys.stderr)
+                  "unanswered", file=sys.stderr)
             _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
                         resume, path)
             poll(api, out, options.batch_poll_interval, grace)

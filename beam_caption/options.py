@@ -168,7 +168,8 @@ class CaptionOptions(PipelineOptions):
                                 "for --max_cost and the summary's cost.")
         batch.add_argument("--retry_failed", action="store_true", default=False,
                            help="Submit once more the records the batches left unanswered "
-                                "(error lines, expired or failed batches) before collecting.")
+                                "(error lines, expired or failed batches) before collecting "
+                                "(--resume does too).")
         batch.add_argument("--fallback", default="none", choices=("none", "online"),
                            help="online: caption what the batches could not through the "
                                 "online path when collecting, instead of recording failures.")

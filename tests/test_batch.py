@@ -129,7 +129,7 @@ def test_a_batch_found_again_after_a_death_between_upload_and_ledger(dataset_fac
             check_every_record_once(collected, data)
 
 
-def test_failed_lines_become_typed_failures_and_retry_failed_submits_them_again(
+def test_failed_lines_become_typed_failures_and_retry_failed_or_resume_submit_them_again(
         dataset_factory, tmp_path):
     data = dataset_factory(6, files=1)
     manifest = data.manifests[0]
@@ -144,7 +144,10 @@ def test_failed_lines_become_typed_failures_and_retry_failed_submits_them_again(
         assert server.stats()["events"]["batch"] == 1
         retried = run_cli([*job_flags(server, data), *BATCH, "--retry_failed"], tmp_path / "again")
         assert server.stats()["events"]["batch"] == 1 + 2  # the job's batch, then the retry's
-    for run in (result, retried):
+        resumed = run_cli([*job_flags(server, data), *BATCH, "--resume"], tmp_path / "out")
+        assert server.stats()["events"]["batch"] == 3 + 1  # only the failed record, again
+    assert resumed.summary["resumed"] == len(data.expected)
+    for run in (result, retried, resumed):
         assert run.returncode == 0, run.stderr[-3000:]
         _, failures = check_every_record_once(run, data)
         error = failures[broken["id"]]["error"]

@@ -58,7 +58,7 @@ from beam_caption.records import (
     failure_element,
 )
 from beam_caption.redact import scrub
-from beam_caption.resume import record_fingerprint
+from beam_caption.resume import keyed_by_fingerprint, record_fingerprint
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Prepared, usable_cores
 from beam_caption.sinks import WriteRecords, match_files
 from beam_caption.structured import answer_checker
@@ -437,11 +437,11 @@ class CollectBatchResults(beam.PTransform):
         if match_files(f"{ledger}/{UNSENT_PREFIX}-*"):
             unsent = (pipeline
                       | "ReadUnsent" >> beam.io.ReadFromText(f"{ledger}/{UNSENT_PREFIX}-*")
-                      | "KeyUnsent" >> beam.Map(_by_fingerprint, digest))
+                      | "ParseUnsent" >> beam.Map(json.loads)
+                      | "KeyUnsent" >> beam.Map(keyed_by_fingerprint, digest))
         else:
             unsent = pipeline | "NoUnsent" >> beam.Create([])
-        keyed = records | "KeyRecords" >> beam.Map(
-            lambda element: (record_fingerprint(element["record"], digest), element))
+        keyed = records | "KeyRecords" >> beam.Map(keyed_by_fingerprint, digest)
         joined = ({"record": keyed, "results": results, "unsent": unsent}
                   | "Join" >> beam.CoGroupByKey()
                   | "Assemble" >> beam.ParDo(_Assemble(self._config, self._fallback))
@@ -454,7 +454,3 @@ class CollectBatchResults(beam.PTransform):
                 FAILURES: (joined[FAILURES], online[FAILURES]) | "AllFailures" >> beam.Flatten(),
                 STATS: online[STATS]}
 
-
-def _by_fingerprint(line: str, digest: str) -> tuple[str, dict]:
-    failure = json.loads(line)
-    return record_fingerprint(failure["record"], digest), failure

@@ -38,7 +38,7 @@ from beam_caption.errors import JobStopped, StoppedError, UsageError
 from beam_caption.manifest import ReadManifests
 from beam_caption.options import CaptionOptions, is_local_runner
 from beam_caption.records import RECORDS
-from beam_caption.resume import SkipDone, record_fingerprint
+from beam_caption.resume import SkipDone, keyed_by_fingerprint
 from beam_caption.runtime import CaptionConfig
 from beam_caption.sinks import match_files
 
@@ -129,8 +129,7 @@ def _join(records: beam.PCollection, fingerprints: beam.PCollection, digest: str
         if bool(groups["listed"]) == keep_listed:
             yield from groups["records"]
 
-    keyed = records | "KeyRecords" >> beam.Map(
-        lambda element: (record_fingerprint(element["record"], digest), element))
+    keyed = records | "KeyRecords" >> beam.Map(keyed_by_fingerprint, digest)
     return ({"records": keyed, "listed": fingerprints}
             | "Join" >> beam.CoGroupByKey()
             | "Choose" >> beam.FlatMap(choose))

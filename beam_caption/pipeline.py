@@ -94,7 +94,7 @@ def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
           else contextlib.nullcontext()) as progress_dir:
         pipeline | "CaptionManifests" >> CaptionManifests.from_options(
             options, manifest_files, reuse_checkpoints=resume, started_at=started_at,
-            progress_dir=progress_dir, captioner=captioner)
+            progress_dir=progress_dir, captioner=captioner, config=config)
         _run_to_completion(pipeline, options.output)
     clear_checkpoints(options.output)
     if options.report:

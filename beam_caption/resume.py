@@ -57,6 +57,12 @@ def record_fingerprint(record: dict, settings_digest: str) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
+def keyed_by_fingerprint(element: dict, digest: str) -> tuple[str, dict]:
+    """(fingerprint of its record, element) for an element holding a ``record`` (a keyed
+    record, a failure), to join it with captions or answers of the same content."""
+    return record_fingerprint(element["record"], digest), element
+
+
 def settings_digest(settings: dict) -> str:
     """A digest of the request settings (JSON-serializable values) that shape every answer."""
     return hashlib.sha256(_CANONICAL_JSON.encode(settings).encode("ascii")).hexdigest()
@@ -188,8 +194,7 @@ class SkipDone(beam.PTransform):
     def expand(self, records):
         digest = self._settings_digest
         done = _read_done(records.pipeline, self._output_dir)
-        keyed = records | "KeyRecords" >> beam.Map(
-            lambda element: (record_fingerprint(element["record"], digest), element))
+        keyed = records | "KeyRecords" >> beam.Map(keyed_by_fingerprint, digest)
         split = ({"records": keyed, "done": done}
                  | "Join" >> beam.CoGroupByKey()
                  | "Split" >> beam.ParDo(_Split(self._progress_dir)).with_outputs(

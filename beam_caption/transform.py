@@ -109,10 +109,12 @@ class CaptionManifests(beam.PTransform):
     def from_options(cls, options: CaptionOptions, files: list[str],
                      reuse_checkpoints: bool = False, started_at: float | None = None,
                      progress_dir: str | None = None,
-                     captioner: beam.PTransform | None = None) -> CaptionManifests:
+                     captioner: beam.PTransform | None = None,
+                     config: CaptionConfig | None = None) -> CaptionManifests:
         """The transform the CLI runs for these flags (``progress_dir``: see CaptionConfig;
-        ``captioner``: the caption step, CaptionImages by default)."""
-        config = dataclasses.replace(caption_config(options), progress_dir=progress_dir)
+        ``captioner``: the caption step, CaptionImages by default; ``config``: the flags'
+        ``caption_config`` when the caller made it already)."""
+        config = dataclasses.replace(config or caption_config(options), progress_dir=progress_dir)
         return cls(files, config, options.output,
                    num_shards=options.num_shards, reuse_checkpoints=reuse_checkpoints,
                    image_key=options.image_key, reported=reported_options(options),

@@ -192,3 +192,12 @@ def test_max_cost_stops_submitting_and_resume_continues(dataset_factory, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_every_record_once(resumed, data)
     assert sum(len(e.custom_ids) for e in read_entries(str(tmp_path / "out"))) == 12
+
+
+def test_hostile_result_lines_cost_their_request_only():
+    """A torn or non-object line in a result file is skipped (its request counts as without a
+    result, a typed failure), never a crash of the collection."""
+    from beam_caption.batch import json_lines
+
+    data = b'{"custom_id": "a"}\n{"custom_id": "b", "resp\n[1, 2]\n"text"\n\n{"custom_id": "c"}\n'
+    assert list(json_lines(data)) == [{"custom_id": "a"}, {"custom_id": "c"}]

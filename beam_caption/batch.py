@@ -1,33 +1,47 @@
 """Batch mode's two graphs: submit the records' requests as batches, then collect the answers.
 
-``SubmitBatches``: keyed records -> images read and prepared as online (each record's
-requests, one per prompt) -> input files of at most ``max_requests`` lines and ``max_bytes``
-(or what one bundle holds) -> uploaded and made batches, each recorded in the ledger
-(batch_ledger.py) as it is created. Records that cannot be prepared are written to the
-ledger's ``unsent-*`` files as failures. Runs on the workers, in parallel.
+``SubmitBatches``: keyed records (one per fingerprint, see batch_job.py) -> images read and
+prepared as online (each record's requests, one per prompt) -> input files of at most
+``max_requests`` lines and ``max_bytes`` (or what one bundle holds) -> uploaded and made
+batches, each recorded in the ledger (batch_ledger.py) as it is created. Records that cannot be
+prepared are written to the ledger's ``unsent-*`` files as failures. Runs on the workers, in
+parallel.
 
 ``CollectBatchResults``: keyed records joined with the ended batches' output and error lines
-(and the unsent failures) by key -> captions and failures shaped exactly as online, one per
-record; with ``fallback`` the records a batch could not answer go through the online path
-(CaptionImages) instead. It is the caption step CaptionManifests runs in batch mode.
+(and the unsent failures) by fingerprint -> captions and failures shaped exactly as online,
+one per record (records of one fingerprint share its request's answer); with ``fallback`` the
+records a batch could not answer go through the online path (CaptionImages) instead. It is the
+caption step CaptionManifests runs in batch mode. Result files are streamed to a temporary
+file of at most ``max_result_bytes`` and read line by line; ``result_line`` is the one check of
+a line's shape: a line of another shape costs its one request (a typed failure).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import io
 import json
+import re
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
-from beam_caption.batch_api import CHAT_ENDPOINT, BatchAPI, BatchAPIError
+from beam_caption.batch_api import (
+    CHAT_ENDPOINT,
+    BatchAPI,
+    BatchAPIError,
+    short_repr,
+)
 from beam_caption.batch_ledger import (
     FAILED_ENDS,
     UNSENT_PREFIX,
@@ -64,6 +78,9 @@ from beam_caption.sinks import WriteRecords, match_files
 from beam_caption.structured import answer_checker
 
 FALLBACK = "fallback"
+MAX_RESULT_BYTES = 2_000_000_000  # default --batch_max_result_bytes
+MAX_RESULT_LINE_BYTES = 16 << 20  # a longer result line is skipped (its request has no result)
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _LINE_HEAD = b'{"custom_id":'
 _LINE_MIDDLE = f',"method":"POST","url":"{CHAT_ENDPOINT}","body":'.encode()
 
@@ -125,9 +142,10 @@ class _PrepareRequests(beam.DoFn):
 class _BatchSubmitter:
     """One per worker process: the Batch API client and the process's share of --max_cost."""
 
-    def __init__(self, config: CaptionConfig, output_dir: str):
+    def __init__(self, config: CaptionConfig, output_dir: str, retry_of: str):
         self.api = BatchAPI(config.client.api_url, config.api_key.resolve())
         self.output_dir = output_dir
+        self.retry_of = retry_of
         self.budget = config.client.max_cost
         self.spent = 0.0
         self.lock = threading.Lock()
@@ -136,7 +154,7 @@ class _BatchSubmitter:
                cost: float) -> LedgerEntry | None:
         """Upload one input file, record it, make it a batch, record that; None when the
         ledger has it already (a bundle the runner runs again)."""
-        name = entry_name(cids, fingerprints)
+        name = entry_name(cids, fingerprints, self.retry_of)
         if entry_exists(self.output_dir, name):
             return None
         with self.lock:
@@ -152,7 +170,11 @@ class _BatchSubmitter:
             file_id = self.api.upload(data, f"beam_caption-{uuid.uuid4().hex}.jsonl")
             entry = LedgerEntry(name, file_id, cids, fingerprints, time.time(), round(cost, 6))
             write_entry(self.output_dir, entry)
-            entry.update(self.api.create(file_id, {"beam_caption_file": file_id}))
+            created = self.api.create(file_id, {"beam_caption_file": file_id})
+            if created.problems:  # judged (one line) by the launcher when it polls
+                entry.batch_id = created.id
+            else:
+                entry.update(created)
             write_entry(self.output_dir, entry)
         except BatchAPIError as exc:
             raise JobStopped(f"{exc}. Batches already submitted are in the output directory; "
@@ -167,17 +189,19 @@ class _SubmitFiles(beam.DoFn):
     uploaded and made a batch."""
 
     def __init__(self, config: CaptionConfig, output_dir: str, max_requests: int,
-                 max_bytes: int, shared_handle: shared.Shared):
+                 max_bytes: int, retry_of: str, shared_handle: shared.Shared):
         self._config = config
         self._output_dir = output_dir
         self._max_requests = max_requests
         self._max_bytes = max_bytes
+        self._retry_of = retry_of
         self._shared = shared_handle
 
     def setup(self):
-        config, output_dir = self._config, self._output_dir
-        self._submitter = self._shared.acquire(lambda: _BatchSubmitter(config, output_dir),
-                                               tag=f"submit:{output_dir}:{config!r}")
+        config, output_dir, retry_of = self._config, self._output_dir, self._retry_of
+        self._submitter = self._shared.acquire(
+            lambda: _BatchSubmitter(config, output_dir, retry_of),
+            tag=f"submit:{output_dir}:{retry_of}:{config!r}")
 
     def start_bundle(self):
         self._file = io.BytesIO()  # the input file being filled: one copy of its lines
@@ -215,17 +239,19 @@ class _SubmitFiles(beam.DoFn):
 class SubmitBatches(beam.PTransform):
     """Submit keyed records' requests as Batch API batches (see the module).
 
-    Returns the ledger entries made (``{"file_id", "batch_id", "requests"}``).
+    Returns the ledger entries made (``{"file_id", "batch_id", "requests"}``). A retry pass
+    gives ``retry_of`` (the batches it retries, see batch_ledger.entry_name).
     """
 
     def __init__(self, config: CaptionConfig, output_dir: str, max_requests: int,
-                 max_bytes: int, run_stamp: str):
+                 max_bytes: int, run_stamp: str, retry_of: str = ""):
         super().__init__()
         self._config = config
         self._output_dir = output_dir
         self._max_requests = max_requests
         self._max_bytes = max_bytes
         self._run_stamp = run_stamp
+        self._retry_of = retry_of
 
     def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[dict]:
         runtime = shared.Shared()
@@ -236,7 +262,7 @@ class SubmitBatches(beam.PTransform):
             skip_if_empty=True)
         return prepared["requests"] | "Submit" >> beam.ParDo(_SubmitFiles(
             self._config, self._output_dir, self._max_requests, self._max_bytes,
-            shared.Shared()))
+            self._retry_of, shared.Shared()))
 
 
 def _batch_error(entry: LedgerEntry) -> CaptionError:
@@ -247,18 +273,86 @@ def _batch_error(entry: LedgerEntry) -> CaptionError:
                         attempts=1)
 
 
-def _line_error(line: dict, secrets: tuple[str, ...]) -> CaptionError:
-    """The error of one error-file line: a non-200 answer, or the batch's own error."""
-    response = line.get("response") or {}
-    if isinstance(response.get("status_code"), int):  # typed as the online path types it
-        typed = classify_exception(HTTPStatusFailure(
-            response["status_code"], None, json.dumps(response.get("body")).encode()))
-        return CaptionError(typed.stage, typed.type, scrub(typed.message, secrets),
-                            typed.retryable, 1)
-    error = line.get("error") or {}
-    code = str(error.get("code") or "batch_error")
-    return CaptionError("request", code, scrub(str(error.get("message") or code)[:500], secrets),
-                        retryable=True, attempts=1)
+@dataclass(frozen=True)
+class ResultLine:
+    """One line of a result file: the request's answer body (HTTP 200), or why it has none."""
+
+    custom_id: str
+    body: dict | None
+    error: CaptionError | None
+
+
+def result_line(line: object, secrets: tuple[str, ...] = ()) -> ResultLine | None:
+    """The one check of a result line's shape: None without a custom_id (the line answers no
+    request we can name); a line of any undocumented shape is its request's typed failure."""
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        return None
+    cid, response, error = line["custom_id"], line.get("response"), line.get("error")
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if isinstance(response, dict) and isinstance(status, int) and not isinstance(status, bool) \
+            and 100 <= status <= 599:
+        body = response.get("body")
+        if status == 200 and isinstance(body, dict):
+            return ResultLine(cid, body, None)
+        if status != 200:  # typed as the online path types it
+            typed = classify_exception(HTTPStatusFailure(status, None, json.dumps(body).encode()))
+            return ResultLine(cid, None, CaptionError(
+                typed.stage, typed.type, scrub(typed.message, secrets), typed.retryable, 1))
+    elif response is None and isinstance(error, dict):  # the batch's own error for the request
+        code, message = error.get("code"), error.get("message")
+        code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "batch_error"
+        message = message[:500] if isinstance(message, str) and message else code
+        return ResultLine(cid, None, CaptionError("request", code, scrub(message, secrets),
+                                                  retryable=True, attempts=1))
+    return ResultLine(cid, None, CaptionError(
+        "response", "batch_malformed_result",
+        scrub(f"the result line of {cid[:100]!r} has response {short_repr(response)} and error "
+              f"{short_repr(error)}, not the documented shape", secrets),
+        retryable=True, attempts=1))
+
+
+@contextlib.contextmanager
+def result_file(api: BatchAPI, file_id: str, max_bytes: int) -> Iterator[tuple[IO[bytes], bool]]:
+    """A result file streamed to a temporary file (at most ``max_bytes``; BatchAPIError if it
+    cannot be downloaded): (the file, from its start; whether it came whole)."""
+    with tempfile.TemporaryFile() as handle:
+        whole = api.download_to(file_id, handle, max_bytes)
+        handle.seek(0)
+        yield handle, whole
+
+
+def json_lines(data: bytes | IO[bytes]) -> Iterator[dict]:
+    """The JSON objects of a result file's lines; torn lines, lines that are not objects and
+    lines over MAX_RESULT_LINE_BYTES are skipped."""
+    handle = io.BytesIO(data) if isinstance(data, bytes) else data
+    while raw := handle.readline(MAX_RESULT_LINE_BYTES + 1):
+        if len(raw) > MAX_RESULT_LINE_BYTES:
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                raw = handle.readline(MAX_RESULT_LINE_BYTES)
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue  # a torn line: its request counts as without a result
+        if isinstance(line, dict):
+            yield line
+
+
+def result_lines(handle: IO[bytes], secrets: tuple[str, ...] = ()) -> Iterator[ResultLine]:
+    """The result lines of a result file that name a request (see result_line)."""
+    for line in json_lines(handle):
+        checked = result_line(line, secrets)
+        if checked is not None:
+            yield checked
+
+
+def too_large(file_id: str, batch_id: str | None, max_bytes: int) -> CaptionError:
+    """Why a request past the cap of a too large result file has no result."""
+    return CaptionError(
+        "response", "batch_result_too_large",
+        f"the result file {file_id} of batch {batch_id} is over --batch_max_result_bytes "
+        f"({max_bytes:,} bytes): lines past that were not read. Raise it and run collect.",
+        retryable=False, attempts=1)
 
 
 class _DownloadResults(beam.DoFn):
@@ -267,8 +361,9 @@ class _DownloadResults(beam.DoFn):
     result is (prompt name or None, answer body or None, CaptionError or None, batch id, ended
     at, latency ms)."""
 
-    def __init__(self, config: CaptionConfig):
+    def __init__(self, config: CaptionConfig, max_result_bytes: int):
         self._config = config
+        self._max_result_bytes = max_result_bytes
 
     def setup(self):
         api_key = self._config.api_key.resolve()
@@ -282,27 +377,25 @@ class _DownloadResults(beam.DoFn):
         ended = entry.ended_at or entry.uploaded_at
         latency = round(max(0.0, ended - entry.uploaded_at) * 1000, 1)
         seen: set[str] = set()
-        missing: CaptionError | None = None
+        missing: CaptionError | None = None  # why a request has no result, if not the end's
         for file_id in (entry.output_file_id, entry.error_file_id):
+            if not file_id:
+                continue
             try:
-                lines = self._lines(file_id)
+                with result_file(self._api, file_id, self._max_result_bytes) as (handle, whole):
+                    for line in result_lines(handle, self._secrets):
+                        if line.custom_id not in fingerprints or line.custom_id in seen:
+                            continue
+                        seen.add(line.custom_id)
+                        prompt = split_custom_id(line.custom_id, self._several)[1]
+                        yield fingerprints[line.custom_id], (
+                            prompt, line.body, line.error, entry.batch_id, ended, latency)
             except BatchAPIError as exc:
                 missing = CaptionError("request", "batch_download_failed", scrub(
                     str(exc), self._secrets), retryable=True, attempts=1)
                 continue
-            for line in lines:
-                cid = line.get("custom_id")
-                if cid not in fingerprints or cid in seen:
-                    continue
-                seen.add(cid)
-                prompt = split_custom_id(cid, self._several)[1]
-                response = line.get("response") or {}
-                result: tuple
-                if response.get("status_code") == 200 and isinstance(response.get("body"), dict):
-                    result = (prompt, response["body"], None)
-                else:
-                    result = (prompt, None, _line_error(line, self._secrets))
-                yield fingerprints[cid], (*result, entry.batch_id, ended, latency)
+            if not whole:
+                missing = too_large(file_id, entry.batch_id, self._max_result_bytes)
         if missing is None and (entry.status in FAILED_ENDS or len(seen) < len(fingerprints)):
             missing = _batch_error(entry) if entry.status in FAILED_ENDS else CaptionError(
                 "request", "batch_missing_result",
@@ -312,23 +405,6 @@ class _DownloadResults(beam.DoFn):
             if cid not in seen:
                 prompt = split_custom_id(cid, self._several)[1]
                 yield fingerprint, (prompt, None, missing, entry.batch_id, ended, latency)
-
-    def _lines(self, file_id: str | None) -> Iterator[dict]:
-        """The JSON lines of a result file, downloaded first (a failure raises here, before any
-        line is used), then parsed one by one."""
-        data = self._api.download(file_id) if file_id else b""
-        return json_lines(data)
-
-
-def json_lines(data: bytes) -> Iterator[dict]:
-    """The JSON objects of a result file's lines; torn lines are skipped."""
-    for raw in io.BytesIO(data):
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue  # a torn line: its request counts as without a result
-        if isinstance(line, dict):
-            yield line
 
 
 class _Assemble(beam.DoFn):
@@ -349,14 +425,20 @@ class _Assemble(beam.DoFn):
 
     def process(self, joined):
         _, groups = joined
-        # Records of the same content and settings share their answers; results without a
-        # record are of one not in this run (resumed, edited, or no longer in a manifest).
+        # Records of the same content and settings share their answers (one of them was
+        # submitted), and the failure to prepare that one; results without a record are of one
+        # not in this run (resumed, edited, or no longer in a manifest).
         unsent = {failure["key"]: failure for failure in groups["unsent"]}
+        results = groups["results"]
+        shared_failure = next(iter(unsent.values()), None)
         for element in groups["record"]:
             if element["key"] in unsent:
                 yield beam.pvalue.TaggedOutput(FAILURES, unsent[element["key"]])
+            elif shared_failure is not None and not results:
+                yield beam.pvalue.TaggedOutput(FAILURES, {
+                    **shared_failure, "key": element["key"], "source": element["source"]})
             else:
-                yield self._outcome(element, groups["results"])
+                yield self._outcome(element, results)
 
     def _outcome(self, element: dict, results: list):
         """The record's caption, its failure, or (fallback) the record for the online path."""
@@ -421,11 +503,13 @@ class CollectBatchResults(beam.PTransform):
     """The caption step of batch mode: keyed records in, ``{CAPTIONS, FAILURES, STATS}`` out
     (as CaptionImages), from the ended batches of the ledger (see the module)."""
 
-    def __init__(self, config: CaptionConfig, output_dir: str, fallback: bool = False):
+    def __init__(self, config: CaptionConfig, output_dir: str, fallback: bool = False,
+                 max_result_bytes: int = MAX_RESULT_BYTES):
         super().__init__()
         self._config = config
         self._output_dir = output_dir
         self._fallback = fallback
+        self._max_result_bytes = max_result_bytes
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
         pipeline, digest = records.pipeline, self._config.settings_digest
@@ -433,7 +517,8 @@ class CollectBatchResults(beam.PTransform):
         results = (pipeline
                    | "Ledger" >> beam.Create(match_files(f"{ledger}/*.json"))
                    | "Reshuffle" >> beam.Reshuffle()
-                   | "Download" >> beam.ParDo(_DownloadResults(self._config)))
+                   | "Download" >> beam.ParDo(_DownloadResults(self._config,
+                                                             self._max_result_bytes)))
         if match_files(f"{ledger}/{UNSENT_PREFIX}-*"):
             unsent = (pipeline
                       | "ReadUnsent" >> beam.io.ReadFromText(f"{ledger}/{UNSENT_PREFIX}-*")

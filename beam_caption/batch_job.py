@@ -1,10 +1,13 @@
 """Batch mode's launcher: submit, wait for the batches, resubmit failed requests, collect.
 
 ``--mode batch`` runs ``submit_and_wait`` before the job's graph: the records no batch of the
-ledger holds yet are submitted (a Beam job: SubmitBatches), then the launcher polls every
-batch of the ledger until it ends (backoff up to ``--batch_poll_interval``, one progress line
-per poll), and with ``--retry_failed`` or ``--resume`` (earlier failures are tried again, as
-online) submits once more the records the batches left unanswered.
+ledger holds yet are submitted (a Beam job: SubmitBatches; one record per fingerprint, the
+others share its answer), then the launcher polls every batch of the ledger until it ends
+(backoff up to ``--batch_poll_interval``, one progress line per poll; a batch not ended
+``--batch_max_wait_hours`` after its upload ends as ``timeout``, a batch object without a
+documented status as ``invalid``, each with one line), and with ``--retry_failed`` or
+``--resume`` (earlier failures are tried again, as online) submits once more the records the
+batches left unanswered: a retry pass, whose ledger names hold the batches it retries.
 The job's graph then collects (CollectBatchResults). ``collect`` (``python -m beam_caption
 collect``) does the waiting and collecting only, submitting nothing.
 
@@ -24,9 +27,10 @@ import apache_beam as beam
 import fsspec
 from apache_beam.io.filesystems import FileSystems
 
-from beam_caption.batch import SubmitBatches, json_lines
-from beam_caption.batch_api import BatchAPI, BatchAPIError
+from beam_caption.batch import SubmitBatches, result_file, result_lines
+from beam_caption.batch_api import BatchAPI, BatchAPIError, BatchState
 from beam_caption.batch_ledger import (
+    FAILED_ENDS,
     UNSENT_PREFIX,
     LedgerEntry,
     ledger_dir,
@@ -46,6 +50,7 @@ FIRST_POLL_S = 2.0
 POLL_GROWTH = 1.5
 RETRY_FILE = "retry-fingerprints.txt"
 ADOPT_GRACE_S = 900.0  # on a cluster, an upload this young may still get its batch from its job
+HOUR_S = 3600.0
 
 
 def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionConfig,
@@ -63,9 +68,10 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
         _delete(f"{ledger_dir(out)}/{UNSENT_PREFIX}-*")  # those records are tried again
         _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
                     resume, None)
-    entries = poll(api, out, options.batch_poll_interval, grace)
+    max_wait = options.batch_max_wait_hours * HOUR_S
+    entries = poll(api, out, options.batch_poll_interval, grace, max_wait)
     if (options.retry_failed or options.resume) and not collect_only:
-        fingerprints = unanswered(api, entries)
+        fingerprints, retried = unanswered(api, entries, options.batch_max_result_bytes)
         if fingerprints:
             path = f"{ledger_dir(out)}/{RETRY_FILE}"
             with fsspec.open(path, "wt", encoding="utf-8") as handle:
@@ -73,8 +79,8 @@ def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionCo
             print(f"batch: submitting again the {len(fingerprints)} records the batches left "
                   "unanswered", file=sys.stderr)
             _run_submit(new_pipeline(options), files, budgeted(config, options, out), options,
-                        resume, path)
-            poll(api, out, options.batch_poll_interval, grace)
+                        resume, path, retry_of=",".join(sorted(retried)))
+            poll(api, out, options.batch_poll_interval, grace, max_wait)
 
 
 def budgeted(config: CaptionConfig, options: CaptionOptions, output_dir: str) -> CaptionConfig:
@@ -88,9 +94,11 @@ def budgeted(config: CaptionConfig, options: CaptionOptions, output_dir: str) ->
 
 
 def _run_submit(pipeline: beam.Pipeline, files: list[str], config: CaptionConfig,
-                options: CaptionOptions, resume: bool, only_keys: str | None) -> None:
+                options: CaptionOptions, resume: bool, only_keys: str | None,
+                retry_of: str = "") -> None:
     """The submission job: the records to submit (not yet in a batch, or those of
-    ``only_keys``) through SubmitBatches."""
+    ``only_keys`` in the retry pass of the batches ``retry_of``) through SubmitBatches, one
+    record per fingerprint."""
     out = options.output
     records = (pipeline | "ReadManifests" >> ReadManifests(files))[RECORDS]
     if resume:
@@ -106,7 +114,7 @@ def _run_submit(pipeline: beam.Pipeline, files: list[str], config: CaptionConfig
         chosen = _join(records, covered, config.settings_digest, keep_listed=False)
     chosen | "SubmitBatches" >> SubmitBatches(
         config, out, options.batch_max_requests, options.batch_max_bytes,
-        time.strftime("%Y%m%dT%H%M%S"))
+        time.strftime("%Y%m%dT%H%M%S"), retry_of)
     try:
         pipeline.run().wait_until_finish()
     except BaseException as exc:
@@ -123,11 +131,12 @@ def _entry_fingerprints(path: str):
 
 def _join(records: beam.PCollection, fingerprints: beam.PCollection, digest: str,
           keep_listed: bool) -> beam.PCollection:
-    """The records whose fingerprint is (``keep_listed``) or is not among ``fingerprints``."""
+    """One record of each fingerprint that is (``keep_listed``) or is not among
+    ``fingerprints``: records of the same content and settings share one request's answer."""
     def choose(joined):
         _, groups = joined
-        if bool(groups["listed"]) == keep_listed:
-            yield from groups["records"]
+        if groups["records"] and bool(groups["listed"]) == keep_listed:
+            yield min(groups["records"], key=lambda element: element["key"])
 
     keyed = records | "KeyRecords" >> beam.Map(keyed_by_fingerprint, digest)
     return ({"records": keyed, "listed": fingerprints}
@@ -147,15 +156,26 @@ def _adopt(api: BatchAPI, output_dir: str, grace: float) -> None:
                 entry.file_id, {"beam_caption_file": entry.file_id})
         except BatchAPIError as exc:
             raise UsageError(str(exc)) from None
-        entry.update(batch)
-        write_entry(output_dir, entry)
+        _take(output_dir, entry, batch)
 
 
-def poll(api: BatchAPI, output_dir: str, max_interval: float,
-         grace: float = 0.0) -> list[LedgerEntry]:
+def _take(output_dir: str, entry: LedgerEntry, batch: BatchState) -> None:
+    """Record the batch's new state; one line when its object was not of the documented shape."""
+    entry.update(batch)
+    write_entry(output_dir, entry)
+    if batch.problems:
+        ending = f": its unanswered requests fail as batch_{entry.status}" if entry.ended \
+            and entry.status in FAILED_ENDS else ""
+        print(f"batch: batch {entry.batch_id} answered an object not of the documented shape "
+              f"({'; '.join(batch.problems)}){ending}", file=sys.stderr)
+
+
+def poll(api: BatchAPI, output_dir: str, max_interval: float, grace: float = 0.0,
+         max_wait: float = float("inf")) -> list[LedgerEntry]:
     """Wait for every batch of the ledger to end, writing each one's state as it changes;
     one progress line on stderr per poll. A batch the API no longer knows (404) counts as
-    failed. The ended ledger."""
+    failed; one not ended ``max_wait`` seconds after its upload ends as ``timeout`` (what it
+    answered is collected). The ended ledger."""
     delay = min(FIRST_POLL_S, max_interval)
     while True:
         _adopt(api, output_dir, grace)
@@ -163,18 +183,25 @@ def poll(api: BatchAPI, output_dir: str, max_interval: float,
         for entry in entries:
             if entry.ended or entry.batch_id is None:
                 continue
+            if time.time() - entry.uploaded_at > max_wait:
+                was = entry.status
+                entry.give_up(f"not ended {max_wait / HOUR_S:g} h after its upload "
+                              "(--batch_max_wait_hours)")
+                write_entry(output_dir, entry)
+                print(f"batch: batch {entry.batch_id} is still {was} {max_wait / HOUR_S:g} h "
+                      "after its upload: given up (batch_timeout); what it answered is "
+                      "collected", file=sys.stderr)
+                continue
             try:
                 batch = api.retrieve(entry.batch_id)
             except BatchAPIError as exc:
                 if exc.status != 404:
                     print(f"batch: {exc}; asking again", file=sys.stderr)
                     continue
-                batch = {"id": entry.batch_id, "status": "failed", "errors": {"data": [
-                    {"message": f"the API no longer knows batch {entry.batch_id}"}]}}
-            if batch["status"] != entry.status or batch.get("request_counts") != \
-                    entry.request_counts:
-                entry.update(batch)
-                write_entry(output_dir, entry)
+                batch = BatchState(entry.batch_id, "failed", errors=(
+                    f"the API no longer knows batch {entry.batch_id}",))
+            if batch.status != entry.status or batch.request_counts != entry.request_counts:
+                _take(output_dir, entry, batch)
         print(progress_line(entries), file=sys.stderr, flush=True)
         if all(entry.ended for entry in entries):
             return entries
@@ -197,18 +224,35 @@ def progress_line(entries: list[LedgerEntry]) -> str:
             f"{failed:,} failed")
 
 
-def unanswered(api: BatchAPI, entries: list[LedgerEntry]) -> set[str]:
-    """Fingerprints of the records with a request no ended batch answered (error lines, failed
-    or expired batches)."""
-    answered: set[str] = set()
-    asked: dict[str, str] = {}
+def unanswered(api: BatchAPI, entries: list[LedgerEntry],
+               max_result_bytes: int) -> tuple[set[str], set[str]]:
+    """(fingerprints of the records with a request no ended batch answered (error lines,
+    failed, expired, invalid or given up batches), the ids of the batches that left them so).
+    A request past the cap of a too large output file may be answered there: it is left."""
+    answered: set[tuple[str, str]] = set()
+    unread: set[tuple[str, str]] = set()
+    asked: dict[tuple[str, str], str | None] = {}
     for entry in entries:
-        asked.update(zip(entry.custom_ids, entry.fingerprints, strict=True))
-        if entry.output_file_id:
-            for line in json_lines(api.download(entry.output_file_id)):
-                if (line.get("response") or {}).get("status_code") == 200:
-                    answered.add(str(line.get("custom_id")))
-    return {fingerprint for cid, fingerprint in asked.items() if cid not in answered}
+        fingerprints = dict(zip(entry.custom_ids, entry.fingerprints, strict=True))
+        asked.update(dict.fromkeys(fingerprints.items(), entry.batch_id))
+        if not entry.output_file_id:
+            continue
+        try:
+            with result_file(api, entry.output_file_id, max_result_bytes) as (handle, whole):
+                seen = {line.custom_id for line in result_lines(handle)
+                        if line.body is not None and line.custom_id in fingerprints}
+        except BatchAPIError as exc:
+            print(f"batch: {exc}; its requests are submitted again", file=sys.stderr)
+            continue
+        answered.update((cid, fingerprints[cid]) for cid in seen)
+        if not whole:
+            print(f"batch: the output file of batch {entry.batch_id} is over "
+                  "--batch_max_result_bytes: its requests past it are not submitted again",
+                  file=sys.stderr)
+            unread.update(pair for pair in fingerprints.items() if pair[0] not in seen)
+    left = {pair: batch_id for pair, batch_id in asked.items()
+            if pair not in answered and pair not in unread}
+    return {fingerprint for _, fingerprint in left}, {str(batch) for batch in left.values()}
 
 
 def _delete(pattern: str) -> None:

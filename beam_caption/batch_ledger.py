@@ -9,28 +9,35 @@ recorded instead of submitting it again. An entry holds the custom ids it covers
 ``KEY|PROMPT`` with several prompts) and, for each, the record's fingerprint (its content
 under the answer settings, as ``--resume`` matches captions): answers are joined to records by
 fingerprint, so an edited manifest or changed settings never get another record's answer.
+A retry pass names its files with the batches it retries as well: the same requests submitted
+again get a new entry, while a retry pass run again after a crash finds its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 
+from beam_caption.batch_api import ENDED_STATUSES, INVALID, BatchState
+
 LEDGER_DIR = "batches"
 UNSENT_PREFIX = "unsent"  # failures of records that could not be prepared, per run
-TERMINAL = ("completed", "failed", "expired", "cancelled")
-FAILED_ENDS = ("failed", "expired", "cancelled")  # ends that leave requests unanswered
+TIMEOUT = "timeout"  # our end of a batch not ended within --batch_max_wait_hours
+TERMINAL = (*ENDED_STATUSES, INVALID, TIMEOUT)
+FAILED_ENDS = ("failed", "expired", "cancelled", INVALID, TIMEOUT)  # may leave requests unanswered
 PROMPT_SEPARATOR = "|"
 
 
-def entry_name(custom_ids: list[str], fingerprints: list[str]) -> str:
-    """The ledger name of an input file: a digest of the requests it holds."""
-    digest = hashlib.sha256(json.dumps([custom_ids, fingerprints]).encode("utf-8"))
-    return digest.hexdigest()[:32]
+def entry_name(custom_ids: list[str], fingerprints: list[str], retry_of: str = "") -> str:
+    """The ledger name of an input file: a digest of the requests it holds (and, in a retry
+    pass, of ``retry_of``: the batches it retries)."""
+    held = [custom_ids, fingerprints, retry_of] if retry_of else [custom_ids, fingerprints]
+    return hashlib.sha256(json.dumps(held).encode("utf-8")).hexdigest()[:32]
 
 
 def custom_id(key: str, prompt: str | None) -> str:
@@ -68,18 +75,22 @@ class LedgerEntry:
     def ended(self) -> bool:
         return self.status in TERMINAL
 
-    def update(self, batch: dict) -> None:
-        """Take the batch's id, status, result files and counts as the API shows them."""
-        self.batch_id = batch["id"]
-        self.status = batch["status"]
-        self.output_file_id = batch.get("output_file_id")
-        self.error_file_id = batch.get("error_file_id")
-        self.request_counts = dict(batch.get("request_counts") or {})
-        ends = [batch.get(name) for name in ("completed_at", "failed_at", "expired_at",
-                                             "cancelled_at")]
-        self.ended_at = next((float(t) for t in ends if t), None)
-        errors = (batch.get("errors") or {}).get("data") or []
-        self.errors = [str(error.get("message") or error.get("code")) for error in errors][:5]
+    def update(self, batch: BatchState) -> None:
+        """Take the batch's id, status, result files and counts as the API shows them (an id
+        or file the object lacks is kept as known)."""
+        self.batch_id = batch.id or self.batch_id
+        self.status = batch.status
+        self.output_file_id = batch.output_file_id or self.output_file_id
+        self.error_file_id = batch.error_file_id or self.error_file_id
+        self.request_counts = dict(batch.request_counts)
+        self.ended_at = batch.ended_at or (time.time() if self.ended else None)
+        self.errors = list(batch.errors or batch.problems)
+
+    def give_up(self, why: str) -> None:
+        """End a batch that did not end in time: what it answered so far is collected."""
+        self.status = TIMEOUT
+        self.ended_at = time.time()
+        self.errors = [why]
 
 
 def ledger_dir(output_dir: str) -> str:

@@ -160,9 +160,19 @@ class CaptionOptions(PipelineOptions):
                            help="Requests per batch input file (the provider's limit).")
         batch.add_argument("--batch_max_bytes", type=_POSITIVE_INT, default=200_000_000,
                            help="Bytes per batch input file (images make them large).")
-        batch.add_argument("--batch_poll_interval", type=_POSITIVE_FLOAT, default=60.0,
+        batch.add_argument("--batch_poll_interval", type=_Range(float, 0, 86_400, above=True),
+                           default=60.0,
                            help="Longest wait between two polls of the batches (the first "
                                 "ones come sooner).")
+        batch.add_argument("--batch_max_wait_hours", type=_Range(float, 0, 720, above=True),
+                           default=26.0,
+                           help="A batch not ended this long after its upload (the API's 24 h "
+                                "window plus a margin) is given up: its unanswered requests "
+                                "fail as batch_timeout, what it answered is collected.")
+        batch.add_argument("--batch_max_result_bytes", type=_POSITIVE_INT,
+                           default=2_000_000_000,
+                           help="Bytes read of one result file (streamed to a temporary file); "
+                                "requests past them fail as batch_result_too_large.")
         batch.add_argument("--batch_discount", type=_Range(float, 0, 1), default=0.5,
                            help="Batch price as a share of the --price_per_million_* prices, "
                                 "for --max_cost and the summary's cost.")

@@ -85,7 +85,8 @@ def run(argv: list[str] | None = None, collect_only: bool = False) -> dict:
         submit_and_wait(options, manifest_files, config, api_key, resume, _new_pipeline,
                         collect_only)
         captioner = CollectBatchResults(budgeted(config, options, options.output),
-                                        options.output, fallback=options.fallback == "online")
+                                        options.output, fallback=options.fallback == "online",
+                                        max_result_bytes=options.batch_max_result_bytes)
     pipeline = _new_pipeline(options)
     # In batch mode the poll lines were the progress; collecting takes seconds.
     shows_progress = (is_local_runner(options) and not options.no_progress

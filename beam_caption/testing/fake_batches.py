@@ -6,12 +6,19 @@ chat endpoint answers it (content-derived captions), successes go to the output 
 rest (400s, lines whose prompt holds ``batch_fail_marker``: 500) to the error file. With
 ``batch_expire`` a batch expires instead: its first half of lines answered, the rest in the
 error file as ``batch_expired``. Uploads and batches are counted in ``stats()["events"]``.
+
+Hostile modes (``BatchModes``), set while the server runs with ``set_batch_modes(server.url,
+...)`` (``POST /fake/batch_modes``): the first batches expire unanswered, result lines of
+undocumented shapes, batch objects with wrong fields, batches that never end, result files
+that never end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import urllib.request
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +31,32 @@ CHAT_URL = "/v1/chat/completions"
 _EXPIRED = {"code": "batch_expired",
             "message": "This request could not be executed before the completion window "
                        "expired."}
+_PADDING = b'{"custom_id": "padding", "response": null, "error": null}\n' * 1024
+_ENDLESS_MAX_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class BatchModes:
+    """Hostile Batch API behaviour (all off by default)."""
+
+    expire_first: int = 0  # the first N batches created (from now on) expire unanswered
+    # The Nth result line of every batch (in input order) gets these fields replaced, e.g.
+    # {"custom_id": ["x"]}, {"response": "text"}, {"response": None, "error": "text"}:
+    line_fields: list[dict] = dataclasses.field(default_factory=list)
+    extra_lines: list[str] = dataclasses.field(default_factory=list)  # raw lines put first
+    batch_fields: dict = dataclasses.field(default_factory=dict)  # replace the batch object's
+    stuck_status: str | None = None  # batches show this status for ever (results still made)
+    endless_results: bool = False  # result files are padding lines that never end
+
+
+def set_batch_modes(api_url: str, **modes: Any) -> None:
+    """Set a running fake server's BatchModes (fields not given are reset to off)."""
+    base = api_url.rstrip("/").removesuffix("/v1")
+    request = urllib.request.Request(f"{base}/fake/batch_modes", method="POST",
+                                     data=json.dumps(modes).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
 
 
 class FakeBatchAPI:
@@ -33,13 +66,21 @@ class FakeBatchAPI:
         self._server = server
         self._files: dict[str, bytes] = {}
         self._batches: dict[str, dict[str, Any]] = {}
+        self._modes = BatchModes()
+        self._created = 0
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/files", self._upload),
+        return [web.post("/fake/batch_modes", self._set_modes),
+                web.post("/v1/files", self._upload),
                 web.get("/v1/files/{file_id}/content", self._content),
                 web.post("/v1/batches", self._create),
                 web.get("/v1/batches", self._list),
                 web.get("/v1/batches/{batch_id}", self._retrieve)]
+
+    async def _set_modes(self, request: web.Request) -> web.Response:
+        self._modes = BatchModes(**await request.json())
+        self._created = 0
+        return web.json_response(dataclasses.asdict(self._modes))
 
     def _store(self, data: bytes) -> str:
         file_id = f"file-{uuid.uuid4().hex[:24]}"
@@ -61,14 +102,32 @@ class FakeBatchAPI:
                                   "created_at": int(time.time()), "filename": upload.filename,
                                   "purpose": "batch", "status": "processed"})
 
-    async def _content(self, request: web.Request) -> web.Response:
+    async def _content(self, request: web.Request) -> web.StreamResponse:
         refused = self._server.refusal(request)
         if refused is not None:
             return refused
         data = self._files.get(request.match_info["file_id"])
         if data is None:
             return _error(404, "No such file.")
+        if self._modes.endless_results and request.match_info["file_id"] in self._results:
+            return await self._endless(request)
         return web.Response(body=data, content_type="application/octet-stream")
+
+    @property
+    def _results(self) -> set[str]:
+        return {batch[name] for batch in self._batches.values()
+                for name in ("output_file_id", "error_file_id") if batch[name]}
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        """A result file that never ends (until the client goes or 2 GiB are sent)."""
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        sent = 0
+        while (sent < _ENDLESS_MAX_BYTES and request.transport is not None
+               and not request.transport.is_closing()):
+            await response.write(_PADDING)
+            sent += len(_PADDING)
+        return response
 
     async def _create(self, request: web.Request) -> web.Response:
         refused = self._server.refusal(request)
@@ -80,6 +139,7 @@ class FakeBatchAPI:
         if body.get("endpoint") != CHAT_URL or body.get("completion_window") != "24h":
             return _error(400, f"endpoint must be {CHAT_URL} and completion_window 24h.")
         self._server.count_event("batch")
+        self._created += 1
         lines = self._files[body["input_file_id"]].splitlines()
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         self._batches[batch_id] = {
@@ -89,7 +149,8 @@ class FakeBatchAPI:
             "created_at": int(time.time()), "in_progress_at": int(time.time()),
             "completed_at": None, "expired_at": None, "metadata": body.get("metadata"),
             "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-            "_ends_at": time.monotonic() + self._server.config.batch_delay_s}
+            "_ends_at": time.monotonic() + self._server.config.batch_delay_s,
+            "_expires": self._created <= self._modes.expire_first}
         return web.json_response(self._public(batch_id))
 
     async def _retrieve(self, request: web.Request) -> web.Response:
@@ -121,30 +182,37 @@ class FakeBatchAPI:
         batch = self._batches[batch_id]
         if batch["status"] == "in_progress" and time.monotonic() >= batch["_ends_at"]:
             self._end(batch)
-        return {key: value for key, value in batch.items() if not key.startswith("_")}
+        shown = {key: value for key, value in batch.items() if not key.startswith("_")}
+        if self._modes.stuck_status:
+            shown["status"] = self._modes.stuck_status
+        return {**shown, **self._modes.batch_fields}
 
     def _end(self, batch: dict) -> None:
         lines = [json.loads(line) for line in self._files[batch["input_file_id"]].splitlines()
                  if line.strip()]
-        answered = lines[:len(lines) // 2] if self._server.config.batch_expire else lines
+        expired = self._server.config.batch_expire or batch["_expires"]
+        answered = [] if batch["_expires"] else \
+            lines[:len(lines) // 2] if expired else lines
         output: list[dict] = []
         errors: list[dict] = []
-        for line in answered:
+        for index, line in enumerate(answered):
             status, body = self._answer(line)
             result = {"id": f"batch_req_{uuid.uuid4().hex[:16]}", "custom_id": line["custom_id"],
                       "response": {"status_code": status, "request_id": uuid.uuid4().hex,
                                    "body": body}, "error": None}
+            if index < len(self._modes.line_fields):
+                result.update(self._modes.line_fields[index])
             (output if status == 200 else errors).append(result)
         for line in lines[len(answered):]:
             errors.append({"id": f"batch_req_{uuid.uuid4().hex[:16]}",
                            "custom_id": line["custom_id"], "response": None, "error": _EXPIRED})
+        extra = "".join(f"{line}\n" for line in self._modes.extra_lines).encode()
         now = int(time.time())
-        expired = self._server.config.batch_expire
         batch.update(status="expired" if expired else "completed",
                      completed_at=None if expired else now, expired_at=now if expired else None,
                      request_counts={"total": len(lines), "completed": len(output),
                                      "failed": len(errors)},
-                     output_file_id=self._store(_jsonl(output)) if output else None,
+                     output_file_id=self._store(extra + _jsonl(output)) if output else None,
                      error_file_id=self._store(_jsonl(errors)) if errors else None)
 
     def _answer(self, line: dict) -> tuple[int, dict]:

@@ -1,0 +1,215 @@
+"""Batch mode against a hostile Batch API (issue 22): whole batches expired, result lines and
+batch objects of undocumented shapes, result files that never end, batches that never end, and
+identical records. The fake server's BatchModes drive the real code over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import RunResult, run_cli
+from test_batch import BATCH, job_flags
+from test_end_to_end import check_every_record_once
+
+from beam_caption.__main__ import main
+from beam_caption.batch import result_line
+from beam_caption.batch_api import INVALID, BatchAPI, batch_state
+from beam_caption.batch_ledger import entry_name, read_entries
+from beam_caption.testing import FakeVLMServer
+from beam_caption.testing.fake_batches import set_batch_modes
+
+
+def run_batch(capsys, server, data, out, *flags: str, command: tuple = ()) -> RunResult:
+    """The CLI in this process (a run that may hang goes through run_cli, with a timeout)."""
+    code = main([*command, *job_flags(server, data), *BATCH, *flags, "--output", str(out)])
+    captured = capsys.readouterr()
+    return RunResult(code, captured.out, captured.err, out)
+
+
+def error_types(run: RunResult) -> dict[str, str]:
+    return {f["record"]["id"]: f"{f['error']['stage']}/{f['error']['type']}"
+            for f in run.failures}
+
+
+@pytest.mark.parametrize("records, per_batch", [(1, 50_000), (4, 2)])
+def test_retry_failed_and_resume_submit_again_a_batch_that_expired_whole(
+        capsys, dataset_factory, tmp_path, records, per_batch):
+    data = dataset_factory(records, files=1)
+    flags = ["--batch_max_requests", str(per_batch)]
+    batches = -(-records // per_batch)
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, expire_first=1)  # the first batch: nothing answered
+        retried = run_batch(capsys, server, data, tmp_path / "retried", *flags, "--retry_failed")
+        assert server.stats()["events"]["batch"] == batches + 1  # the expired one's, again
+        set_batch_modes(server.url, expire_first=1)
+        server.reset_stats()
+        expired = run_batch(capsys, server, data, tmp_path / "resumed", *flags)
+        assert expired.returncode == 0, expired.stderr[-3000:]
+        assert set(error_types(expired).values()) == {"request/batch_expired"}
+        resumed = run_batch(capsys, server, data, tmp_path / "resumed", *flags, "--resume")
+        assert server.stats()["events"]["batch"] == batches + 1
+        again = run_batch(capsys, server, data, tmp_path / "resumed", *flags, "--resume")
+        assert server.stats()["events"]["batch"] == batches + 1  # nothing left: nothing sent
+    for run in (retried, resumed, again):
+        assert run.returncode == 0, run.stderr[-3000:]
+        check_every_record_once(run, data)
+        assert not run.failures
+    assert f"submitting again the {min(records, per_batch)} records" in retried.stderr
+
+
+def test_a_retry_pass_names_its_files_apart_from_the_pass_it_retries():
+    cids, fingerprints = ["k#0", "k#1"], ["f0", "f1"]
+    first = entry_name(cids, fingerprints)
+    assert first == entry_name(cids, fingerprints, "")  # ledgers of earlier versions hold
+    retry = entry_name(cids, fingerprints, "batch_a")
+    assert retry not in (first, entry_name(cids, fingerprints, "batch_b"))
+    assert retry == entry_name(cids, fingerprints, "batch_a")  # a rerun finds its own
+
+
+@pytest.mark.parametrize("line, kind", [
+    ({"custom_id": ["x"], "response": {"status_code": 200, "body": {}}}, None),
+    ({"custom_id": {"a": 1}}, None),
+    ("text", None),
+    ({"custom_id": "k", "response": "text"}, "response/batch_malformed_result"),
+    ({"custom_id": "k", "response": None, "error": "text"}, "response/batch_malformed_result"),
+    ({"custom_id": "k", "response": {"status_code": "200", "body": {}}},
+     "response/batch_malformed_result"),
+    ({"custom_id": "k", "response": {"status_code": 200, "body": "ok"}},
+     "response/batch_malformed_result"),
+    ({"custom_id": "k", "response": {"status_code": True, "body": {}}},
+     "response/batch_malformed_result"),
+    ({"custom_id": "k"}, "response/batch_malformed_result"),
+    ({"custom_id": "k", "response": {"status_code": 500, "body": "oops"}}, "request/http_500"),
+    ({"custom_id": "k", "response": None, "error": {"code": ["x"], "message": 5}},
+     "request/batch_error"),
+    ({"custom_id": "k", "response": None, "error": {"code": "x" * 10_000}},
+     "request/batch_error"),
+])
+def test_every_result_line_shape_is_one_request_at_most(line, kind):
+    checked = result_line(line)
+    if kind is None:
+        assert checked is None
+    else:
+        assert checked is not None and checked.body is None and checked.error is not None
+        assert f"{checked.error.stage}/{checked.error.type}" == kind
+        assert len(checked.error.message) <= 600
+
+
+def test_malformed_result_lines_cost_their_request_in_collect_and_retry(
+        capsys, dataset_factory, tmp_path):
+    data = dataset_factory(4, files=1)
+    out = tmp_path / "out"
+    modes = {"line_fields": [{"custom_id": ["x"]}, {"response": "text"},
+                             {"response": None, "error": "text"}],
+             "extra_lines": ["[1, 2]", '{"custom_id": {"a": 1}}', '"x"', "{torn"]}
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, **modes)
+        first = run_batch(capsys, server, data, out)
+        for collected_file in [*out.glob("captions-*"), *out.glob("failures-*")]:
+            collected_file.unlink()
+        collected = run_batch(capsys, server, data, out, command=("collect",))
+        assert server.stats()["events"]["batch"] == 1
+        retried = run_batch(capsys, server, data, tmp_path / "retried", "--retry_failed")
+        assert server.stats()["events"]["batch"] == 1 + 2  # the 3 failed, in one retry pass
+    for run in (first, collected, retried):
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert len(run.captions) == 1 and len(run.failures) == 3
+        assert sorted(error_types(run).values()) == [
+            "request/batch_missing_result", "response/batch_malformed_result",
+            "response/batch_malformed_result"]
+
+
+def test_an_endless_result_file_fails_its_records_typed_in_workers_and_launcher(
+        dataset_factory, tmp_path):
+    data = dataset_factory(3, files=1)
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, endless_results=True)
+        run = run_cli([*job_flags(server, data), *BATCH, "--retry_failed",
+                       "--batch_max_result_bytes", "200000"], tmp_path / "out", timeout=120)
+        assert server.stats()["events"]["batch"] == 1  # answers not read are not paid again
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(error_types(run).values()) == {"response/batch_result_too_large"}
+    assert len(run.failures) == 3 and not run.captions
+    assert "over --batch_max_result_bytes" in run.stderr
+
+
+def test_batch_objects_of_wrong_types_neither_crash_nor_lose_answers(
+        capsys, dataset_factory, tmp_path):
+    data = dataset_factory(3, files=1)
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, batch_fields={"completed_at": "soon", "errors": ["x"],
+                                                  "request_counts": "many"})
+        typed = run_batch(capsys, server, data, tmp_path / "typed")
+        set_batch_modes(server.url, batch_fields={"status": None})
+        null = run_batch(capsys, server, data, tmp_path / "null")
+        set_batch_modes(server.url, batch_fields={"status": "paused", "output_file_id": 7})
+        unknown = run_batch(capsys, server, data, tmp_path / "unknown")
+    for run in (typed, null):  # what the batch answered is collected
+        assert run.returncode == 0, run.stderr[-3000:]
+        check_every_record_once(run, data)
+        assert not run.failures
+    assert "completed_at 'soon' is not a unix time" in typed.stderr
+    assert "status None is not one of" in null.stderr
+    assert unknown.returncode == 0, unknown.stderr[-3000:]
+    assert set(error_types(unknown).values()) == {"request/batch_invalid"}
+    lines = [line for line in unknown.stderr.splitlines() if "'paused'" in line]
+    assert len(lines) == 1 and "output_file_id 7 is not an id" in lines[0]
+
+
+def test_the_batch_object_check():
+    assert batch_state(["x"]).status == INVALID
+    assert batch_state({"id": "b", "status": None}).status == INVALID
+    assert batch_state({"id": 5, "status": "completed"}).status == INVALID
+    state = batch_state({"id": "b", "status": "completed", "completed_at": float("nan"),
+                         "expired_at": 12, "errors": {"data": [{"message": "m" * 999}, 3]},
+                         "request_counts": {"total": 2, "completed": -1, "failed": True}})
+    assert (state.status, state.ended_at, state.request_counts) == ("completed", 12.0,
+                                                                   {"total": 2})
+    assert state.errors == ("m" * 500,) and len(state.problems) == 3
+
+
+@pytest.mark.parametrize("stuck, files, outcome", [
+    ("finalizing", {}, None),  # its output file is there: collected
+    ("in_progress", {"output_file_id": None, "error_file_id": None}, "request/batch_timeout"),
+])
+def test_a_batch_that_never_ends_is_given_up_after_the_max_wait(
+        dataset_factory, tmp_path, stuck, files, outcome):
+    data = dataset_factory(3, files=1)
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, stuck_status=stuck, batch_fields=files)
+        run = run_cli([*job_flags(server, data), *BATCH, "--batch_max_wait_hours", "0.001"],
+                      tmp_path / "out", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [line for line in run.stderr.splitlines() if "given up" in line] == [
+        line for line in run.stderr.splitlines() if f"is still {stuck}" in line]
+    assert "given up (batch_timeout)" in run.stderr
+    if outcome is None:
+        check_every_record_once(run, data)
+    else:
+        assert set(error_types(run).values()) == {outcome} and len(run.failures) == 3
+    (entry,) = read_entries(str(tmp_path / "out"))
+    assert entry.status == "timeout"
+
+
+def test_identical_records_are_sent_once_and_all_captioned(capsys, dataset_factory, tmp_path):
+    data = dataset_factory(2, files=1)
+    manifest = data.manifests[0]
+    lines = open(manifest).read().splitlines()
+    missing = {"id": "gone", "image": ["images/nope.png"],
+               "conversation": [{"from": "human", "value": "q"}]}
+    open(manifest, "w").write("\n".join(
+        [lines[0], lines[0], lines[1], json.dumps(missing), json.dumps(missing)]) + "\n")
+    out = tmp_path / "out"
+    with FakeVLMServer() as server:
+        run = run_batch(capsys, server, data, out)
+        (entry,) = read_entries(str(out))
+        sent = BatchAPI(server.url, None).download(entry.file_id).splitlines()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(sent) == len(entry.custom_ids) == 2  # one request per fingerprint
+    first = json.loads(lines[0])["id"]
+    captions = [c for c in run.captions if c["id"] == first]
+    assert len(captions) == 2 and captions[0]["caption"] == captions[1]["caption"] == \
+        data.expected[first]
+    assert len(run.captions) == 3
+    assert [f["error"]["type"] for f in run.failures] == ["image_not_found"] * 2
+    assert len({f["key"] for f in run.failures}) == 2

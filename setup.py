@@ -23,6 +23,7 @@ setup(
         "gcsfs>=2024.1",
         "aiohttp>=3.9",
         "jsonschema>=4",  # structured output: answers checked against their JSON schema
+        "google-re2>=1.1",  # schema patterns matched without backtracking (structured.py)
         "pyyaml>=6",  # --prompts_file
         "tqdm>=4.66",
     ],

@@ -17,8 +17,15 @@ A prompts file maps names to prompts (at the top level or under ``prompts:``)::
           required: [objects]
 
 ``{field}`` in ``prompt`` is filled from the record (strings as they are, other values as JSON;
-``{{`` is a literal brace). A prompt without ``prompt`` asks the record's conversation turns.
-The file is read and checked once, at launch; workers get the parsed prompts, not the file.
+``{{`` is a literal brace; no format spec or conversion such as ``{field:>9}``). A prompt
+without ``prompt`` asks the record's conversation turns. The file is read and checked once, at
+launch; workers get the parsed prompts, not the file.
+
+The file is bounded: ``MAX_FILE_BYTES``; ``MAX_VALUES`` values, ``MAX_CHARS`` characters and
+``MAX_DEPTH`` levels with YAML aliases expanded (a few hundred bytes of nested aliases can stand
+for billions of values); no alias may hold itself, and only values JSON can hold are taken (the
+schemas are sent as JSON). A prompt filled in over ``MAX_PROMPT_CHARS`` fails its record
+(``read/prompt_too_long``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ import yaml
 
 from beam_caption.errors import CaptionError, UsageError
 
+MAX_FILE_BYTES = 1 << 20  # a prompts file's size
+MAX_VALUES = 100_000  # values (mappings, lists, scalars) in a prompts file, aliases expanded
+MAX_CHARS = 1 << 22  # characters of a prompts file's scalars, aliases expanded
+MAX_DEPTH = 64  # nesting of a prompts file, aliases expanded
+MAX_PROMPT_CHARS = 1 << 20  # a prompt, the record's fields filled in
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
 RESERVED_KEYS = ("caption_meta",)
 _SPEC_KEYS = ("prompt", "system", "output_key", "max_tokens", "temperature", "response_format",
@@ -78,21 +90,24 @@ class PromptSpec:
 
     def user_text(self, record: dict) -> str:
         """The prompt with the record's fields filled in; CaptionError(read) for a field the
-        record lacks."""
+        record lacks, or a prompt that would be longer than MAX_PROMPT_CHARS."""
         assert self.prompt is not None
         if not self.template:
             return self.prompt
-        missing = [name for name in placeholders(self.prompt) if name not in record]
+        pieces = [(literal, field) for literal, field, _, _ in
+                  string.Formatter().parse(self.prompt)]
+        missing = [field for _, field in pieces if field is not None and field not in record]
         if missing:
             raise CaptionError("read", "missing_prompt_field",
                                f"prompt {self.name!r} needs the record's {missing[0]!r} field")
-        return self.prompt.format_map({name: _as_text(record[name])
-                                       for name in placeholders(self.prompt)})
-
-
-def placeholders(template: str) -> list[str]:
-    """The field names a template's ``{field}`` placeholders name."""
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        values = {field: _as_text(record[field]) for _, field in pieces if field is not None}
+        filled = [(literal, "" if field is None else values[field]) for literal, field in pieces]
+        length = sum(len(literal) + len(value) for literal, value in filled)
+        if length > MAX_PROMPT_CHARS:
+            raise CaptionError("read", "prompt_too_long",
+                               f"prompt {self.name!r} filled in with the record's fields holds "
+                               f"{length} characters, over {MAX_PROMPT_CHARS}")
+        return "".join(literal + value for literal, value in filled)
 
 
 def _as_text(value: Any) -> str:
@@ -102,19 +117,96 @@ def _as_text(value: Any) -> str:
 def load_prompts_file(path: str) -> tuple[PromptSpec, ...]:
     """The prompts of a YAML or JSON prompts file (any fsspec path); UsageError for a file
     that cannot be read or a prompt that is not right."""
+    source = f"--prompts_file {path}"
     try:
-        with fsspec.open(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--prompts_file {path}: cannot read it ({type(exc).__name__}: "
-                         f"{exc})") from None
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        text = data.decode("utf-8") if len(data) <= MAX_FILE_BYTES else None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"{source}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if text is None:
+        raise UsageError(f"{source}: longer than {MAX_FILE_BYTES} bytes")
     try:
-        document = yaml.safe_load(text)  # JSON is YAML
+        document = _load_bounded(text)  # JSON is YAML
+        json.dumps(document, allow_nan=False)  # what the requests will send: no date, NaN, set
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"--prompts_file {path}: not YAML or JSON{line}") from None
-    return parse_prompts(document, f"--prompts_file {path}")
+        raise UsageError(f"{source}: not YAML or JSON{line}") from None
+    except _OverBound as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{source}: holds a value JSON cannot hold ({exc})") from None
+    return parse_prompts(document, source)
+
+
+class _OverBound(Exception):
+    """A prompts file over MAX_VALUES, MAX_CHARS or MAX_DEPTH, or holding itself (the
+    reason)."""
+
+
+class _DepthBoundLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than MAX_DEPTH as it composes (the
+    composer recurses: a deep enough file would end in a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _OverBound(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_bounded(text: str) -> Any:
+    """The YAML document in ``text``, measured with its aliases expanded before any Python
+    value is made from it; _OverBound for one over the bounds."""
+    loader = _DepthBoundLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _measure(node, 0, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _measure(node: yaml.Node, depth: int, known: dict[int, tuple[int, int, int]],
+             open_nodes: set[int]) -> tuple[int, int, int]:
+    """``node``'s (values, characters, levels) with aliases expanded, each node measured once
+    (``known`` by id); _OverBound past a bound (``depth``: the levels above ``node``) or for a
+    node inside itself (``open_nodes``: those being measured)."""
+    if depth >= MAX_DEPTH:
+        raise _OverBound(f"nested deeper than {MAX_DEPTH} levels (YAML aliases expanded)")
+    size = known.get(id(node))
+    if size is None:
+        if id(node) in open_nodes:
+            raise _OverBound("an alias holds itself (a recursive YAML anchor)")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            size = (1, len(node.value), 1)
+        else:
+            values, chars, levels = 1, 0, 1
+            children = ([part for pair in node.value for part in pair]
+                        if isinstance(node, yaml.MappingNode) else node.value)
+            for child in children:
+                child_values, child_chars, child_levels = _measure(child, depth + 1, known,
+                                                                   open_nodes)
+                values, chars = values + child_values, chars + child_chars
+                levels = max(levels, child_levels + 1)
+                if values > MAX_VALUES or chars > MAX_CHARS:
+                    raise _OverBound(f"holds more than {MAX_VALUES} values or {MAX_CHARS} "
+                                     "characters (YAML aliases expanded)")
+            size = (values, chars, levels)
+        open_nodes.discard(id(node))
+        known[id(node)] = size
+    if depth + size[2] > MAX_DEPTH:
+        raise _OverBound(f"nested deeper than {MAX_DEPTH} levels (YAML aliases expanded)")
+    return size
 
 
 def parse_prompts(document: Any, source: str = "prompts") -> tuple[PromptSpec, ...]:
@@ -152,20 +244,34 @@ def _spec(name: str, entry: Any, where: str) -> PromptSpec:
         raise UsageError(f"{where}: output_key {output_key!r} is reserved")
     prompt = _text(entry, "prompt", where)
     if prompt is not None:
-        try:
-            bad = [field for field in placeholders(prompt)
-                   if not field.isidentifier() and not field.replace("-", "_").isidentifier()]
-        except ValueError as exc:
-            raise UsageError(f"{where}: prompt has a stray brace ({exc}); write {{{{ for a "
-                             "literal {") from None
-        if bad:
-            raise UsageError(f"{where}: placeholder {{{bad[0]}}} is not a field name")
+        _check_placeholders(prompt, where)
     return PromptSpec(
         name=name, output_key=output_key, prompt=prompt, template=True,
         system_prompt=_text(entry, "system", where),
         max_tokens=_number(entry, "max_tokens", where, int, 1),
         temperature=_number(entry, "temperature", where, float, 0),
         response_format=_response_format(entry, name, where))
+
+
+def _check_placeholders(prompt: str, where: str) -> None:
+    """Refuse a placeholder that is not a plain ``{field}``: a format spec or conversion could
+    name other fields or pad a prompt to any length."""
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:
+        raise UsageError(f"{where}: prompt has a stray brace ({exc}); write {{{{ for a "
+                         "literal {") from None
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier() and not field.replace("-", "_").isidentifier():
+            raise UsageError(f"{where}: placeholder {{{field}}} is not a field name")
+        if spec or conversion:
+            written = field + (f"!{conversion}" if conversion else "") + (
+                f":{spec}" if spec else "")
+            raise UsageError(f"{where}: placeholder {{{written}}} has a format spec or "
+                             f"conversion; only {{{field}}} is filled in (write {{{{ for a "
+                             "literal brace)")
 
 
 def _text(entry: dict, key: str, where: str) -> str | None:
@@ -213,5 +319,5 @@ def _response_format(entry: dict, name: str, where: str) -> dict | None:
 
         problem = check_schema(spec["schema"])
         if problem:
-            raise UsageError(f"{where}: the schema is not a valid JSON schema: {problem}")
+            raise UsageError(f"{where}: {problem}")
     return response_format

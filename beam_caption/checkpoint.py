@@ -3,8 +3,10 @@
 ``CheckpointCaptions`` is its own step right after captioning (it fuses into the same stage):
 it passes captions through and appends them to ``OUTDIR/.checkpoint/`` in small files, a new
 file per flush (every ``--checkpoint_interval`` seconds, every CHECKPOINT_MAX_LINES captions,
-at the end of each bundle, and on the way out of a stopped process). ``--resume`` reads them
-back (resume.py); the launcher removes the folder once the final outputs are complete.
+at the end of each bundle, and on the way out of a stopped process). ``--resume`` moves the
+earlier final files there too (``final_name``) and reads them all back (resume.py); the launcher
+removes them once the final outputs are complete. Only files with these names are read or
+deleted (``checkpoint_files``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import weakref
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.outputs import CAPTIONS_PREFIX, SET_ASIDE_PREFIX, is_shard_name
 from beam_caption.sinks import match_files, output_path, to_json_line
 
 CHECKPOINT_DIR = ".checkpoint"
 CHECKPOINT_MAX_LINES = 1000
+PART_PREFIX = "part-"  # a checkpoint file: part-HEX.jsonl
+FINAL_PREFIX = "final-"  # an earlier final file moved aside: final-STAMP-SHARD
 
 _LOG = logging.getLogger(__name__)
 
@@ -30,13 +35,35 @@ def checkpoint_path(output_dir: str, name: str) -> str:
     return output_path(output_dir, f"{CHECKPOINT_DIR}/{name}")
 
 
+def final_name(stamp: str, shard_name: str) -> str:
+    """The name in ``.checkpoint/`` of an earlier final shard moved aside at ``stamp``."""
+    return f"{FINAL_PREFIX}{stamp}-{shard_name}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether the file name ``name`` is one the project writes in ``.checkpoint/``."""
+    if name.startswith(PART_PREFIX):
+        return name.endswith(".jsonl")
+    shard = name.removeprefix(FINAL_PREFIX).partition("-")[2]
+    return name.startswith(FINAL_PREFIX) and any(
+        is_shard_name(shard, prefix) for prefix in (CAPTIONS_PREFIX, SET_ASIDE_PREFIX))
+
+
+def checkpoint_files(output_dir: str) -> list[str]:
+    """The checkpoint parts and earlier final files in ``output_dir``'s checkpoint folder."""
+    return [path for path in match_files(checkpoint_path(output_dir, "*"))
+            if is_checkpoint_name(path.rsplit("/", 1)[-1])]
+
+
 def clear_checkpoints(output_dir: str) -> None:
-    """Remove ``.checkpoint/`` once the final outputs hold every caption."""
-    files = match_files(checkpoint_path(output_dir, "*"))
+    """Remove the checkpoint files once the final outputs hold every caption, and the folder
+    when nothing else is left in it."""
+    files = checkpoint_files(output_dir)
     if files:
         FileSystems.delete(files)
     folder = output_path(output_dir, CHECKPOINT_DIR)
-    if FileSystems.exists(folder):  # a local folder; object stores have none left
+    # A local folder (object stores have none left), deleted only when empty.
+    if FileSystems.exists(folder) and not match_files(checkpoint_path(output_dir, "*")):
         FileSystems.delete([folder])
 
 
@@ -70,7 +97,7 @@ def _write_lines(output_dir: str, lines: list[str]) -> None:
     disk) drop the torn file and keep the lines for the next try."""
     if not lines:
         return
-    path = checkpoint_path(output_dir, f"part-{uuid.uuid4().hex}.jsonl")
+    path = checkpoint_path(output_dir, f"{PART_PREFIX}{uuid.uuid4().hex}.jsonl")
     try:
         with FileSystems.create(path) as handle:
             handle.write(("\n".join(lines) + "\n").encode("utf-8"))

@@ -164,7 +164,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+# Strict JSON (no NaN/Infinity, finite floats): manifests and earlier outputs alike.
+JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _decode_error(exc: Exception) -> tuple[str, str]:
@@ -176,7 +177,7 @@ def _decode_error(exc: Exception) -> tuple[str, str]:
     return "malformed_json", str(exc)  # NaN/Infinity, 1e400, integers over 4,300 digits
 
 
-def _value_problem(value) -> tuple[str, str] | None:
+def value_problem(value) -> tuple[str, str] | None:
     """(type, message) when a decoded value cannot travel through the pipeline, else None:
     nested deeper than MAX_DEPTH (coders and json.dumps recurse), or a string holding a lone
     surrogate (not encodable as UTF-8)."""
@@ -203,7 +204,7 @@ def _text_element(file: str, index: int, raw: str, where: str) -> dict:
         return _failure_element(record_key(file, index), source, raw, "bad_utf8",
                                 f"{where}: not UTF-8")
     try:
-        value = _DECODER.decode(raw)
+        value = JSON_DECODER.decode(raw)
     except (ValueError, RecursionError) as exc:
         type_, message = _decode_error(exc)
         return _failure_element(record_key(file, index), source, raw, type_, f"{where}: {message}")
@@ -213,7 +214,7 @@ def _text_element(file: str, index: int, raw: str, where: str) -> dict:
 def _record_element(file: str, index: int, value, raw: str, where: str) -> dict:
     source = {"file": file, "index": index}
     key = record_key(file, index)
-    problem = _value_problem(value)
+    problem = value_problem(value)
     if problem:
         return _failure_element(key, source, raw, problem[0], f"{where}: {problem[1]}")
     if not isinstance(value, dict):
@@ -419,7 +420,7 @@ def _decode_in_place(window: _TextWindow, file: str, index: int, where: str) -> 
     decode there (a broken item, or one cut by the window's end)."""
     while True:
         try:
-            value, end = _DECODER.raw_decode(window.text, window.pos)
+            value, end = JSON_DECODER.raw_decode(window.text, window.pos)
         except (ValueError, RecursionError):
             return None
         if end < len(window.text) or not window.read_more():

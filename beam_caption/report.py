@@ -9,6 +9,12 @@ Content-Security-Policy forbids scripts and every outside address. Records and a
 untrusted: all their text is escaped. The output files are streamed: memory holds counters,
 bounded histograms and the sample, however many records the job had. Beam is not imported
 (outputs.py reads every output format without it), so the command starts at once.
+
+The output may be foreign or hand-edited, so the page is bounded whatever it holds: a value a
+chart cannot place (not a number, negative, over MAX_VALUE) is counted as not shown, the
+failures table shows the MAX_FAILURE_ROWS most frequent kinds and one "others" row, every text
+shown is cut at a MAX_*_CHARS length, and a line or file that cannot be read is skipped and
+counted on the page.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from beam_caption.outputs import (
     FAILURES_PREFIX,
     REPORT_FILE,
     SUMMARY_FILE,
+    Unread,
     read_output_records,
 )
 
@@ -45,6 +52,14 @@ THUMBNAIL_SETTINGS = ImageSettings(max_side=192, jpeg_quality=80)  # JPEG; PNG i
 THUMBNAIL_THREADS = 8  # images read at once (remote ones wait on the network)
 MAX_BINS = 1024  # bins a histogram keeps before doubling their width
 MAX_BARS = 40  # bars a chart draws
+MAX_VALUE = 1e12  # larger values (ms, tokens, unix seconds) are not charted: a year 33658 clock
+MAX_FAILURE_KINDS = 10_000  # (stage, type) pairs counted apart; later new ones count as others
+MAX_FAILURE_ROWS = 50  # rows of the failures table before its "others" row
+MAX_LABEL_CHARS = 100  # a stage, type, model, count or answer key shown
+MAX_KEY_CHARS = 300  # a record key or image path shown
+MAX_MESSAGE_CHARS = 500  # an example error message shown
+MAX_ANSWER_CHARS = 2_000  # an answer shown on the contact sheet
+MAX_DAMAGED_SHOWN = 10  # damaged files named on the page
 # (label, summary.json field)
 COUNTS = (("records", "records"), ("captioned", "captioned"), ("failed", "failed"),
           ("images captioned", "images_captioned"), ("resumed", "resumed"),
@@ -72,21 +87,25 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 class _Bins:
-    """A histogram of any number of values in at most MAX_BINS bins of equal width: the
-    width doubles (neighbouring bins merge) whenever the values spread over more."""
+    """A histogram of any number of values from 0 to MAX_VALUE in at most MAX_BINS bins of
+    equal width: the width doubles (neighbouring bins merge) whenever the values spread over
+    more. Other values given (not numbers, negative, too large) are counted in ``not_shown``."""
 
     def __init__(self, width: float) -> None:
         self.width = width
         self.counts: Counter[int] = Counter()
+        self.not_shown = 0
 
     def add(self, value: object) -> None:
-        """Count ``value`` if it is a finite number (meta fields may be null)."""
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        """Count ``value`` if it is a number from 0 to MAX_VALUE; null (missing) is skipped."""
+        if value is None:
             return
-        if not math.isfinite(value):
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 <= value <= MAX_VALUE):  # NaN fails the comparison too
+            self.not_shown += 1
             return
         self.counts[math.floor(value / self.width)] += 1
-        if len(self.counts) > MAX_BINS:
+        while len(self.counts) > MAX_BINS:
             self.width *= 2
             merged: Counter[int] = Counter()
             for index, count in self.counts.items():
@@ -107,42 +126,97 @@ class _Bins:
                  merged[bar]) for bar in range((high - low) // per + 1)]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the page takes from summary.json, each value checked (the file may be edited)."""
+
+    summary: dict
+    options: dict
+    image_key: str
+    output_keys: list[str]
+
+    @classmethod
+    def of(cls, summary: object) -> _Job:
+        """The job of a decoded summary.json; UsageError when it is no JSON object."""
+        if not isinstance(summary, dict):
+            raise UsageError(f"{SUMMARY_FILE} holds a JSON {type(summary).__name__}, not an "
+                             "object: not a caption job's summary")
+        options = summary.get("options")
+        options = options if isinstance(options, dict) else {}
+        image_key = options.get("image_key")
+        keys = summary.get("output_keys")
+        if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+            output_key = options.get("output_key")
+            keys = [output_key if isinstance(output_key, str) else "caption"]
+        return cls(summary, options, image_key if isinstance(image_key, str) else "image", keys)
+
+
 @dataclass
 class _Stats:
     """What the page needs from the output lines, gathered one line at a time."""
 
     sample_size: int
     rng: random.Random
+    job: _Job
     captions: int = 0
-    sample: list[dict] = field(default_factory=list)
+    sample: list[dict] = field(default_factory=list)  # sampled captions, cut to what is shown
     latency_ms: _Bins = field(default_factory=lambda: _Bins(1.0))
     prompt_tokens: _Bins = field(default_factory=lambda: _Bins(1.0))
     completion_tokens: _Bins = field(default_factory=lambda: _Bins(1.0))
     finished_at: _Bins = field(default_factory=lambda: _Bins(0.1))
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    other_failures: int = 0  # failures of kinds past MAX_FAILURE_KINDS
     examples: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    unread: Unread = field(default_factory=Unread)
 
     def add_caption(self, line: dict) -> None:
         """Count a captioned record and keep it in the sample with reservoir sampling."""
         self.captions += 1
-        meta = line.get("caption_meta") or {}
+        meta = _object(line.get("caption_meta"))
         self.latency_ms.add(meta.get("latency_ms"))
         self.prompt_tokens.add(meta.get("prompt_tokens"))
         self.completion_tokens.add(meta.get("completion_tokens"))
         self.finished_at.add(meta.get("finished_at"))
         if len(self.sample) < self.sample_size:
-            self.sample.append(line)
+            self.sample.append(self._shown(line))
         else:
             slot = self.rng.randrange(self.captions)
             if slot < self.sample_size:
-                self.sample[slot] = line
+                self.sample[slot] = self._shown(line)
+
+    def _shown(self, line: dict) -> dict:
+        """What the contact sheet shows of a caption line: its image paths, key and answers,
+        each cut to its length (a line may hold megabytes)."""
+        key = _object(line.get("caption_meta")).get("key", "")
+        paths = _image_paths(line, self.job.image_key)
+        return {"key": _cut(str(key), MAX_KEY_CHARS),
+                "paths": [_cut(paths[0], MAX_KEY_CHARS)] if paths else [],
+                "more": max(len(paths) - 1, 0),
+                "answers": {_cut(name, MAX_LABEL_CHARS): _answer_text(line[name])
+                            for name in self.job.output_keys if name in line}}
 
     def add_failure(self, line: dict) -> None:
-        """Count a failure by stage and type, keeping the first of each as the example."""
-        error = line.get("error") or {}
-        kind = (str(error.get("stage", "?")), str(error.get("type", "?")))
+        """Count a failure by stage and type, keeping the first of each as the example; kinds
+        past MAX_FAILURE_KINDS count in ``other_failures``."""
+        error = _object(line.get("error"))
+        kind = (_cut(str(error.get("stage", "?")), MAX_LABEL_CHARS),
+                _cut(str(error.get("type", "?")), MAX_LABEL_CHARS))
+        if kind not in self.failures and len(self.failures) >= MAX_FAILURE_KINDS:
+            self.other_failures += 1
+            return
         self.failures[kind] += 1
-        self.examples.setdefault(kind, (str(line.get("key", "")), str(error.get("message", ""))))
+        self.examples.setdefault(kind, (_cut(str(line.get("key", "")), MAX_KEY_CHARS),
+                                        _cut(str(error.get("message", "")), MAX_MESSAGE_CHARS)))
+
+
+def _object(value: object) -> dict:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, cut at ``limit`` characters with a mark saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more)"
 
 
 @dataclass(frozen=True)
@@ -180,8 +254,9 @@ class _Images:
             return f'<div class="noimage">{escape(reason)}</div>'
 
 
-def _read_summary(output_dir: str) -> dict:
-    """summary.json of ``output_dir``; UsageError when the directory or the file is missing."""
+def _read_summary(output_dir: str) -> object:
+    """summary.json of ``output_dir``, decoded; UsageError when the directory or the file is
+    missing or not JSON."""
     filesystem, path = fsspec.core.url_to_fs(output_dir)
     if not filesystem.isdir(path):
         raise UsageError(f"{output_dir} is not a directory: give a caption job's --output")
@@ -192,7 +267,7 @@ def _read_summary(output_dir: str) -> dict:
     except FileNotFoundError:
         raise UsageError(f"no {SUMMARY_FILE} in {output_dir}: not a caption job's output, or "
                          "its job has not finished") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"{output_dir}/{SUMMARY_FILE} is not JSON: {exc}") from None
 
 
@@ -209,10 +284,10 @@ def _number(value: object) -> str:
     if isinstance(value, bool) or value is None:
         return "n/a"
     if isinstance(value, int):
-        return f"{value:,}"
+        return _cut(f"{value:,}", MAX_LABEL_CHARS)
     if isinstance(value, float):
         return f"{value:,.6g}"
-    return escape(str(value))
+    return escape(_cut(str(value), MAX_LABEL_CHARS))
 
 
 def _counts_html(summary: dict) -> str:
@@ -223,23 +298,47 @@ def _counts_html(summary: dict) -> str:
 
 
 def _failures_html(stats: _Stats) -> str:
-    """The failures by stage and type, most frequent first, with one example each."""
+    """The failures by stage and type, the MAX_FAILURE_ROWS most frequent first with one
+    example each, then one row for all the others."""
     if not stats.failures:
         return "<h2>Failures</h2><p>No failures.</p>"
+    shown = stats.failures.most_common(MAX_FAILURE_ROWS)
     rows = "".join(
         f"<tr><td>{escape(stage)}</td><td>{escape(kind)}</td><td class=\"n\">{count:,}</td>"
         f"<td>{escape(stats.examples[stage, kind][0])}</td>"
         f"<td>{escape(stats.examples[stage, kind][1])}</td></tr>"
-        for (stage, kind), count in stats.failures.most_common())
+        for (stage, kind), count in shown)
+    others = stats.other_failures + sum(stats.failures.values()) - sum(c for _, c in shown)
+    if others:
+        kinds = (f"{'more than ' if stats.other_failures else ''}"
+                 f"{len(stats.failures) - len(shown):,}")
+        rows += (f'<tr><td colspan="2">others ({kinds} kinds)</td><td class="n">{others:,}</td>'
+                 "<td></td><td></td></tr>")
     return ("<h2>Failures</h2><table><tr><th>stage</th><th>type</th><th>count</th>"
             f"<th>example key</th><th>example message</th></tr>{rows}</table>")
+
+
+def _unread_html(unread: Unread) -> str:
+    """A note of what could not be read, if anything."""
+    if not (unread.elements or unread.damaged):
+        return ""
+    named = list(unread.damaged.items())[:MAX_DAMAGED_SHOWN]
+    files = "".join(f"<li>{escape(_cut(path, MAX_KEY_CHARS))}: "
+                    f"{escape(_cut(reason, MAX_MESSAGE_CHARS))}</li>" for path, reason in named)
+    more = len(unread.damaged) - len(named)
+    return (f"<h2>Not read</h2><p>{unread.elements:,} lines that are not JSON objects were "
+            f"skipped; {len(unread.damaged):,} files could not be read to their end"
+            f"{f' ({more:,} not named here)' if more else ''}.</p>"
+            + (f"<ul>{files}</ul>" if files else ""))
 
 
 def _chart(title: str, bins: _Bins, unit: str, origin: float = 0.0) -> str:
     """An SVG bar chart of ``bins``, bar edges shown less ``origin``."""
     bars = bins.bars()
+    not_shown = (f"<p>{bins.not_shown:,} values not shown (not a number from 0 to "
+                 f"{MAX_VALUE:g}).</p>" if bins.not_shown else "")
     if not bars:
-        return f"<div><h3>{escape(title)}</h3><p>No values.</p></div>"
+        return f"<div><h3>{escape(title)}</h3><p>No values.</p>{not_shown}</div>"
     width, height, margin = 480, 160, 16  # the bars' area; labels in the margins
     step, tallest = width / len(bars), max(count for _, _, count in bars)
     rects = "".join(
@@ -254,7 +353,7 @@ def _chart(title: str, bins: _Bins, unit: str, origin: float = 0.0) -> str:
             f"{bars[-1][1] - origin:,.6g} {unit}</text>")
     size = f'width="{width}" height="{height + 2 * margin}"'
     return (f'<div><h3>{escape(title)}</h3><svg class="chart" {size} '
-            f'viewBox="0 0 {width} {height + 2 * margin}">{rects}{axis}</svg></div>')
+            f'viewBox="0 0 {width} {height + 2 * margin}">{rects}{axis}</svg>{not_shown}</div>')
 
 
 def _charts_html(stats: _Stats) -> str:
@@ -273,11 +372,18 @@ def _charts_html(stats: _Stats) -> str:
             + throughput + "</div>")
 
 
-def _answer_html(value: object) -> str:
-    """A text answer as a paragraph, a structured one (JSON object, list ...) as pretty JSON."""
+def _answer_text(value: object) -> tuple[bool, str]:
+    """(whether structured, text shown) of an answer: a text answer as it is, a structured one
+    (JSON object, list ...) as pretty JSON; cut at MAX_ANSWER_CHARS."""
     if isinstance(value, str):
-        return f"<p>{escape(value)}</p>"
-    return f"<pre>{escape(json.dumps(value, indent=2, ensure_ascii=False))}</pre>"
+        return False, _cut(value, MAX_ANSWER_CHARS)
+    return True, _cut(json.dumps(value, indent=2, ensure_ascii=False), MAX_ANSWER_CHARS)
+
+
+def _answer_html(answer: tuple[bool, str]) -> str:
+    """A text answer as a paragraph, a structured one as preformatted JSON."""
+    structured, text = answer
+    return f"<pre>{escape(text)}</pre>" if structured else f"<p>{escape(text)}</p>"
 
 
 def _image_paths(record: dict, image_key: str) -> list[str]:
@@ -287,58 +393,53 @@ def _image_paths(record: dict, image_key: str) -> list[str]:
     return [path for path in paths if isinstance(path, str)]
 
 
-def _card_html(record: dict, paths: list[str], thumbnail: str, keys: list[str]) -> str:
+def _card_html(shown: dict, thumbnail: str) -> str:
     """One record of the contact sheet: its thumbnail, first image path and answers."""
-    more = f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""
-    place = escape(str((record.get("caption_meta") or {}).get("key", "")))
-    answers = "".join(f"<dt>{escape(key)}</dt><dd>{_answer_html(record[key])}</dd>"
-                      for key in keys if key in record)
-    return (f'<figure>{thumbnail}<figcaption><div class="path" title="{place}">'
-            f"{escape(paths[0] if paths else '')}{more}</div><dl>{answers}</dl></figcaption>"
-            "</figure>")
+    more = f" (+{shown['more']:,} more)" if shown["more"] else ""
+    answers = "".join(f"<dt>{escape(key)}</dt><dd>{_answer_html(answer)}</dd>"
+                      for key, answer in shown["answers"].items())
+    path = shown["paths"][0] if shown["paths"] else ""
+    return (f'<figure>{thumbnail}<figcaption><div class="path" title="{escape(shown["key"])}">'
+            f"{escape(path)}{more}</div><dl>{answers}</dl></figcaption></figure>")
 
 
-def _sheet_html(stats: _Stats, summary: dict) -> str:
+def _sheet_html(stats: _Stats) -> str:
     """The contact sheet of the sampled records, their thumbnails read a few at a time."""
-    options = summary.get("options") or {}
-    keys = summary.get("output_keys") or [options.get("output_key") or "caption"]
-    paths = [_image_paths(record, options.get("image_key") or "image")
-             for record in stats.sample]
     with ThreadPoolExecutor(THUMBNAIL_THREADS) as pool:
-        thumbnails = pool.map(_Images.of(options).html, [p[0] if p else None for p in paths])
-        cards = "".join(_card_html(record, record_paths, thumbnail, keys) for record,
-                        record_paths, thumbnail in zip(stats.sample, paths, thumbnails,
-                                                       strict=True))
+        thumbnails = pool.map(_Images.of(stats.job.options).html,
+                              [shown["paths"][0] if shown["paths"] else None
+                               for shown in stats.sample])
+        cards = "".join(_card_html(shown, thumbnail)
+                        for shown, thumbnail in zip(stats.sample, thumbnails, strict=True))
     return (f"<h2>Contact sheet</h2><p>{len(stats.sample):,} of {stats.captions:,} captioned "
             f'records, sampled at random.</p><div class="sheet">{cards}</div>')
 
 
-def _page(output_dir: str, summary: dict, stats: _Stats) -> str:
+def _page(output_dir: str, stats: _Stats) -> str:
     """The whole page."""
-    options = summary.get("options") or {}
+    options = stats.job.options
     title = escape(f"Caption report: {output_dir}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<title>{title}</title><style>{STYLE}</style></head><body><h1>{title}</h1>"
-            f"<p>model <b>{escape(str(options.get('model')))}</b> at "
-            f"{escape(str(options.get('api_url')))}</p>"
-            + _counts_html(summary) + _failures_html(stats) + _charts_html(stats)
-            + _sheet_html(stats, summary) + "</body></html>\n")
+            f"<p>model <b>{escape(_cut(str(options.get('model')), MAX_LABEL_CHARS))}</b> at "
+            f"{escape(_cut(str(options.get('api_url')), MAX_KEY_CHARS))}</p>"
+            + _counts_html(stats.job.summary) + _failures_html(stats) + _charts_html(stats)
+            + _unread_html(stats.unread) + _sheet_html(stats) + "</body></html>\n")
 
 
 def write_report(output_dir: str, sample: int = 24, seed: int = 0) -> str:
     """Write OUTDIR/report.html for the caption job whose --output is ``output_dir`` (local,
     gs:// or s3://), with ``sample`` records on its contact sheet chosen by ``seed``; returns
     the path written."""
-    summary = _read_summary(output_dir)
-    stats = _Stats(sample, random.Random(seed))
-    for line in read_output_records(output_dir, CAPTIONS_PREFIX):
+    stats = _Stats(sample, random.Random(seed), _Job.of(_read_summary(output_dir)))
+    for line in read_output_records(output_dir, CAPTIONS_PREFIX, stats.unread):
         stats.add_caption(line)
-    for line in read_output_records(output_dir, FAILURES_PREFIX):
+    for line in read_output_records(output_dir, FAILURES_PREFIX, stats.unread):
         stats.add_failure(line)
     path = f"{output_dir.rstrip('/')}/{REPORT_FILE}"
     with fsspec.open(path, "wt", encoding="utf-8") as handle:
-        handle.write(_page(output_dir, summary, stats))
+        handle.write(_page(output_dir, stats))
     return path
 
 

@@ -8,41 +8,63 @@ A caption is reused only for the same record content under the same request sett
 caption carries ``caption_meta.fingerprint``, a SHA-256 of the record as read and of every
 setting that shapes its answer (model, prompts, image preparation, sampling). ``--resume``
 joins the records on it, so inserted, moved, edited or dropped records and changed settings
-never get another record's caption. Earlier final caption files (and earlier set-aside ones)
+never get another record's caption. Earlier final caption shards (and earlier set-aside ones)
 are moved into ``.checkpoint/`` before the run; captions this run does not reuse are written
 to ``set_aside-*.jsonl`` (a later ``--resume`` may still reuse them), never deleted. Earlier
-failure files are dropped (those records are retried), and ``.checkpoint/`` is removed once the
-new outputs are complete.
+failure files are dropped (those records are retried), and the checkpoint files are removed
+once the new outputs are complete. Only files with the project's exact names are moved or
+deleted (outputs.is_shard_name, checkpoint.is_checkpoint_name).
+
+Earlier files are outside input: each element is checked by ``earlier_caption`` (the one check
+of that shape), and a file is read as far as it can be (``earlier_captions``). A damaged one
+(corrupt gzip, truncated or foreign Parquet, elements that are not such captions) costs only
+what could not be read: those records are captioned again, the file is named in one warning
+and copied to ``OUTDIR/damaged/``, which nothing deletes. So no earlier file can make
+``--resume`` fail, now or on a later try.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 import fsspec
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.batch_ledger import LEDGER_DIR
-from beam_caption.checkpoint import CHECKPOINT_DIR, checkpoint_path
+from beam_caption.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_files,
+    checkpoint_path,
+    final_name,
+)
 from beam_caption.errors import UsageError
+from beam_caption.manifest import JSON_DECODER, value_problem
 from beam_caption.outputs import (
     CAPTIONS_PREFIX,
+    DAMAGE_ERRORS,
+    DAMAGED_DIR,
     FAILURES_PREFIX,
     REPORT_FILE,
     SET_ASIDE_PREFIX,
     SHARDS,
     SUMMARY_FILE,
-    line_element,
+    damage_reason,
+    element_texts,
+    shard_paths,
 )
 from beam_caption.progress import figures_for
 from beam_caption.sinks import match_files, output_path
 
 SET_ASIDE = "set_aside"
+MAX_COUNT = 10**12  # attempts or tokens an earlier caption may claim (summary.json adds them)
 BEAM_TEMP_PATTERN = "beam-temp-*"  # WriteToText's temp folders, renamed away at finalize
 
 _LOG = logging.getLogger(__name__)
@@ -68,19 +90,29 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(_CANONICAL_JSON.encode(settings).encode("ascii")).hexdigest()
 
 
+def _shards(output_dir: str, prefix: str) -> list[str]:
+    """``prefix``'s shard files in ``output_dir`` (exact names: no look-alike file)."""
+    return shard_paths(match_files(output_path(output_dir, f"{prefix}{SHARDS}")), prefix)
+
+
 def existing_outputs(output_dir: str) -> list[str]:
-    """Caption, failure, summary and checkpoint files already in ``output_dir``."""
-    patterns = [f"{CAPTIONS_PREFIX}{SHARDS}", f"{FAILURES_PREFIX}{SHARDS}",
-                f"{SET_ASIDE_PREFIX}{SHARDS}", SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*",
-                f"{LEDGER_DIR}/*"]
-    return sorted(p for pattern in patterns for p in match_files(output_path(output_dir, pattern)))
+    """The project's caption, failure, set-aside, summary, report, checkpoint and ledger files
+    already in ``output_dir`` (``damaged/`` is never among them: nothing deletes it)."""
+    found = [path for prefix in (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX)
+             for path in _shards(output_dir, prefix)]
+    for pattern in (SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*", f"{LEDGER_DIR}/*"):
+        found += match_files(output_path(output_dir, pattern))
+    return sorted(found)
 
 
 def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
     """Make ``output_dir`` ready for a run; returns whether there are captions to resume from.
 
     A directory holding earlier outputs is refused unless --resume or --overwrite says what
-    to do with them, so a typo never destroys paid-for captions.
+    to do with them, so a typo never destroys paid-for captions. With --resume the earlier
+    caption and set-aside shards are moved into the checkpoint folder (read from there, on this
+    try and any later one, until a run completes), then the earlier failures and summary are
+    dropped.
     """
     if glob.has_magic(output_dir) or "{" in output_dir:
         raise UsageError(f"--output {output_dir!r} holds a glob character (*, ?, [ or {{): Beam's "
@@ -97,18 +129,18 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "files): pass --resume to keep its captions and do the rest, or "
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    finals = [path for prefix in (CAPTIONS_PREFIX, SET_ASIDE_PREFIX)
-              for path in match_files(output_path(output_dir, f"{prefix}{SHARDS}"))]
+    finals = _shards(output_dir, CAPTIONS_PREFIX) + _shards(output_dir, SET_ASIDE_PREFIX)
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
     FileSystems.rename(finals, [
-        checkpoint_path(output_dir, f"final-{stamp}-{path.rsplit('/', 1)[-1]}") for path in finals])
-    stale = match_files(output_path(output_dir, f"{FAILURES_PREFIX}{SHARDS}"))
-    stale += match_files(output_path(output_dir, SUMMARY_FILE))
+        checkpoint_path(output_dir, final_name(stamp, path.rsplit("/", 1)[-1]))
+        for path in finals])
+    stale = _shards(output_dir, FAILURES_PREFIX) + match_files(
+        output_path(output_dir, SUMMARY_FILE))
     if stale:
         FileSystems.delete(stale)
-    return bool(match_files(checkpoint_path(output_dir, "*")))
+    return bool(checkpoint_files(output_dir))
 
 
 def remove_temp_files(output_dir: str) -> None:
@@ -123,17 +155,113 @@ def remove_temp_files(output_dir: str) -> None:
         _LOG.warning("could not remove temp files in %s: %s", output_dir, exc)
 
 
-def _done_by_fingerprint(line: str):
-    """(fingerprint, caption record) from a caption line; torn or foreign lines are skipped,
-    and captions made before fingerprints existed go under None (they are set aside)."""
+def earlier_caption(text: str | None) -> tuple[str | None, dict]:
+    """(fingerprint, caption) of one element of an earlier caption file (``element_texts``),
+    in the shape resume reuses; raises ValueError saying what is wrong.
+
+    The shape: strict JSON that can travel through the pipeline (manifest's limits), an object
+    whose ``caption_meta`` holds a string ``key``, a string ``fingerprint`` (missing or null:
+    made before fingerprints, set aside) and the figures summary.json adds up: ``attempts``,
+    ``prompt_tokens`` and ``completion_tokens`` (counts, the tokens may be null), and each of
+    ``prompts``' ``attempts``.
+    """
+    if text is None:
+        raise ValueError("not UTF-8 text, or a line too long to read")
     try:
-        caption = line_element(line)  # a JSON-lines line, or an element line of a JSON array
-        meta = caption["caption_meta"]  # type: ignore[index]
-        meta["key"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return []
+        caption = JSON_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    problem = value_problem(caption)
+    if problem:
+        raise ValueError(problem[1])
+    if not isinstance(caption, dict):
+        raise ValueError(f"{_kind(caption)}, not an object")
+    meta = caption.get("caption_meta")
+    if not isinstance(meta, dict):
+        raise ValueError(f"caption_meta is {_kind(meta)}, not an object")
     fingerprint = meta.get("fingerprint")
-    return [(fingerprint if isinstance(fingerprint, str) else None, caption)]
+    for name, value in (("key", meta.get("key")),
+                        ("fingerprint", "" if fingerprint is None else fingerprint)):
+        if not isinstance(value, str):
+            raise ValueError(f"caption_meta.{name} is {_kind(value)}, not a string")
+    _check_count(meta, "attempts", "caption_meta", nullable=False)
+    for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
+        if name in meta or name != "reasoning_tokens":  # reasoning_tokens may be missing
+            _check_count(meta, name, "caption_meta", nullable=True)
+    prompts = meta.get("prompts")
+    if prompts is not None:
+        if not isinstance(prompts, dict) or not all(map(_is_object, prompts.values())):
+            raise ValueError("caption_meta.prompts is not an object of objects")
+        for name, figures in prompts.items():
+            _check_count(figures, "attempts", f"caption_meta.prompts.{name}", nullable=False)
+    return fingerprint, caption
+
+
+def _check_count(holder: dict, name: str, where: str, nullable: bool) -> None:
+    value = holder.get(name)
+    if value is None and nullable and name in holder:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{where}.{name} is {_kind(value) if name in holder else 'missing'}, "
+                         f"not a count from 0 to {MAX_COUNT:,}")
+
+
+def _is_object(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words (``a list``, ``-3``), short."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)[:30]
+    return ("an object" if isinstance(value, dict) else "a list" if isinstance(value, list)
+            else "a string")
+
+
+def earlier_captions(path: str, output_dir: str) -> Iterator[tuple[str | None, dict]]:
+    """(fingerprint, caption) of each caption of the earlier file ``path`` (a checkpoint part
+    or a final shard in any format), read as far as it can be.
+
+    A file with damage or with elements that are not such captions (``earlier_caption``) is
+    copied to ``OUTDIR/damaged/`` and named in one warning; the records of what could not be
+    read are captioned again, as no caption is found for them. A file that cannot be opened
+    fails the step (the runner retries it; nothing is paid twice for a passing fault).
+    """
+    read, skipped, first_skipped, damage = 0, 0, "", ""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        try:
+            for number, text in enumerate(element_texts(handle, path), 1):
+                try:
+                    found = earlier_caption(text)
+                except ValueError as exc:
+                    skipped += 1
+                    first_skipped = first_skipped or f"element {number}: {str(exc)[:200]}"
+                    continue
+                read += 1
+                yield found
+        except DAMAGE_ERRORS as exc:
+            damage = f"unreadable after element {read + skipped:,}: {damage_reason(exc)}"
+    if not (skipped or damage):
+        return
+    skips = (f"{skipped:,} elements are not captions it can reuse (the first, {first_skipped})"
+             if skipped else "")
+    _LOG.warning("resume: %s is damaged: %s. %s captions were read from it; the records of the "
+                 "rest are captioned again; a copy is kept as %s", path,
+                 "; ".join(filter(None, [damage, skips])), f"{read:,}",
+                 _keep_damaged(path, output_dir))
+
+
+def _keep_damaged(path: str, output_dir: str) -> str:
+    """Copy ``path`` to ``OUTDIR/damaged/`` (never deleted); returns the copy's path."""
+    folder = output_path(output_dir, DAMAGED_DIR)
+    if not FileSystems.exists(folder):
+        with contextlib.suppress(OSError):  # another worker made it first; copy says if not
+            FileSystems.mkdirs(folder)
+    kept = f"{folder}/{path.rsplit('/', 1)[-1]}"
+    FileSystems.copy([path], [kept])
+    return kept
 
 
 def _split(grouped, todo_tag: str, set_aside_tag: str):
@@ -204,19 +332,12 @@ class SkipDone(beam.PTransform):
 
 def _read_done(pipeline: beam.Pipeline, output_dir: str) -> beam.PCollection:
     """(fingerprint, caption) of the checkpointed captions: checkpoint parts and earlier final
-    files in any output format (matched when the graph is built, at launch)."""
-    files = match_files(checkpoint_path(output_dir, "*"))
-    sources = []
-    if any(not path.endswith(".parquet") for path in files):
-        sources.append(pipeline
-                       | "ReadDone" >> beam.io.ReadFromText(checkpoint_path(output_dir, "*.json*"))
-                       | "KeyDone" >> beam.FlatMap(_done_by_fingerprint))
-    if any(path.endswith(".parquet") for path in files):
-        sources.append(pipeline
-                       | "ReadDoneParquet" >> beam.io.ReadFromParquet(
-                           checkpoint_path(output_dir, "*.parquet"), columns=["line"])
-                       | "KeyDoneParquet" >> beam.FlatMap(lambda row: _done_by_fingerprint(
-                           row["line"])))
-    if not sources:
+    files in any output format (listed when the graph is built, at launch; read a file per
+    worker call, as far as each can be)."""
+    files = checkpoint_files(output_dir)
+    if not files:
         return pipeline | "NothingDone" >> beam.Create([])
-    return sources[0] if len(sources) == 1 else sources | "AllDone" >> beam.Flatten()
+    return (pipeline
+            | "EarlierFiles" >> beam.Create(files)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadDone" >> beam.FlatMap(earlier_captions, output_dir))

@@ -70,11 +70,12 @@ def test_skip_done_reuses_by_content_and_sets_the_rest_aside(tmp_path):
     digest = "settings-1"
     kept = {"id": "a", "image": "a.png"}
     edited = {"id": "b", "image": "b.png"}
+    figures = {"attempts": 1, "prompt_tokens": 5, "completion_tokens": 2}  # what summaries add
     earlier = [
-        {**kept, "caption": "A", "caption_meta": {"key": "old.jsonl#7",
+        {**kept, "caption": "A", "caption_meta": {"key": "old.jsonl#7", **figures,
                                                   "fingerprint": record_fingerprint(kept, digest)}},
         {"id": "b", "image": "b-old.png", "caption": "B", "caption_meta": {
-            "key": "m.jsonl#1", "fingerprint": record_fingerprint({"id": "b"}, digest)}},
+            "key": "m.jsonl#1", **figures, "fingerprint": record_fingerprint({"id": "b"}, digest)}},
     ]
     (tmp_path / ".checkpoint").mkdir()
     with open(checkpoint_path(str(tmp_path), "part-1.jsonl"), "w") as handle:

@@ -4,6 +4,11 @@ The DoFn hands each record to its worker's ``CaptionRuntime`` (runtime.py) and k
 window of records in flight across the bundle, so a slow request never holds up the others
 and free slots are refilled at once. Outputs and metrics are emitted from the bundle thread
 only (Beam drops metrics updated from other threads).
+
+When the job must stop (``JobStopped``: --max_cost spent, the endpoint refusing), nothing new
+is sent, but the records whose requests are on the wire are waited for (each within
+--request_timeout, STOP_GRACE_S more in all) and emitted, so the checkpoint step keeps every
+answer that was paid for; then the stop is raised with what was spent by then.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from beam_caption.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS, c
 from beam_caption.runtime import CaptionConfig, CaptionRuntime, Outcome, usable_cores
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
+STOP_GRACE_S = 10.0  # on a stop, beyond --request_timeout, for the records in flight to end
 
 _LOG = logging.getLogger(__name__)
 
@@ -51,13 +57,18 @@ class _CaptionRecords(beam.DoFn):
         self._progress = figures_for(config.progress_dir)  # a local run's live figures
         self._image_key = config.prompts.image_key
         self._logged_at = time.monotonic()
+        self._spent_before: float | None = None
 
     def start_bundle(self) -> None:
         self._pending: dict[concurrent.futures.Future, tuple] = {}
         self._finished: queue.SimpleQueue[concurrent.futures.Future] = queue.SimpleQueue()
         self._throttled_in_bundle_ms = 0
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                spent_before=None):
+        if spent_before is not None and spent_before != self._spent_before:
+            self._spent_before = spent_before  # before this bundle's first request is sent
+            self._runtime.count_spent_before(spent_before)
         future = self._runtime.submit(element)
         self._pending[future] = (timestamp, window)
         future.add_done_callback(self._finished.put)
@@ -94,9 +105,9 @@ class _CaptionRecords(beam.DoFn):
         timestamp, window = self._pending.pop(future)
         try:
             outcome: Outcome = future.result()
-        except JobStopped:
-            yield from self._emit_before_stopping()
-            raise
+        except JobStopped as stop:
+            yield from self._finish_in_flight()
+            raise self._runtime.stopped(stop) from None
         self._count(outcome)
         if outcome.failure is not None:
             yield beam.pvalue.TaggedOutput(FAILURES, WindowedValue(outcome.failure, timestamp,
@@ -104,9 +115,23 @@ class _CaptionRecords(beam.DoFn):
         else:
             yield WindowedValue(outcome.caption, timestamp, (window,))
 
+    def _finish_in_flight(self):
+        """On a stop: wait for the records in flight (each request sent ends within
+        --request_timeout; records not sent end at once) and emit them, so the steps after this
+        one (checkpoints) keep every paid answer; records still running after the grace are
+        given up (their requests were past their timeout)."""
+        pending = list(self._pending)
+        concurrent.futures.wait(pending, self._config.client.request_timeout + STOP_GRACE_S)
+        for future in pending:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                yield from self._emit(future)
+            else:
+                future.cancel()
+        self._progress.flush()
+
     def _emit_before_stopping(self):
-        """On Ctrl-C or a stop, emit what finished but was not emitted yet, so the steps after
-        this one (checkpoints) keep the paid work."""
+        """On Ctrl-C, emit what finished but was not emitted yet, so the steps after this one
+        (checkpoints) keep the paid work (a stop waits for more: ``_finish_in_flight``)."""
         for future in list(self._pending):
             if future.done() and not future.cancelled() and future.exception() is None:
                 yield from self._emit(future)
@@ -128,7 +153,13 @@ class _CaptionRecords(beam.DoFn):
         if outcome.failure is not None:
             self._failed.inc()
             self._done["failed"] += 1
-            self._progress.add(failed=1, throttled_ms=throttled_ms)
+            paid = outcome.failure["error"].get("paid") or {}
+            if paid:  # what its answered attempts cost
+                self._prompt_tokens.inc(paid["prompt_tokens"])
+                self._completion_tokens.inc(paid["completion_tokens"])
+            self._progress.add(failed=1, throttled_ms=throttled_ms,
+                               prompt_tokens=paid.get("prompt_tokens", 0),
+                               completion_tokens=paid.get("completion_tokens", 0))
             error = outcome.failure["error"]
             _LOG.debug("%s failed: %s/%s after %d attempts: %s", outcome.failure["key"],
                        error["stage"], error["type"], error["attempts"], error["message"])
@@ -171,12 +202,17 @@ class CaptionImages(beam.PTransform):
     PCollection[dict]}`` (see records.py).
     """
 
-    def __init__(self, config: CaptionConfig):
+    def __init__(self, config: CaptionConfig, spent_before: beam.PCollection | None = None):
+        """``spent_before``: a one-element PCollection, the dollars earlier runs spent (the cost
+        of the captions a --resume reuses), counted against --max_cost."""
         super().__init__()
         self._config = config
+        self._spent_before = spent_before
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
+        side = ({"spent_before": beam.pvalue.AsSingleton(self._spent_before)}
+                if self._spent_before is not None else {})
         results = records | "Caption" >> beam.ParDo(
-            _CaptionRecords(self._config, shared.Shared())).with_outputs(
+            _CaptionRecords(self._config, shared.Shared()), **side).with_outputs(
                 FAILURES, STATS, main=CAPTIONS)
         return {CAPTIONS: results[CAPTIONS], FAILURES: results[FAILURES], STATS: results[STATS]}

@@ -9,14 +9,24 @@ retry layer, so every attempt is counted once. Retryable: connection errors, tim
 once. Answers are untrusted: bodies and captions are capped, token counts checked, text made
 encodable and scrubbed of the key. A run of consecutive 401/403/404 answers stops the job
 (``JobStopped``) instead of failing every remaining record. Requests are paced to the job's
-and the account's rate limits (ratelimit.py).
+and the account's rate limits (ratelimit.py); every wait a server asks for is bounded there
+(``server_wait``).
+
+Every answer that comes is paid, whatever becomes of its record: its usage is read
+(``usage_counts``, the one check of a usage block) before the answer is judged, counted in the
+budget (``--max_cost``) and carried by what the record becomes: a Completion's token counts
+cover all its answered attempts (schema retries too), a CaptionError's ``paid`` what its
+attempts cost. An answer without usable counts (no usage, strings, negative, absurd) is charged
+a worst case, ``worst_case_usage``, with one warning per process. Once the budget is spent
+nothing new is sent (attempts that were waiting raise JobStopped at once); requests already
+sent finish, and the caption step keeps their answers before it stops the job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -27,9 +37,15 @@ import aiohttp
 from apache_beam.io.components.util import MovingSum
 
 from beam_caption.errors import CaptionError, JobStopped, encodable
-from beam_caption.ratelimit import JobRateLimiter, Ticket
+from beam_caption.ratelimit import (
+    JobRateLimiter,
+    Ticket,
+    retry_after_seconds,
+    server_wait,
+)
 from beam_caption.redact import redact_url, scrub
 from beam_caption.request_params import AcceptedParams, build_body, refused_param
+from beam_caption.tokens import DEFAULT_COMPLETION_TOKENS
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 SYSTEMIC_STATUS = {401: "the API key was refused", 403: "access was denied",
@@ -45,6 +61,8 @@ NO_KEY = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key
 # records fail), not a server that lacks the parameter; dropping it would turn structured
 # output off for every prompt.
 KEPT_PARAMS = frozenset({"response_format"})
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,12 @@ class ClientSettings:
                                   ("temperature", self.temperature),
                                   ("reasoning_effort", self.reasoning_effort)) if v is not None}
 
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """Dollars for these tokens at the run's prices (Batch API answers at the discount)."""
+        dollars = (prompt_tokens * self.price_per_million_input_tokens
+                   + completion_tokens * self.price_per_million_output_tokens) / 1e6
+        return dollars * self.batch_discount if batch else dollars
+
 
 @dataclass
 class Completion:
@@ -93,6 +117,31 @@ class Completion:
     throttled_s: float = 0.0
     cached: bool = False
     reasoning_tokens: int | None = None
+    usage_estimated: bool = False  # some token counts are the worst case (no usable usage)
+
+
+class Paid(NamedTuple):
+    """Tokens paid for a request's answers: as the server reported them, or where it did not
+    (``estimated``) the worst case (``worst_case_usage``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int | None = None
+    estimated: bool = False
+
+    def plus(self, other: Paid) -> Paid:
+        reasoning = (None if self.reasoning_tokens is None and other.reasoning_tokens is None
+                     else (self.reasoning_tokens or 0) + (other.reasoning_tokens or 0))
+        return Paid(self.prompt_tokens + other.prompt_tokens,
+                    self.completion_tokens + other.completion_tokens, reasoning,
+                    self.estimated or other.estimated)
+
+    def as_dict(self) -> dict | None:
+        """A failure's ``error.paid`` block (None when nothing was paid)."""
+        if not (self.prompt_tokens or self.completion_tokens):
+            return None
+        paid = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        return {**paid, "estimated": True} if self.estimated else paid
 
 
 class OverloadThrottle:
@@ -136,34 +185,10 @@ def backoff_delay(retry: int, settings: ClientSettings, retry_after: float | Non
     """
     ceiling = min(settings.max_backoff, settings.initial_backoff * 2 ** retry)
     delay = rng.uniform(0, ceiling)
-    if retry_after is None:
-        return delay
-    if retry_after > settings.max_retry_wait:
-        return None
-    return max(delay, retry_after)
-
-
-def retry_after_seconds(headers) -> float | None:
-    """Seconds asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    if headers is None:
-        return None
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+    asked = server_wait(retry_after, "Retry-After", settings.max_retry_wait)
+    if retry_after is not None and asked is None:
+        return None  # a finite wait over the ceiling (retry_after_seconds gives no other)
+    return delay if asked is None else max(delay, asked)
 
 
 class HTTPStatusFailure(Exception):
@@ -230,15 +255,26 @@ class ParsedCompletion(NamedTuple):
     reasoning_tokens: int | None = None
 
 
+class Answer(NamedTuple):
+    """A chat completion as read (``read_completion``), before it is judged."""
+
+    message: dict
+    content: Any
+    usage: ParsedCompletion  # caption "", finish reason and the usage's counts
+
+
 def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_caption_chars,
                      max_tokens: int | None = None) -> ParsedCompletion:
-    """The caption, finish reason and token counts of a response body.
+    """The caption, finish reason and token counts of a response body
+    (``judge_completion(read_completion(body))``)."""
+    return judge_completion(read_completion(body), max_caption_chars, max_tokens)
 
-    Raises a retryable CaptionError(stage="response") for anything that is not a chat
-    completion with a non-empty text answer, and a permanent one for an answer that cannot
-    improve on retry: a refusal, no text because the completion limit (``max_tokens``, None:
-    the server's) was spent, a caption longer than ``max_caption_chars``. Token counts that are
-    not plain non-negative integers become None.
+
+def read_completion(body: bytes) -> Answer:
+    """A response body read as a chat completion, its usage checked (``usage_counts``).
+
+    Raises a retryable CaptionError(stage="response") for a body that is not a chat completion
+    (nothing is charged for it).
     """
     try:
         data = json.loads(body)
@@ -253,12 +289,40 @@ def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_ca
     except (KeyError, IndexError, TypeError):
         raise CaptionError("response", "not_a_completion",
                            "the response is not a chat completion", retryable=True) from None
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    prompt, completion, reasoning = usage_counts(data.get("usage"))
+    return Answer(message if isinstance(message, dict) else {}, content, ParsedCompletion(
+        "", _text(choice.get("finish_reason")) if isinstance(choice, dict) else None,
+        prompt, completion, reasoning))
+
+
+def usage_counts(usage) -> tuple[int | None, int | None, int | None]:
+    """The one check of an answer's ``usage`` block: its prompt, completion and reasoning token
+    counts, each None where it is missing or not a count (``token_count``)."""
+    if not isinstance(usage, dict):
+        return None, None, None
     details = usage.get("completion_tokens_details")
-    parsed = ParsedCompletion(
-        "", _text(choice.get("finish_reason")), token_count(usage.get("prompt_tokens")),
-        token_count(usage.get("completion_tokens")),
-        token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None)
+    return (token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")),
+            token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None)
+
+
+def worst_case_usage(request_tokens: int, params: dict) -> tuple[int, int]:
+    """What an answer without usable counts is charged: (prompt, completion) tokens of the
+    request's estimate (``request_tokens``: its input plus the longest answer it allows) and
+    the longest answer it allows (--max_tokens, else tokens.DEFAULT_COMPLETION_TOKENS)."""
+    completion = params.get("max_completion_tokens") or DEFAULT_COMPLETION_TOKENS
+    return max(request_tokens - completion, 0), completion
+
+
+def judge_completion(answer: Answer, max_caption_chars: int = ClientSettings.max_caption_chars,
+                     max_tokens: int | None = None) -> ParsedCompletion:
+    """The caption of a read answer, with its finish reason and token counts.
+
+    Raises a retryable CaptionError(stage="response") for an answer without text, and a
+    permanent one for an answer that cannot improve on retry: a refusal, no text because the
+    completion limit (``max_tokens``, None: the server's) was spent, a caption longer than
+    ``max_caption_chars``.
+    """
+    message, content, parsed = answer
     if isinstance(content, list):  # some servers return content parts
         content = "".join(p["text"] for p in content
                           if isinstance(p, dict) and isinstance(p.get("text"), str))
@@ -344,12 +408,36 @@ class VLMClient:
         self._throttle = OverloadThrottle(self._rng)
         self._limiter = JobRateLimiter(settings.max_requests_per_minute,
                                        settings.max_tokens_per_minute,
-                                       settings.worker_processes, self._rng)
+                                       settings.worker_processes, self._rng,
+                                       settings.max_retry_wait, self._pause)
         self._refusals = 0  # consecutive 401/403/404 answers
-        self._spent = 0.0  # dollars, from the answers' usage at the settings' prices
+        self._spent = 0.0  # dollars this process paid, from the answers' usage
+        self._spent_before = 0.0  # this process's share of what earlier runs spent (--resume)
         self._stopped: JobStopped | None = None
+        self._budget_spent = False  # the stop is --max_cost's (its line is made when asked)
+        self._stop_event = asyncio.Event()
+        self._warned_usage = False
         self._accepted = AcceptedParams(settings.model)
         self._params = settings.request_params()
+
+    def count_spent_before(self, dollars: float) -> None:
+        """What earlier runs of the job spent (the cost of the captions a --resume reuses), as
+        this process's share: it counts against --max_cost. Setting it again replaces it."""
+        self._spent_before = dollars / max(1, self.settings.worker_processes)
+
+    def stopped(self) -> JobStopped | None:
+        """Why the job stopped (None while it goes on); a --max_cost stop states what was spent
+        when asked, so asked once the requests in flight have ended it is the whole spend."""
+        if not self._budget_spent:
+            return self._stopped
+        budget = self.settings.max_cost or 0.0
+        before = (f", ${self._spent_before:.4f} of it by the captions reused from earlier runs"
+                  if self._spent_before else "")
+        return JobStopped(
+            f"--max_cost is spent (this worker process's share: ${budget + self._spent_before:.4f}"
+            f"; spent ${self._spent + self._spent_before:.4f}{before}; answers in flight when it "
+            "ran out were kept). Records not sent yet are left for --resume with a higher "
+            "--max_cost (the captions --resume reuses count against it).")
 
     async def complete(self, body: bytes, tokens: int = 0, params: dict | None = None,
                        check: Callable[[str], Any] | None = None) -> Completion:
@@ -365,6 +453,7 @@ class VLMClient:
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
+        paid = Paid()  # what the record's answered attempts cost
         while True:
             self._may_send()
             attempt += 1
@@ -372,15 +461,17 @@ class VLMClient:
             throttled += waited
             sent_body, sent_params = self._accepted.body(body, params)
             try:
-                parsed = await self._attempt(sent_body, ticket)
-                self._pay(ticket, parsed)  # paid for, even when ``check`` refuses it
+                read = read_completion(await self._attempt(sent_body, ticket))
+                paid = paid.plus(self._pay(ticket, read.usage, tokens, params))
+                parsed = judge_completion(read, self.settings.max_caption_chars,
+                                          self.settings.max_tokens)
                 answer = parsed.caption if check is None else check(parsed.caption)
             except JobStopped:
                 raise
             except Exception as exc:  # every failure becomes a typed error below
                 failure = exc if isinstance(exc, HTTPStatusFailure) else None
                 self._throttle.record(overloaded=bool(failure and failure.overloaded))
-                error = self._typed_error(exc, attempt, throttled)
+                error = self._typed_error(exc, attempt, throttled, paid)
                 self._count_refusal(failure, error)
                 if self._adapt_params(failure, sent_params) and \
                         attempt <= self.settings.max_retries:
@@ -394,25 +485,38 @@ class VLMClient:
                         "request", "throttled",
                         f"the server asked to wait {retry_after:.0f} s before retrying, over "
                         f"--max_retry_wait {self.settings.max_retry_wait:g} s "
-                        f"(after {error.type})", retryable=True), attempt, throttled) from None
-                await asyncio.sleep(delay)
+                        f"(after {error.type})", retryable=True), attempt, throttled,
+                        paid) from None
+                await self._pause(delay)
                 continue
             self._throttle.record(overloaded=False)
             self._refusals = 0
             return Completion(scrub_answer(answer, self._secrets),
-                              parsed.finish_reason, parsed.prompt_tokens,
-                              parsed.completion_tokens, attempt,
+                              parsed.finish_reason, paid.prompt_tokens,
+                              paid.completion_tokens, attempt,
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
-                              reasoning_tokens=parsed.reasoning_tokens)
+                              reasoning_tokens=paid.reasoning_tokens,
+                              usage_estimated=paid.estimated)
 
-    def _pay(self, ticket: Ticket, parsed: ParsedCompletion) -> None:
-        """Count an answer's tokens against the rate limits and its price against the budget."""
-        if parsed.prompt_tokens is not None and parsed.completion_tokens is not None:
-            self._limiter.settle(ticket, parsed.prompt_tokens + parsed.completion_tokens)
-        self._spent += (
-            (parsed.prompt_tokens or 0) * self.settings.price_per_million_input_tokens
-            + (parsed.completion_tokens or 0) * self.settings.price_per_million_output_tokens
-        ) / 1e6
+    def _pay(self, ticket: Ticket, usage: ParsedCompletion, tokens: int, params: dict) -> Paid:
+        """Count an answer's tokens against the rate limits and its price against the budget;
+        what it is charged: its usage, or for counts it lacks the worst case."""
+        worst_prompt, worst_completion = worst_case_usage(tokens, params)
+        prompt = worst_prompt if usage.prompt_tokens is None else usage.prompt_tokens
+        completion = (worst_completion if usage.completion_tokens is None
+                      else usage.completion_tokens)
+        estimated = usage.prompt_tokens is None or usage.completion_tokens is None
+        if estimated and not self._warned_usage:
+            self._warned_usage = True
+            _LOG.warning(
+                "an answer from %s has no usable token counts (usage missing, or counts that "
+                "are not numbers of tokens): such answers are charged a worst case, the "
+                "request's estimated input tokens plus the longest answer it allows "
+                "(--max_tokens, else %d), in tokens, cost and --max_cost (warned once)",
+                redact_url(self.settings.api_url), DEFAULT_COMPLETION_TOKENS)
+        self._limiter.settle(ticket, prompt + completion)
+        self._spent += self.settings.cost(prompt, completion)
+        return Paid(prompt, completion, usage.reasoning_tokens, estimated)
 
     def _may_send(self) -> None:
         """JobStopped when the job has stopped (refusals, budget): checked before each of a record's
@@ -420,18 +524,34 @@ class VLMClient:
         if self._stopped:
             raise self._stopped
         budget = self.settings.max_cost
-        if budget is not None and self._spent >= budget:
-            self._stopped = JobStopped(
-                f"--max_cost is spent (this worker process's share: ${budget:.4f}, spent "
-                f"${self._spent:.4f}). Records not sent yet are left for --resume with a "
-                "higher --max_cost.")
-            raise self._stopped
+        if budget is not None and self._spent + self._spent_before >= budget:
+            self._budget_spent = True
+            self._stop(self.stopped())  # type: ignore[arg-type]
 
-    def _typed_error(self, exc: BaseException, attempt: int, throttled: float) -> CaptionError:
-        """The CaptionError for a failed attempt, its message scrubbed of the key."""
+    def _stop(self, stopped: JobStopped) -> None:
+        """Stop the job: nothing new is sent, and attempts waiting for their turn end at once."""
+        self._stopped = stopped
+        self._stop_event.set()
+        raise stopped
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, unless the job stops first (JobStopped)."""
+        if self._stopped:
+            raise self._stopped
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+        except TimeoutError:
+            return
+        assert self._stopped is not None  # set with the event
+        raise self._stopped
+
+    def _typed_error(self, exc: BaseException, attempt: int, throttled: float,
+                     paid: Paid) -> CaptionError:
+        """The CaptionError for a failed attempt, its message scrubbed of the key, with what the
+        record's attempts paid."""
         error = classify_exception(exc)
         return CaptionError(error.stage, error.type, scrub(error.message, self._secrets),
-                            error.retryable, attempt, round(throttled, 3))
+                            error.retryable, attempt, round(throttled, 3), paid.as_dict())
 
     def _adapt_params(self, failure: HTTPStatusFailure | None, sent_params: dict) -> bool:
         """Whether a 400 refused one of the optional parameters the attempt was sent with; if
@@ -451,11 +571,10 @@ class VLMClient:
             return
         self._refusals += 1
         if self._refusals >= self.settings.stop_after_refusals and not self._stopped:
-            self._stopped = JobStopped(
+            self._stop(JobStopped(
                 f"{self._refusals} requests in a row were refused with HTTP {failure.status} "
                 f"({SYSTEMIC_STATUS[failure.status]}) by {redact_url(self.settings.api_url)}: "
-                f"{error.message}. Unsent records are left for --resume once that is fixed.")
-            raise self._stopped
+                f"{error.message}. Unsent records are left for --resume once that is fixed."))
 
     async def _wait_for_turn(self, tokens: int) -> tuple[Ticket, float]:
         """Client-side throttling: adaptive (after overload answers), then the job's and the
@@ -463,12 +582,13 @@ class VLMClient:
         waited = 0.0
         while self._throttle.should_wait():
             delay = THROTTLE_DELAY_S * (0.5 + self._rng.random())
-            await asyncio.sleep(delay)
+            await self._pause(delay)
             waited += delay
         ticket, limited = await self._limiter.acquire(tokens)
         return ticket, waited + limited
 
-    async def _attempt(self, body: bytes, ticket: Ticket):
+    async def _attempt(self, body: bytes, ticket: Ticket) -> bytes:
+        """One attempt: the answer's body, or HTTPStatusFailure / a transport error."""
         headers = None
         try:
             async with self._slots:
@@ -484,7 +604,7 @@ class VLMClient:
                         answer = await _read_capped(response, self.settings.max_response_bytes)
         finally:
             self._limiter.observe(ticket, headers)  # the account's state, if the server says
-        return parse_completion(answer, self.settings.max_caption_chars, self.settings.max_tokens)
+        return answer
 
     async def aclose(self) -> None:
         await self._session.close()

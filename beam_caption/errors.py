@@ -69,10 +69,13 @@ class CaptionError(Exception):
     retryable: whether another attempt could succeed.
     attempts: how many API attempts were made (0 when none was).
     throttled_s: seconds the record waited on client-side throttling (not in the record).
+    paid: what the record's answered attempts cost, ``{"prompt_tokens", "completion_tokens"[,
+      "estimated": true]}`` (``estimated``: some counts are the worst case charged for answers
+      without usable usage); None when no answer came. In the failure record as ``error.paid``.
     """
 
     def __init__(self, stage: str, type: str, message: str, retryable: bool = False,
-                 attempts: int = 0, throttled_s: float = 0.0) -> None:
+                 attempts: int = 0, throttled_s: float = 0.0, paid: dict | None = None) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         message = encodable(message)
@@ -83,12 +86,16 @@ class CaptionError(Exception):
         self.retryable = retryable
         self.attempts = attempts
         self.throttled_s = throttled_s
+        self.paid = paid
 
     def __reduce__(self):
         return (CaptionError, (self.stage, self.type, self.message, self.retryable, self.attempts,
-                               self.throttled_s))
+                               self.throttled_s, self.paid))
 
     def to_dict(self) -> dict:
         """The ``error`` object of a failure record."""
-        return {"stage": self.stage, "type": self.type, "message": self.message,
-                "attempts": self.attempts, "retryable": self.retryable}
+        error = {"stage": self.stage, "type": self.type, "message": self.message,
+                 "attempts": self.attempts, "retryable": self.retryable}
+        if self.paid:
+            error["paid"] = self.paid
+        return error

@@ -194,8 +194,10 @@ class CaptionOptions(PipelineOptions):
         calls.add_argument("--max_backoff", type=_POSITIVE_FLOAT, default=60.0,
                            help="Longest wait of our own backoff between two attempts.")
         calls.add_argument("--max_retry_wait", type=_POSITIVE_FLOAT, default=300.0,
-                           help="Longest Retry-After honoured: a server asking for longer gets "
-                                "the record failed as request/throttled, never retried early.")
+                           help="Longest wait taken from a server (Retry-After, retry-after-ms, "
+                                "x-ratelimit-* headers): a Retry-After asking for longer gets "
+                                "the record failed as request/throttled, never retried early; "
+                                "a rate-limit header asking for longer is ignored.")
         calls.add_argument("--max_response_bytes", type=_POSITIVE_INT, default=4 * 2**20,
                            help="Larger response bodies fail the record (response_too_large).")
         calls.add_argument("--max_caption_chars", type=_POSITIVE_INT, default=32_000,

@@ -19,21 +19,35 @@ A process's first request goes alone (for up to ``FIRST_ANSWER_WAIT_S``), so tha
 server says of the account is known before the others go. A request's tokens are counted before
 it is sent (``tokens.estimate_request_tokens``) and the token bucket is corrected by the answer's
 usage. Used from one event loop per process.
+
+Every wait the project takes from a server goes through ``server_wait`` here: Retry-After and
+retry-after-ms (client.py), the reset headers and the waits derived from the limit headers.
+Values that are not a finite number of seconds >= 0 are ignored (the caller's default: our own
+backoff, or no account wait); a wait above the ceiling (``--max_retry_wait``, default
+``DEFAULT_MAX_SERVER_WAIT_S``) is never taken: a record asked to wait longer fails as
+request/throttled, a limit header asking for longer is ignored (the server's 429s then pace the
+job). Each refusal is a debug line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import logging
 import math
 import random
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 TOKEN_BURST_S = 1.0  # a process's tokens bucket holds this many seconds of its share
 FIRST_ANSWER_WAIT_S = 5.0  # the longest the others wait for the first request's answer
 JITTER = 0.25  # waits on the account are stretched by up to this share, so processes spread
 RESOURCES = ("requests", "tokens")
+DEFAULT_MAX_SERVER_WAIT_S = 300.0  # --max_retry_wait's default: the ceiling of server waits
+
+_LOG = logging.getLogger(__name__)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
@@ -48,18 +62,65 @@ def parse_duration(text: str | None) -> float | None:
     except ValueError:
         parts = _DURATION_PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            return None
+            return _ignored("a reset header", text)
         unit_s = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-        return sum(float(number) * unit_s[unit] for number, unit in parts)
-    return value if math.isfinite(value) and value >= 0 else None
+        value = sum(float(number) * unit_s[unit] for number, unit in parts)
+    return value if math.isfinite(value) and value >= 0 else _ignored("a reset header", text)
 
 
-def _number(text: str | None) -> float | None:
-    try:
-        value = float(text) if text is not None else None
-    except ValueError:
+def retry_after_seconds(headers) -> float | None:
+    """Seconds asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date), as
+    given (``server_wait`` bounds it); None when absent or not a finite number >= 0."""
+    if headers is None:
         return None
-    return value if value is not None and math.isfinite(value) and value >= 0 else None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        value = _number(millis, "retry-after-ms")
+        if value is not None:
+            return value / 1000
+    text = headers.get("retry-after")
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = max(0.0, email.utils.parsedate_to_datetime(text).timestamp() - time.time())
+        except (TypeError, ValueError, OverflowError):
+            return _ignored("Retry-After", text)
+    return value if math.isfinite(value) and value >= 0 else _ignored("Retry-After", text)
+
+
+def server_wait(seconds: float | None, what: str, ceiling: float) -> float | None:
+    """The one rule for a wait a server asks for, directly or through figures it is derived
+    from: the seconds to wait, or None where it is not taken (absent, not a finite number >= 0,
+    or above ``ceiling``, --max_retry_wait: a debug line); the caller then falls back to its
+    default (see the module)."""
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return _ignored(what, seconds)
+    if seconds > ceiling:
+        _LOG.debug("not waiting %.4g s for %s: over the ceiling of %g s (--max_retry_wait)",
+                   seconds, what, ceiling)
+        return None
+    return seconds
+
+
+def _ignored(what: str, value) -> float | None:
+    """None, the value of a figure not taken, with a debug line."""
+    _LOG.debug("ignoring %s of %.200r: not a usable figure", what, value)
+    return None
+
+
+def _number(text: str | None, what: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return _ignored(what, text)
+    return value if math.isfinite(value) and value >= 0 else _ignored(what, text)
 
 
 @dataclass
@@ -72,11 +133,16 @@ class AccountState:
 
     @classmethod
     def from_headers(cls, headers, resource: str) -> AccountState | None:
-        remaining = _number(headers.get(f"x-ratelimit-remaining-{resource}"))
+        remaining = _number(headers.get(f"x-ratelimit-remaining-{resource}"),
+                            f"x-ratelimit-remaining-{resource}")
         if remaining is None:
             return None
-        return cls(_number(headers.get(f"x-ratelimit-limit-{resource}")), remaining,
-                   parse_duration(headers.get(f"x-ratelimit-reset-{resource}")))
+        name = f"x-ratelimit-limit-{resource}"
+        limit = _number(headers.get(name), name)
+        if limit is not None and limit < 1:  # admits no request a minute: not a limit
+            _ignored(name, limit)
+            limit = None
+        return cls(limit, remaining, parse_duration(headers.get(f"x-ratelimit-reset-{resource}")))
 
 
 class _Bucket:
@@ -153,7 +219,13 @@ class JobRateLimiter:
 
     def __init__(self, requests_per_minute: float | None = None,
                  tokens_per_minute: float | None = None, worker_processes: int = 1,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None,
+                 max_wait: float = DEFAULT_MAX_SERVER_WAIT_S,
+                 sleep: Callable[[float], Awaitable] = asyncio.sleep):
+        """``max_wait``: the ceiling of waits the account's headers ask for (``server_wait``);
+        ``sleep``: how to wait (the client's stops when the job stops)."""
+        self._max_wait = max_wait
+        self._sleep = sleep
         share = 1 / max(1, worker_processes)
         self._buckets = (
             _Bucket(requests_per_minute * share, 1) if requests_per_minute else None,
@@ -183,15 +255,16 @@ class JobRateLimiter:
                 delay = bucket.take(cost)
                 if delay > 0:
                     waited = True
-                    await asyncio.sleep(delay)
+                    await self._sleep(delay)
         while True:
-            delay = max(view.wait_for(cost, spent)
-                        for view, cost, spent in zip(self._views, costs, self._spent,
-                                                     strict=True))
-            if delay <= 0:
+            asked = server_wait(max(view.wait_for(cost, spent)
+                                    for view, cost, spent in zip(self._views, costs,
+                                                                 self._spent, strict=True)),
+                                "the account's rate-limit headers", self._max_wait)
+            if not asked:  # nothing to wait, or a wait that is not taken
                 break
             waited = True
-            await asyncio.sleep(delay * (1 + JITTER * self._rng.random()))
+            await self._sleep(asked * (1 + JITTER * self._rng.random()))
         self._spent[0] += 1
         self._spent[1] += tokens
         self._seq += 1

@@ -8,9 +8,10 @@ Elements stay JSON-ready dicts (they are the output lines), but every one is bui
   ``--prompts_file``, each prompt's answer under its own key) and ``caption_meta``
   (``captioned_record``, ``CaptionMeta``);
 - a failure ``{"key", "source", "record" | "raw", "error": {stage, type, message, attempts,
-  retryable[, prompt]}[, "answers"]}`` (``failure_element``): with several prompts, ``error``
-  is the first failed prompt's (named by ``prompt``) and ``answers`` holds the answers the
-  other prompts gave, so nothing paid for is lost.
+  retryable[, prompt][, paid]}[, "answers"]}`` (``failure_element``): with several prompts,
+  ``error`` is the first failed prompt's (named by ``prompt``) and ``answers`` holds the answers
+  the other prompts gave, so nothing paid for is lost; ``paid`` is what the record's answered
+  attempts cost (``{"prompt_tokens", "completion_tokens"[, "estimated"]}``, errors.CaptionError).
 
 The output tags and the metrics namespace are named here too; ``STATS`` elements are
 ``{"throttled_ms": N}``, one per bundle of the caption step, summed into summary.json.
@@ -71,11 +72,14 @@ class CaptionMeta:
     finished_at: float  # unix time the answer came (for throughput over time)
     prompts: dict | None = None  # with several prompts: name -> that prompt's figures
     batch_id: str | None = None  # the Batch API batch that answered (--mode batch)
+    # True when some token counts are the worst case charged for answers without usable usage
+    # (client.worst_case_usage); the token counts cover every answered attempt (schema retries)
+    usage_estimated: bool | None = None
 
     def to_json(self) -> dict:
         meta = dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
-        for optional in ("prompts", "batch_id"):
-            if meta[optional] is None:
+        for optional in ("prompts", "batch_id", "usage_estimated"):
+            if not meta[optional]:
                 del meta[optional]
         return meta
 
@@ -105,7 +109,9 @@ def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any]
         reasoning_tokens=total("reasoning_tokens"),
         finish_reason=reasons.pop() if len(reasons) == 1 else None,
         cached=all(answer.cached for answer in given), key=key, fingerprint=fingerprint,
-        finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id)
+        finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id,
+        usage_estimated=any(getattr(answer, "usage_estimated", False) for answer in given)
+        or None)
 
 
 def captioned_record(record: dict, answers: dict, meta: CaptionMeta) -> dict:

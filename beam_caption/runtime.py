@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from beam_caption.cache import RequestCache, request_digest
-from beam_caption.client import ClientSettings, Completion, VLMClient, request_body
+from beam_caption.client import ClientSettings, Completion, Paid, VLMClient, request_body
 from beam_caption.errors import CaptionError, JobStopped, UsageError
 from beam_caption.http_images import UrlGuard
 from beam_caption.images import (
@@ -204,6 +204,18 @@ class CaptionRuntime:
     def _run_io(self, function, *args):
         return self._loop.run_in_executor(self._io_pool, function, *args)
 
+    def stopped(self, stop: JobStopped) -> JobStopped:
+        """Why the job stopped as the client says now (what a --max_cost stop spent, the answers
+        that were in flight included), else ``stop`` as it was raised."""
+        stopped = getattr(self._client, "stopped", None)
+        return (stopped() if stopped else None) or stop
+
+    def count_spent_before(self, dollars: float) -> None:
+        """What earlier runs spent (the reused captions' cost), for the client's --max_cost."""
+        count = getattr(self._client, "count_spent_before", None)
+        if count is not None:
+            self._loop.call_soon_threadsafe(count, dollars)
+
     def call(self, coroutine):
         """Run a coroutine on the runtime's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -236,10 +248,12 @@ class CaptionRuntime:
                 if isinstance(answer, Completion)}
         if failed:
             spec, first = failed[0]
+            message = first.message
             if len(failed) > 1:
                 others = ", ".join(other.name for other, _ in failed[1:])
-                first = CaptionError(first.stage, first.type, f"{first.message} (also failed: "
-                                     f"{others})", first.retryable, first.attempts)
+                message = f"{message} (also failed: {others})"
+            first = CaptionError(first.stage, first.type, message, first.retryable,
+                                 first.attempts, first.throttled_s, paid_by(answers))
             return self._failure(element, first, spec.name if len(specs) > 1 else None, done,
                                  attempts, throttled)
         meta = self._meta(element, answers)  # type: ignore[arg-type]
@@ -413,6 +427,21 @@ class _Request(NamedTuple):
     params: dict
     digest: str
     tokens: int
+
+
+def paid_by(answers: list) -> dict | None:
+    """What a record's prompts paid (``CaptionError.paid``): the answers kept and the failed
+    prompts' paid attempts (cached answers cost nothing)."""
+    total = Paid()
+    for answer in answers:
+        if isinstance(answer, Completion) and not answer.cached:
+            total = total.plus(Paid(answer.prompt_tokens or 0, answer.completion_tokens or 0,
+                                    None, answer.usage_estimated))
+        elif isinstance(answer, CaptionError) and answer.paid:
+            total = total.plus(Paid(answer.paid["prompt_tokens"],
+                                    answer.paid["completion_tokens"], None,
+                                    bool(answer.paid.get("estimated"))))
+    return total.as_dict()
 
 
 async def _plan_error(plan) -> CaptionError:

@@ -150,6 +150,8 @@ class _SummaryFn(beam.CombineFn):
 
 
 def caption_counts(element: dict, image_key: str) -> dict:
+    """A caption's figures: its answers' tokens (every answered attempt) count in tokens and
+    cost, unless it came from the cache."""
     meta = element["caption_meta"]
     images = element.get(image_key)
     tokens = (meta["prompt_tokens"] or 0) + (meta["completion_tokens"] or 0)
@@ -160,7 +162,8 @@ def caption_counts(element: dict, image_key: str) -> dict:
     else:
         counts.update(prompt_tokens=meta["prompt_tokens"] or 0,
                       completion_tokens=meta["completion_tokens"] or 0,
-                      reasoning_tokens=meta.get("reasoning_tokens") or 0)
+                      reasoning_tokens=meta.get("reasoning_tokens") or 0,
+                      usage_estimated=1 if meta.get("usage_estimated") else 0)
     if meta.get("batch_id"):  # at the batch price
         counts.update(batch_prompt_tokens=meta["prompt_tokens"] or 0,
                       batch_completion_tokens=meta["completion_tokens"] or 0)
@@ -168,10 +171,18 @@ def caption_counts(element: dict, image_key: str) -> dict:
 
 
 def failure_counts(element: dict) -> dict:
+    """A failure's figures: what its answered attempts paid (``error.paid``) counts in tokens
+    and cost as a caption's does."""
     error = element["error"]
-    return {"failed": 1, "attempts": error["attempts"],
-            "retries": max(error["attempts"] - 1, 0),
-            f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
+    counts = {"failed": 1, "attempts": error["attempts"],
+              "retries": max(error["attempts"] - 1, 0),
+              f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
+    paid = error.get("paid")
+    if isinstance(paid, dict):  # a failure line of an earlier version or a batch has none
+        counts.update(prompt_tokens=paid.get("prompt_tokens") or 0,
+                      completion_tokens=paid.get("completion_tokens") or 0,
+                      usage_estimated=1 if paid.get("estimated") else 0)
+    return counts
 
 
 def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None = None,
@@ -198,6 +209,8 @@ def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None =
                    "completion": counts.get("completion_tokens", 0),
                    "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0),
                    "reasoning": counts.get("reasoning_tokens", 0)},
+        # records whose tokens include the worst case charged for answers without usage
+        "usage_estimated": counts.get("usage_estimated", 0),
         "cost": _cost(counts, options),
         "throttled_s": counts.get("throttled_ms", 0) / 1000,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),

@@ -15,7 +15,7 @@ import apache_beam as beam
 
 from beam_caption.caption import CaptionImages
 from beam_caption.checkpoint import CheckpointCaptions
-from beam_caption.client import ClientSettings
+from beam_caption.client import ClientSettings, token_count
 from beam_caption.images import ImageSettings
 from beam_caption.keys import KeySource
 from beam_caption.manifest import ReadManifests
@@ -72,6 +72,16 @@ def caption_config(options: CaptionOptions) -> CaptionConfig:
         allow_private_urls=options.allow_private_urls,
         token_formula=options.token_formula,
     )
+
+
+def reused_cost(caption: dict, client: ClientSettings) -> float:
+    """What a caption reused by --resume cost when it was made, at this run's prices (nothing
+    for an answer from the cache; a Batch API answer at the discount)."""
+    meta = caption.get("caption_meta")
+    if not isinstance(meta, dict) or meta.get("cached"):
+        return 0.0
+    return client.cost(token_count(meta.get("prompt_tokens")) or 0,
+                       token_count(meta.get("completion_tokens")) or 0, bool(meta.get("batch_id")))
 
 
 class CaptionManifests(beam.PTransform):
@@ -132,11 +142,16 @@ class CaptionManifests(beam.PTransform):
         progress_dir = self._config.progress_dir
         read = pbegin | "ReadManifests" >> ReadManifests(self._files, progress_dir=progress_dir)
         records = read[RECORDS]
+        spent_before = None
         if self._reuse_checkpoints:
             split = records | "SkipDone" >> SkipDone(out, self._config.settings_digest,
                                                      progress_dir)
             records = split["todo"]
-        captioned = records | "CaptionImages" >> (self._captioner or CaptionImages(self._config))
+            if self._config.client.max_cost:  # the budget is the job's, across --resume
+                spent_before = split["done"] | "SpentBefore" >> beam.Map(
+                    reused_cost, self._config.client) | "Total" >> beam.CombineGlobally(sum)
+        captioned = records | "CaptionImages" >> (
+            self._captioner or CaptionImages(self._config, spent_before))
         checkpointed = captioned[CAPTIONS] | "CheckpointCaptions" >> CheckpointCaptions(
             out, self._checkpoint_interval)
         failures = (read[FAILURES], captioned[FAILURES]) | "AllFailures" >> beam.Flatten()

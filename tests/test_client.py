@@ -219,11 +219,13 @@ def test_a_retry_after_past_max_retry_wait_fails_the_record_as_throttled():
     {"prompt_tokens": 10**31, "completion_tokens": -4},
     {"prompt_tokens": True, "completion_tokens": None},
 ])
-def test_usage_counts_that_are_not_counts_become_none(usage):
+def test_usage_counts_that_are_not_counts_are_charged_the_worst_case(usage):
     with FakeVLMServer(FakeVLMConfig(usage=usage)) as server:
         result = run_complete(server, messages())
     assert result.caption.startswith("A fake caption")
-    assert (result.prompt_tokens, result.completion_tokens) == (None, None)
+    # No estimate given (tokens=0): the worst case is the longest answer allowed.
+    assert (result.prompt_tokens, result.completion_tokens) == (0, 256)
+    assert result.usage_estimated
 
 
 def test_integral_float_counts_are_kept():
@@ -298,6 +300,7 @@ def test_one_refusal_among_successes_does_not_stop_the_client():
     client_settings = ClientSettings(api_url="u", model="m", stop_after_refusals=2)
     client = VLMClient.__new__(VLMClient)
     client.settings, client._refusals, client._stopped = client_settings, 0, None
+    client._stop_event = asyncio.Event()
     failure = HTTPStatusFailure(401, {}, b"{}")
     error = CaptionError("request", "http_401", "no")
     client._count_refusal(failure, error)

@@ -85,7 +85,10 @@ class FakeVLMConfig:
     # Hostile answers, as real gateways give them:
     caption_suffix: str = ""  # appended to every caption (e.g. a lone surrogate "\ud800")
     caption_chars: int = 0  # pad every caption to at least this many characters
-    usage: dict | None = None  # replaces the usage counts as given (strings, NaN, 10**31, ...)
+    usage: Any = None  # replaces the usage block as given (strings, NaN, 10**31, {}, "x", ...)
+    omit_usage: bool = False  # answers carry no usage block at all
+    answer_headers: dict[str, str] | None = None  # added to every chat answer (e.g. hostile
+    # x-ratelimit-* headers: a reset of 999999h, a limit of 0.0000001)
     endless_body: bool = False  # successful answers stream a body that never ends
     echo_auth: bool = False  # error bodies quote the request's Authorization header
     refuse_after: int | None = None  # after this many captions, answer refuse_status to all
@@ -622,12 +625,14 @@ class FakeVLMServer:
         return web.json_response(self._stats.snapshot())
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
-        """Count the request around :meth:`_answer_chat`."""
+        """Count the request around :meth:`_answer_chat` (and add ``answer_headers``)."""
         self._stats.begin()
         status = None
         try:
             response = await self._answer_chat(request)
             status = response.status
+            if self.config.answer_headers and not response.prepared:
+                response.headers.update(self.config.answer_headers)
             return response
         except web.HTTPException as exc:  # e.g. 413 from aiohttp itself
             status = exc.status
@@ -848,7 +853,8 @@ class FakeVLMServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": caption,
                                                  "refusal": refusal},
                          "finish_reason": finish_reason}],
-            "usage": self.config.usage or usage,
+            **({} if self.config.omit_usage else
+               {"usage": usage if self.config.usage is None else self.config.usage}),
         }
 
     def _structured_text(self, chat: _Chat, caption: str) -> str:
@@ -945,6 +951,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--caption_chars", type=int, default=0,
                         help="pad every caption to this many characters")
     parser.add_argument("--usage", type=json.loads, help="usage object to answer, as JSON")
+    parser.add_argument("--omit_usage", action="store_true", help="answer without usage")
+    parser.add_argument("--answer_header", dest="answer_headers", action="append",
+                        type=lambda text: tuple(part.strip() for part in text.split(":", 1)),
+                        help="NAME: VALUE header added to every chat answer, repeatable")
     parser.add_argument("--endless_body", action="store_true",
                         help="successful answers stream a body that never ends")
     parser.add_argument("--echo_auth", action="store_true",
@@ -977,6 +987,7 @@ def _config_from_args(args: argparse.Namespace) -> FakeVLMConfig:
     values = {f.name: getattr(args, f.name) for f in fields(FakeVLMConfig) if hasattr(args, f.name)}
     if values["models"] is None:
         del values["models"]
+    values["answer_headers"] = dict(values["answer_headers"] or ())
     return FakeVLMConfig(**values)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, TypeVar
@@ -31,6 +32,8 @@ FIND_SLACK_S = 3600  # batches are listed newest first: stop this long before th
 CREATE_ATTEMPTS = 5
 CREATE_BACKOFF_S = 1.0
 MAX_LIST_PAGES = 100  # find() reads at most this many pages of batches
+CANCEL_RETRIES = 2  # a cancel is best effort: the SDK's retries of it, bounded
+CANCEL_TIMEOUT_S = 60.0
 DOWNLOAD_CHUNK = 1 << 20
 # The documented batch statuses; the first four are ends.
 ENDED_STATUSES: Final = ("completed", "failed", "expired", "cancelled")
@@ -125,6 +128,12 @@ def batch_state(raw: object) -> BatchState:
         errors=messages, request_counts=request_counts, problems=tuple(problems))
 
 
+def _path_part(batch_id: str) -> str:
+    """A batch id from the API as one path segment (an id holding ``/`` or ``?`` names no
+    other endpoint)."""
+    return urllib.parse.quote(batch_id, safe="")
+
+
 class BatchAPIError(Exception):
     """A Batch API call failed for good (after the SDK's retries)."""
 
@@ -134,7 +143,7 @@ class BatchAPIError(Exception):
 
 
 class BatchAPI:
-    """Upload input files, create, find and retrieve batches, download result files."""
+    """Upload input files, create, find, retrieve and cancel batches, download result files."""
 
     def __init__(self, api_url: str, api_key: str | None, max_retries: int = 6):
         self._where = redact_url(api_url)
@@ -185,7 +194,14 @@ class BatchAPI:
 
     def retrieve(self, batch_id: str) -> BatchState:
         return batch_state(self._call(f"reading batch {batch_id}", lambda: self._client.get(
-            f"/batches/{batch_id}", cast_to=object)))
+            f"/batches/{_path_part(batch_id)}", cast_to=object)))
+
+    def cancel(self, batch_id: str) -> BatchState:
+        """Ask the API to cancel a batch (``CANCEL_RETRIES`` retries at most); the batch as
+        the answer shows it (``cancelling``, or already ended)."""
+        bounded = self._client.with_options(max_retries=CANCEL_RETRIES, timeout=CANCEL_TIMEOUT_S)
+        return batch_state(self._call(f"cancelling batch {batch_id}", lambda: bounded.post(
+            f"/batches/{_path_part(batch_id)}/cancel", cast_to=object)))
 
     def find(self, input_file_id: str, uploaded_at: float) -> BatchState | None:
         """The batch created of ``input_file_id`` (after ``uploaded_at``), if there is one."""

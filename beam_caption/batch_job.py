@@ -5,7 +5,9 @@ ledger holds yet are submitted (a Beam job: SubmitBatches; one record per finger
 others share its answer), then the launcher polls every batch of the ledger until it ends
 (backoff up to ``--batch_poll_interval``, one progress line per poll; a batch not ended
 ``--batch_max_wait_hours`` after its upload ends as ``timeout``, a batch object without a
-documented status as ``invalid``, each with one line), and with ``--retry_failed`` or
+documented status as ``invalid``, each with one line; such a batch is cancelled through the API,
+once, and its end awaited for at most CANCEL_WAIT_S to collect what it answered before the
+cancel), and with ``--retry_failed`` or
 ``--resume`` (earlier failures are tried again, as online) submits once more the records the
 batches left unanswered: a retry pass, whose ledger names hold the batches it retries.
 The job's graph then collects (CollectBatchResults). ``collect`` (``python -m beam_caption
@@ -30,6 +32,9 @@ from apache_beam.io.filesystems import FileSystems
 from beam_caption.batch import SubmitBatches, result_file, result_lines
 from beam_caption.batch_api import BatchAPI, BatchAPIError, BatchState
 from beam_caption.batch_ledger import (
+    CANCEL_ASKED,
+    CANCEL_ENDED,
+    CANCEL_FAILED,
     FAILED_ENDS,
     UNSENT_PREFIX,
     LedgerEntry,
@@ -51,6 +56,7 @@ POLL_GROWTH = 1.5
 RETRY_FILE = "retry-fingerprints.txt"
 ADOPT_GRACE_S = 900.0  # on a cluster, an upload this young may still get its batch from its job
 HOUR_S = 3600.0
+CANCEL_WAIT_S = 900.0  # after a cancel, its end (with what it answered) is awaited this long
 
 
 def submit_and_wait(options: CaptionOptions, files: list[str], config: CaptionConfig,
@@ -174,39 +180,89 @@ def poll(api: BatchAPI, output_dir: str, max_interval: float, grace: float = 0.0
          max_wait: float = float("inf")) -> list[LedgerEntry]:
     """Wait for every batch of the ledger to end, writing each one's state as it changes;
     one progress line on stderr per poll. A batch the API no longer knows (404) counts as
-    failed; one not ended ``max_wait`` seconds after its upload ends as ``timeout`` (what it
-    answered is collected). The ended ledger."""
+    failed; one not ended ``max_wait`` seconds after its upload ends as ``timeout``. A batch
+    given up so (or ``invalid``) is cancelled (see ``_cancel``) and what it answered is
+    collected. The ended ledger."""
     delay = min(FIRST_POLL_S, max_interval)
+    cancel_wait = min(CANCEL_WAIT_S, max_wait)
     while True:
         _adopt(api, output_dir, grace)
         entries = read_entries(output_dir)
         for entry in entries:
-            if entry.ended or entry.batch_id is None:
+            batch_id = entry.batch_id
+            if batch_id is None:
                 continue
-            if time.time() - entry.uploaded_at > max_wait:
+            if entry.cancel == CANCEL_ASKED:
+                _follow_cancel(api, output_dir, entry, batch_id, cancel_wait)
+                continue
+            if not entry.ended and time.time() - entry.uploaded_at > max_wait:
                 was = entry.status
                 entry.give_up(f"not ended {max_wait / HOUR_S:g} h after its upload "
                               "(--batch_max_wait_hours)")
                 write_entry(output_dir, entry)
-                print(f"batch: batch {entry.batch_id} is still {was} {max_wait / HOUR_S:g} h "
-                      "after its upload: given up (batch_timeout); what it answered is "
+                cancelled = " and cancelled" if _cancel(api, output_dir, entry, batch_id) else ""
+                print(f"batch: batch {batch_id} is still {was} {max_wait / HOUR_S:g} h after "
+                      f"its upload: given up (batch_timeout){cancelled}; what it answered is "
                       "collected", file=sys.stderr)
-                continue
-            try:
-                batch = api.retrieve(entry.batch_id)
-            except BatchAPIError as exc:
-                if exc.status != 404:
-                    print(f"batch: {exc}; asking again", file=sys.stderr)
-                    continue
-                batch = BatchState(entry.batch_id, "failed", errors=(
-                    f"the API no longer knows batch {entry.batch_id}",))
-            if batch.status != entry.status or batch.request_counts != entry.request_counts:
-                _take(output_dir, entry, batch)
+            elif not entry.ended:
+                batch = _look(api, batch_id)
+                if batch is not None and (batch.status != entry.status
+                                          or batch.request_counts != entry.request_counts):
+                    _take(output_dir, entry, batch)
+            if entry.needs_cancel:  # invalid, or given up before a launcher died
+                _cancel(api, output_dir, entry, batch_id)
         print(progress_line(entries), file=sys.stderr, flush=True)
-        if all(entry.ended for entry in entries):
+        if all(entry.settled for entry in entries):
             return entries
         time.sleep(delay)
         delay = min(delay * POLL_GROWTH, max_interval)
+
+
+def _look(api: BatchAPI, batch_id: str) -> BatchState | None:
+    """The batch as the API shows it now; None (one line) when it cannot say, this time. A
+    batch the API no longer knows (404) counts as failed."""
+    try:
+        return api.retrieve(batch_id)
+    except BatchAPIError as exc:
+        if exc.status != 404:
+            print(f"batch: {exc}; asking again", file=sys.stderr)
+            return None
+        return BatchState(batch_id, "failed", errors=(
+            f"the API no longer knows batch {batch_id}",))
+
+
+def _cancel(api: BatchAPI, output_dir: str, entry: LedgerEntry, batch_id: str) -> bool:
+    """Cancel a batch we gave up, so that it bills nothing more, best effort: asked once (the
+    ledger says it was), with the SDK's few retries; a failure is one warning line. Whether
+    the API took the cancel."""
+    try:
+        batch = api.cancel(batch_id)
+    except BatchAPIError as exc:
+        entry.cancel = CANCEL_FAILED
+        entry.errors.append("its cancel failed")
+        write_entry(output_dir, entry)
+        print(f"batch: warning: {exc}; batch {batch_id} may still run and be billed, what it "
+              "answers from now on is not collected", file=sys.stderr)
+        return False
+    entry.cancel_taken(batch)
+    write_entry(output_dir, entry)
+    return True
+
+
+def _follow_cancel(api: BatchAPI, output_dir: str, entry: LedgerEntry, batch_id: str,
+                   wait: float) -> None:
+    """One look at a batch asked to cancel: its result files once it ended; not awaited
+    longer than ``wait`` seconds after the cancel (one line)."""
+    if time.time() - (entry.cancel_asked_at or 0.0) > wait:
+        entry.cancel = CANCEL_ENDED
+        write_entry(output_dir, entry)
+        print(f"batch: batch {batch_id} has not ended {wait:g} s after its cancel: what it "
+              "answers later is not collected", file=sys.stderr)
+        return
+    batch = _look(api, batch_id)
+    if batch is not None:
+        entry.after_cancel(batch)
+        write_entry(output_dir, entry)
 
 
 def progress_line(entries: list[LedgerEntry]) -> str:

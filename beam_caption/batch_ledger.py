@@ -31,6 +31,10 @@ TIMEOUT = "timeout"  # our end of a batch not ended within --batch_max_wait_hour
 TERMINAL = (*ENDED_STATUSES, INVALID, TIMEOUT)
 FAILED_ENDS = ("failed", "expired", "cancelled", INVALID, TIMEOUT)  # may leave requests unanswered
 PROMPT_SEPARATOR = "|"
+# LedgerEntry.cancel of a given-up (timeout or invalid) batch: the API took the cancel and the
+# batch's end (with what it answered) is awaited; that end came or is no longer awaited; the
+# cancel failed. Each is written as it happens: a batch is asked to cancel once.
+CANCEL_ASKED, CANCEL_ENDED, CANCEL_FAILED = "asked", "ended", "failed"
 
 
 def entry_name(custom_ids: list[str], fingerprints: list[str], retry_of: str = "") -> str:
@@ -70,10 +74,23 @@ class LedgerEntry:
     ended_at: float | None = None
     errors: list[str] = field(default_factory=list)  # why a failed batch failed
     request_counts: dict = field(default_factory=dict)
+    cancel: str = ""  # of a given-up batch: CANCEL_ASKED, CANCEL_ENDED or CANCEL_FAILED
+    cancel_asked_at: float | None = None
 
     @property
     def ended(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def needs_cancel(self) -> bool:
+        """A batch we gave up (timeout, invalid) that was not asked to cancel yet."""
+        return self.status in (TIMEOUT, INVALID) and self.batch_id is not None \
+            and not self.cancel
+
+    @property
+    def settled(self) -> bool:
+        """Ended, and not a cancelled batch whose end is still awaited."""
+        return self.ended and self.cancel != CANCEL_ASKED
 
     def update(self, batch: BatchState) -> None:
         """Take the batch's id, status, result files and counts as the API shows them (an id
@@ -91,6 +108,23 @@ class LedgerEntry:
         self.status = TIMEOUT
         self.ended_at = time.time()
         self.errors = [why]
+
+    def cancel_taken(self, batch: BatchState) -> None:
+        """The API took the cancel of this given-up batch (``batch``: its answer)."""
+        self.cancel = CANCEL_ASKED
+        self.cancel_asked_at = time.time()
+        self.errors.append("cancelled")
+        self.after_cancel(batch)
+
+    def after_cancel(self, batch: BatchState) -> None:
+        """Take the result files and counts a cancelled batch shows (its status stays ours:
+        what it did not answer fails as given up); once it ended, or cannot be followed, its
+        files are final."""
+        self.output_file_id = batch.output_file_id or self.output_file_id
+        self.error_file_id = batch.error_file_id or self.error_file_id
+        self.request_counts = dict(batch.request_counts) or self.request_counts
+        if batch.status in TERMINAL:
+            self.cancel = CANCEL_ENDED
 
 
 def ledger_dir(output_dir: str) -> str:

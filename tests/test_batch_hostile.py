@@ -5,6 +5,8 @@ identical records. The fake server's BatchModes drive the real code over HTTP on
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import RunResult, run_cli
@@ -12,9 +14,18 @@ from test_batch import BATCH, job_flags
 from test_end_to_end import check_every_record_once
 
 from beam_caption.__main__ import main
-from beam_caption.batch import result_line
-from beam_caption.batch_api import INVALID, BatchAPI, batch_state
-from beam_caption.batch_ledger import entry_name, read_entries
+from beam_caption.batch import request_line, result_line
+from beam_caption.batch_api import CANCEL_RETRIES, INVALID, BatchAPI, batch_state
+from beam_caption.batch_job import poll
+from beam_caption.batch_ledger import (
+    CANCEL_ASKED,
+    CANCEL_ENDED,
+    CANCEL_FAILED,
+    LedgerEntry,
+    entry_name,
+    read_entries,
+    write_entry,
+)
 from beam_caption.testing import FakeVLMServer
 from beam_caption.testing.fake_batches import set_batch_modes
 
@@ -213,3 +224,98 @@ def test_identical_records_are_sent_once_and_all_captioned(capsys, dataset_facto
     assert len(run.captions) == 3
     assert [f["error"]["type"] for f in run.failures] == ["image_not_found"] * 2
     assert len({f["key"] for f in run.failures}) == 2
+
+
+WAIT_TINY = ["--batch_max_wait_hours", "0.0005"]  # 1.8 s
+
+
+def test_a_batch_given_up_is_cancelled_once_its_answers_kept_and_only_the_rest_retried(
+        dataset_factory, tmp_path):
+    data = dataset_factory(4, files=1)
+    out = tmp_path / "out"
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, hold=True)  # in_progress until cancelled: half answered
+        given_up = run_cli([*job_flags(server, data), *BATCH, *WAIT_TINY], out, timeout=120)
+        assert given_up.returncode == 0, given_up.stderr[-3000:]
+        assert server.stats()["events"]["cancel"] == 1
+        (entry,) = read_entries(str(out))
+        assert (entry.status, entry.cancel) == ("timeout", CANCEL_ENDED)
+        assert len(given_up.captions) == 2  # what it answered before the cancel
+        assert set(error_types(given_up).values()) == {"request/batch_timeout"}
+        failed = sorted(f["key"] for f in given_up.failures)
+        assert len(failed) == 2 and "cancelled" in given_up.failures[0]["error"]["message"]
+        assert len([line for line in given_up.stderr.splitlines()
+                    if "given up (batch_timeout) and cancelled" in line]) == 1
+        set_batch_modes(server.url)
+        retried = run_cli([*job_flags(server, data), *BATCH, *WAIT_TINY, "--resume",
+                           "--retry_failed"], out, timeout=120)
+        events = server.stats()["events"]
+        assert events["cancel"] == 1 and events["batch"] == 2  # not cancelled again
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    check_every_record_once(retried, data)
+    assert not retried.failures
+    first, retry = read_entries(str(out))
+    assert first.name == entry.name and retry.batch_id != entry.batch_id
+    assert sorted(retry.custom_ids) == failed  # only what the cancelled batch left
+
+
+def test_a_cancel_that_fails_is_one_warning_and_never_asked_again(dataset_factory, tmp_path):
+    data = dataset_factory(4, files=1)
+    out = tmp_path / "out"
+    with FakeVLMServer() as server:
+        set_batch_modes(server.url, hold=True, cancel_status=500)
+        run = run_cli([*job_flags(server, data), *BATCH, *WAIT_TINY], out, timeout=120)
+        assert server.stats()["events"]["cancel"] == 1 + CANCEL_RETRIES  # the SDK's, bounded
+        for collected_file in [*out.glob("captions-*"), *out.glob("failures-*")]:
+            collected_file.unlink()
+        collected = run_cli(["collect", *job_flags(server, data), *BATCH, *WAIT_TINY], out,
+                            timeout=120)
+        assert server.stats()["events"]["cancel"] == 1 + CANCEL_RETRIES
+    for result in (run, collected):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert set(error_types(result).values()) == {"request/batch_timeout"}
+        assert len(result.failures) == 4 and not result.captions
+    warnings = [line for line in run.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "cancelling batch" in warnings[0]
+    assert "HTTP 500" in warnings[0] and "may still run and be billed" in warnings[0]
+    assert "warning" not in collected.stderr
+    (entry,) = read_entries(str(out))
+    assert (entry.status, entry.cancel) == ("timeout", CANCEL_FAILED)
+
+
+def _held_batch(server, out, **fields) -> LedgerEntry:
+    """A batch of 4 requests the fake holds in_progress, in a ledger as a launcher that died
+    left it (``fields``)."""
+    api = BatchAPI(server.url, None)
+    body = {"model": "fake-vlm", "messages": [{"role": "user", "content": "hi"}]}
+    lines = b"".join(request_line(f"k{i}", json.dumps(body).encode()) for i in range(4))
+    file_id = api.upload(lines, "in.jsonl")
+    entry = LedgerEntry("e", file_id, [f"k{i}" for i in range(4)], ["f"] * 4, time.time(),
+                        batch_id=api.create(file_id, {}).id, **fields)
+    write_entry(str(out), entry)
+    return entry
+
+
+def test_a_launcher_that_died_around_a_cancel_asks_it_once(tmp_path):
+    out = tmp_path / "out"
+    with FakeVLMServer() as server, ThreadPoolExecutor(1) as pool:
+        set_batch_modes(server.url, hold=True)
+        api = BatchAPI(server.url, None)
+        # It died after giving the batch up, before cancelling it: the rerun cancels it.
+        _held_batch(server, out, status="timeout", errors=["not ended"])
+        (entry,) = pool.submit(poll, api, str(out), 0.05, 0.0, 60.0).result(timeout=60)
+        assert server.stats()["events"]["cancel"] == 1
+        assert entry.cancel == CANCEL_ENDED and entry.output_file_id  # half was answered
+        # It died while waiting for the cancel's end: the rerun waits, and cancels nothing.
+        entry.cancel = CANCEL_ASKED
+        write_entry(str(out), entry)
+        (entry,) = pool.submit(poll, api, str(out), 0.05, 0.0, 60.0).result(timeout=60)
+        assert server.stats()["events"]["cancel"] == 1 and entry.cancel == CANCEL_ENDED
+        # A cancel never ending is awaited a bounded time (min(CANCEL_WAIT_S, max_wait)).
+        other = tmp_path / "other"
+        _held_batch(server, other, status="timeout", cancel=CANCEL_ASKED,
+                    cancel_asked_at=time.time())
+        started = time.monotonic()
+        (entry,) = pool.submit(poll, api, str(other), 0.05, 0.0, 1.0).result(timeout=60)
+        assert entry.cancel == CANCEL_ENDED and time.monotonic() - started < 30
+        assert server.stats()["events"]["cancel"] == 1

@@ -5,12 +5,15 @@ An uploaded batch input file is a JSONL of chat requests (``custom_id``, ``metho
 chat endpoint answers it (content-derived captions), successes go to the output file and the
 rest (400s, lines whose prompt holds ``batch_fail_marker``: 500) to the error file. With
 ``batch_expire`` a batch expires instead: its first half of lines answered, the rest in the
-error file as ``batch_expired``. Uploads and batches are counted in ``stats()["events"]``.
+error file as ``batch_expired``. A batch not ended can be cancelled: it shows ``cancelling``,
+then ``cancelled`` with the first half of its lines answered (one that had already answered
+everything keeps its files). Uploads, batches and cancel calls are counted in
+``stats()["events"]`` (``upload``, ``batch``, ``cancel``).
 
 Hostile modes (``BatchModes``), set while the server runs with ``set_batch_modes(server.url,
 ...)`` (``POST /fake/batch_modes``): the first batches expire unanswered, result lines of
-undocumented shapes, batch objects with wrong fields, batches that never end, result files
-that never end.
+undocumented shapes, batch objects with wrong fields, batches that never end (or only when
+cancelled), result files that never end, cancels that fail.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class BatchModes:
     line_fields: list[dict] = dataclasses.field(default_factory=list)
     extra_lines: list[str] = dataclasses.field(default_factory=list)  # raw lines put first
     batch_fields: dict = dataclasses.field(default_factory=dict)  # replace the batch object's
-    stuck_status: str | None = None  # batches show this status for ever (results still made)
+    stuck_status: str | None = None  # batches show this status (results still made) until
+    # they are cancelled
+    hold: bool = False  # batches created (from now on) stay in_progress until cancelled
+    cancel_status: int = 0  # cancel calls are answered with this HTTP error status
     endless_results: bool = False  # result files are padding lines that never end
 
 
@@ -75,7 +81,8 @@ class FakeBatchAPI:
                 web.get("/v1/files/{file_id}/content", self._content),
                 web.post("/v1/batches", self._create),
                 web.get("/v1/batches", self._list),
-                web.get("/v1/batches/{batch_id}", self._retrieve)]
+                web.get("/v1/batches/{batch_id}", self._retrieve),
+                web.post("/v1/batches/{batch_id}/cancel", self._cancel)]
 
     async def _set_modes(self, request: web.Request) -> web.Response:
         self._modes = BatchModes(**await request.json())
@@ -150,7 +157,8 @@ class FakeBatchAPI:
             "completed_at": None, "expired_at": None, "metadata": body.get("metadata"),
             "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             "_ends_at": time.monotonic() + self._server.config.batch_delay_s,
-            "_expires": self._created <= self._modes.expire_first}
+            "_expires": self._created <= self._modes.expire_first, "_held": self._modes.hold,
+            "_cancelled": False}
         return web.json_response(self._public(batch_id))
 
     async def _retrieve(self, request: web.Request) -> web.Response:
@@ -160,6 +168,28 @@ class FakeBatchAPI:
         batch_id = request.match_info["batch_id"]
         if batch_id not in self._batches:
             return _error(404, "No such batch.")
+        return web.json_response(self._public(batch_id))
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        refused = self._server.refusal(request)
+        if refused is not None:
+            return refused
+        self._server.count_event("cancel")
+        if self._modes.cancel_status:
+            return _error(self._modes.cancel_status, "The cancel failed (fake).")
+        batch_id = request.match_info["batch_id"]
+        if batch_id not in self._batches:
+            return _error(404, "No such batch.")
+        shown = self._public(batch_id)["status"]
+        if shown in ("completed", "failed", "expired", "cancelled", "cancelling"):
+            return _error(400, f"Cannot cancel a batch with status {shown}.")
+        batch = self._batches[batch_id]
+        batch["_cancelled"] = True
+        if batch["status"] == "in_progress":  # ends (cancelled) at its next look
+            batch.update(status="cancelling", cancelling_at=int(time.time()),
+                         _ends_at=time.monotonic())
+            return web.json_response(self._shown(batch))
+        batch.update(status="cancelled", cancelled_at=int(time.time()), completed_at=None)
         return web.json_response(self._public(batch_id))
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -180,18 +210,24 @@ class FakeBatchAPI:
     def _public(self, batch_id: str) -> dict:
         """The batch as the API shows it, ended (and answered) once its time has come."""
         batch = self._batches[batch_id]
-        if batch["status"] == "in_progress" and time.monotonic() >= batch["_ends_at"]:
+        ends = batch["status"] == "cancelling" or (batch["status"] == "in_progress"
+                                                   and not batch["_held"])
+        if ends and time.monotonic() >= batch["_ends_at"]:
             self._end(batch)
+        return self._shown(batch)
+
+    def _shown(self, batch: dict) -> dict:
         shown = {key: value for key, value in batch.items() if not key.startswith("_")}
-        if self._modes.stuck_status:
+        if self._modes.stuck_status and not batch["_cancelled"]:
             shown["status"] = self._modes.stuck_status
         return {**shown, **self._modes.batch_fields}
 
     def _end(self, batch: dict) -> None:
         lines = [json.loads(line) for line in self._files[batch["input_file_id"]].splitlines()
                  if line.strip()]
-        expired = self._server.config.batch_expire or batch["_expires"]
-        answered = [] if batch["_expires"] else \
+        cancelled = batch["_cancelled"]  # what it answered before the cancel: the first half
+        expired = not cancelled and (self._server.config.batch_expire or batch["_expires"])
+        answered = lines[:len(lines) // 2] if cancelled else [] if batch["_expires"] else \
             lines[:len(lines) // 2] if expired else lines
         output: list[dict] = []
         errors: list[dict] = []
@@ -203,13 +239,15 @@ class FakeBatchAPI:
             if index < len(self._modes.line_fields):
                 result.update(self._modes.line_fields[index])
             (output if status == 200 else errors).append(result)
-        for line in lines[len(answered):]:
+        for line in [] if cancelled else lines[len(answered):]:
             errors.append({"id": f"batch_req_{uuid.uuid4().hex[:16]}",
                            "custom_id": line["custom_id"], "response": None, "error": _EXPIRED})
         extra = "".join(f"{line}\n" for line in self._modes.extra_lines).encode()
         now = int(time.time())
-        batch.update(status="expired" if expired else "completed",
-                     completed_at=None if expired else now, expired_at=now if expired else None,
+        ended_as = "cancelled" if cancelled else "expired" if expired else "completed"
+        batch.update(status=ended_as, completed_at=now if ended_as == "completed" else None,
+                     expired_at=now if expired else None,
+                     cancelled_at=now if cancelled else None,
                      request_counts={"total": len(lines), "completed": len(output),
                                      "failed": len(errors)},
                      output_file_id=self._store(extra + _jsonl(output)) if output else None,

@@ -59,7 +59,8 @@ from beam_caption.client import (
     Completion,
     HTTPStatusFailure,
     classify_exception,
-    parse_completion,
+    judge_completion,
+    read_completion,
     scrub_answer,
 )
 from beam_caption.errors import CaptionError, JobStopped
@@ -431,6 +432,7 @@ class _Assemble(beam.DoFn):
         unsent = {failure["key"]: failure for failure in groups["unsent"]}
         results = groups["results"]
         shared_failure = next(iter(unsent.values()), None)
+        paid_by = None  # the first record given the answers: the others get them as cached
         for element in groups["record"]:
             if element["key"] in unsent:
                 yield beam.pvalue.TaggedOutput(FAILURES, unsent[element["key"]])
@@ -438,10 +440,15 @@ class _Assemble(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(FAILURES, {
                     **shared_failure, "key": element["key"], "source": element["source"]})
             else:
-                yield self._outcome(element, results)
+                outcome = self._outcome(element, results, shared=paid_by is not None)
+                if isinstance(outcome, dict):
+                    paid_by = element["key"]
+                yield outcome
 
-    def _outcome(self, element: dict, results: list):
-        """The record's caption, its failure, or (fallback) the record for the online path."""
+    def _outcome(self, element: dict, results: list, shared: bool):
+        """The record's caption, its failure, or (fallback) the record for the online path.
+        ``shared``: another record of the same fingerprint was given these answers already, so
+        this one's are marked cached (paid once, counted once in summary.json)."""
         several = len(self._specs) > 1
         answers, errors = {}, {}
         for spec in self._specs:
@@ -454,12 +461,14 @@ class _Assemble(beam.DoFn):
                     "request", "not_submitted", "no batch holds this request: run the job "
                     "with --resume to submit it", retryable=True)
         if not errors:
-            return self._caption(element, answers)
+            return self._caption(element, answers, shared)
         if self._fallback:
             return beam.pvalue.TaggedOutput(FALLBACK, element)
         name, error = next(iter(errors.items()))
         done = {spec.output_key: answers[spec.name][0] for spec in self._specs
                 if spec.name in answers}
+        error = CaptionError(error.stage, error.type, error.message, error.retryable,
+                             error.attempts, paid=_paid(answers, errors))
         return beam.pvalue.TaggedOutput(FAILURES, failure_element(
             element["key"], element["source"], error, record=element["record"],
             prompt=name if several else None, answers=done))
@@ -473,22 +482,28 @@ class _Assemble(beam.DoFn):
             if result_error is not None:
                 error = result_error
                 continue
+            paid = None
             try:
-                parsed = parse_completion(json.dumps(body).encode(),
-                                          self._config.client.max_caption_chars)
+                answer = read_completion(json.dumps(body).encode())
+                tokens = answer.usage.prompt_tokens, answer.usage.completion_tokens
+                if tokens != (None, None):  # billed, whatever becomes of the answer
+                    paid = {"prompt_tokens": tokens[0] or 0, "completion_tokens": tokens[1] or 0}
+                parsed = judge_completion(answer, self._config.client.max_caption_chars)
                 check = self._checks[spec.name]
                 value = parsed.caption if check is None else check(parsed.caption)
             except CaptionError as exc:
-                error = CaptionError(exc.stage, exc.type, exc.message, exc.retryable, 1)
+                error = CaptionError(exc.stage, exc.type, exc.message, exc.retryable, 1,
+                                     paid=paid)
                 continue
             return (scrub_answer(value, self._secrets), parsed, result), None
         return None, error
 
-    def _caption(self, element: dict, answers: dict) -> dict:
+    def _caption(self, element: dict, answers: dict, shared: bool) -> dict:
         """The captioned record of its answers (prompt name -> (value, parsed, result))."""
         completions = {name: Completion(
             value, parsed.finish_reason, parsed.prompt_tokens, parsed.completion_tokens,
-            attempts=1, latency_ms=result[5], reasoning_tokens=parsed.reasoning_tokens)
+            attempts=0 if shared else 1, latency_ms=result[5],
+            reasoning_tokens=parsed.reasoning_tokens, cached=shared)
             for name, (value, parsed, result) in answers.items()}
         results = [result for _, _, result in answers.values()]
         meta = answers_meta(
@@ -497,6 +512,20 @@ class _Assemble(beam.DoFn):
             max(result[4] or 0 for result in results), batch_id=results[0][3])
         return captioned_record(element["record"], {
             spec.output_key: answers[spec.name][0] for spec in self._specs}, meta)
+
+
+def _paid(answers: dict, errors: dict) -> dict | None:
+    """What a failed record's batch answers were billed (``CaptionError.paid``): the prompts
+    answered and the answers refused (length-cut, not conforming), as online; ``batch``: at
+    the batch price."""
+    paid = [{"prompt_tokens": parsed.prompt_tokens or 0,
+             "completion_tokens": parsed.completion_tokens or 0}
+            for _, parsed, _ in answers.values()]
+    paid += [error.paid for error in errors.values() if error is not None and error.paid]
+    if not paid:
+        return None
+    return {**{side: sum(one[side] for one in paid)
+               for side in ("prompt_tokens", "completion_tokens")}, "batch": True}
 
 
 class CollectBatchResults(beam.PTransform):

@@ -70,8 +70,9 @@ class CaptionError(Exception):
     attempts: how many API attempts were made (0 when none was).
     throttled_s: seconds the record waited on client-side throttling (not in the record).
     paid: what the record's answered attempts cost, ``{"prompt_tokens", "completion_tokens"[,
-      "estimated": true]}`` (``estimated``: some counts are the worst case charged for answers
-      without usable usage); None when no answer came. In the failure record as ``error.paid``.
+      "estimated": true][, "batch": true]}`` (``estimated``: some counts are the worst case
+      charged for answers without usable usage; ``batch``: Batch API answers, at its price);
+      None when no answer came. In the failure record as ``error.paid``.
     """
 
     def __init__(self, stage: str, type: str, message: str, retryable: bool = False,

@@ -164,9 +164,9 @@ def caption_counts(element: dict, image_key: str) -> dict:
                       completion_tokens=meta["completion_tokens"] or 0,
                       reasoning_tokens=meta.get("reasoning_tokens") or 0,
                       usage_estimated=1 if meta.get("usage_estimated") else 0)
-    if meta.get("batch_id"):  # at the batch price
-        counts.update(batch_prompt_tokens=meta["prompt_tokens"] or 0,
-                      batch_completion_tokens=meta["completion_tokens"] or 0)
+        if meta.get("batch_id"):  # at the batch price
+            counts.update(batch_prompt_tokens=meta["prompt_tokens"] or 0,
+                          batch_completion_tokens=meta["completion_tokens"] or 0)
     return counts
 
 
@@ -178,10 +178,13 @@ def failure_counts(element: dict) -> dict:
               "retries": max(error["attempts"] - 1, 0),
               f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
     paid = error.get("paid")
-    if isinstance(paid, dict):  # a failure line of an earlier version or a batch has none
+    if isinstance(paid, dict):  # none in failure lines of earlier versions
         counts.update(prompt_tokens=paid.get("prompt_tokens") or 0,
                       completion_tokens=paid.get("completion_tokens") or 0,
                       usage_estimated=1 if paid.get("estimated") else 0)
+        if paid.get("batch"):  # at the batch price
+            counts.update(batch_prompt_tokens=counts["prompt_tokens"],
+                          batch_completion_tokens=counts["completion_tokens"])
     return counts
 
 

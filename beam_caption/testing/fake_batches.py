@@ -35,7 +35,22 @@ _EXPIRED = {"code": "batch_expired",
             "message": "This request could not be executed before the completion window "
                        "expired."}
 _PADDING = b'{"custom_id": "padding", "response": null, "error": null}\n' * 1024
-_ENDLESS_MAX_BYTES = 2 << 30
+_ENDLESS_MAX_BYTES = 2 << 30  # even an endless body ends somewhere
+
+
+async def endless_body(request: web.Request, content_type: str, head: bytes,
+                       chunk: bytes) -> web.StreamResponse:
+    """A 200 answer of ``head`` and then ``chunk`` again and again, until the client goes or
+    _ENDLESS_MAX_BYTES are sent: a body that never ends, for the readers' bounds."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    await response.prepare(request)
+    await response.write(head)
+    sent = 0
+    while (sent < _ENDLESS_MAX_BYTES and request.transport is not None
+           and not request.transport.is_closing()):
+        await response.write(chunk)
+        sent += len(chunk)
+    return response
 
 
 @dataclasses.dataclass
@@ -127,14 +142,7 @@ class FakeBatchAPI:
 
     async def _endless(self, request: web.Request) -> web.StreamResponse:
         """A result file that never ends (until the client goes or 2 GiB are sent)."""
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        await response.prepare(request)
-        sent = 0
-        while (sent < _ENDLESS_MAX_BYTES and request.transport is not None
-               and not request.transport.is_closing()):
-            await response.write(_PADDING)
-            sent += len(_PADDING)
-        return response
+        return await endless_body(request, "application/octet-stream", b"", _PADDING)
 
     async def _create(self, request: web.Request) -> web.Response:
         refused = self._server.refusal(request)

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from aiohttp import web
 from PIL import ExifTags, Image
 
-from beam_caption.testing.fake_batches import FakeBatchAPI
+from beam_caption.testing.fake_batches import FakeBatchAPI, endless_body
 
 FAULTS = ("429", "500", "reset", "malformed", "empty", "html", "hang")
 LISTENING = "fake VLM listening on "
@@ -49,7 +49,6 @@ _DRAFT_SIDE = 64  # JPEGs are decoded at reduced scale, no smaller than this
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _MALFORMED_BODY = b'{"id": "chatcmpl-fake", "choices": ['
 _ENDLESS_CHUNK = b" " * 65536
-_ENDLESS_MAX_BYTES = 2**31  # even an endless body ends somewhere
 REASONING_TOKENS = {"minimal": 0, "low": 64, "medium": 192, "high": 768}
 DEFAULT_EFFORT = "medium"
 _REFUSAL_TEXT = "I'm sorry, but I can't help with that."
@@ -736,15 +735,8 @@ class FakeVLMServer:
 
     async def _endless(self, request: web.Request) -> web.StreamResponse:
         """A 200 answer whose JSON body never ends (until the client goes or 2 GiB are sent)."""
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        await response.write(b'{"choices": [{"message": {"content": "')
-        sent = 0
-        while (sent < _ENDLESS_MAX_BYTES and request.transport is not None
-               and not request.transport.is_closing()):
-            await response.write(_ENDLESS_CHUNK)
-            sent += len(_ENDLESS_CHUNK)
-        return response
+        return await endless_body(request, "application/json",
+                                  b'{"choices": [{"message": {"content": "', _ENDLESS_CHUNK)
 
     def _draw_fault(self) -> str | None:
         if not self._fault_rates:

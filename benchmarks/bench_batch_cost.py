@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from beam_caption.estimate import estimate, parser, report
+from beam_caption.cli.estimate import estimate, parser, report
 
 RECORDS = 10_000
 SIZES = ((4000, 3000), (3000, 4000), (1920, 1080), (1024, 1024), (800, 600))

@@ -8,8 +8,8 @@ at a lower resolution.
 
 from __future__ import annotations
 
-from beam_caption.estimate import _sent_size
-from beam_caption.tokens import image_tokens
+from beam_caption.cli.estimate import _sent_size
+from beam_caption.core.tokens import image_tokens
 
 SIZES = ((4000, 3000), (3000, 4000), (1920, 1080), (1024, 1024), (4000, 2000), (800, 600))
 CAPS = (512, 768, 1024, 1536, 2048)

@@ -51,7 +51,7 @@ from common import (
     write_photo_copies,
 )
 
-from beam_caption.images import ImageSettings, _draft_size, prepare_image_bytes
+from beam_caption.core.images import ImageSettings, _draft_size, prepare_image_bytes
 
 SETTINGS = ImageSettings(max_side=1024, jpeg_quality=85)  # the CLI's defaults
 TWELVE_MP = (4000, 3000)

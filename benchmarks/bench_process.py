@@ -38,9 +38,9 @@ MIB = 2**20
 
 
 def import_floor() -> tuple[float, float]:
-    """(seconds, peak RSS bytes) of a process that only imports beam_caption.pipeline."""
+    """(seconds, peak RSS bytes) of a process that only imports beam_caption.cli.launcher."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", "import beam_caption.pipeline"],
+    process = subprocess.Popen([sys.executable, "-c", "import beam_caption.cli.launcher"],
                                stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -77,9 +77,9 @@ def whole_process(root: Path, records: int, repeats: int, table: Table) -> None:
     outside = Spread([wall - inside for wall, inside in zip(walls, run_walls, strict=True)])
     table.notes += [
         f"process wall = {Spread(run_walls)} s in pipeline.run() + {outside} s outside it "
-        f"(interpreter start, imports, exit); importing beam_caption.pipeline alone takes "
+        f"(interpreter start, imports, exit); importing beam_caption.cli.launcher alone takes "
         f"{Spread([seconds for seconds, _ in floors])} s",
-        f"RSS ideal = a process that only imports beam_caption.pipeline: {import_rss} MiB; "
+        f"RSS ideal = a process that only imports beam_caption.cli.launcher: {import_rss} MiB; "
         f"target 400 MB = {400e6 / MIB:.0f} MiB",
     ]
 

@@ -30,12 +30,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from beam_caption.caption import _CaptionRecords
-from beam_caption.options import CaptionOptions
-from beam_caption.records import FAILURES
-from beam_caption.runtime import CaptionConfig
+from beam_caption.cli.config import caption_config
+from beam_caption.cli.flags import CaptionOptions
+from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.records import FAILURES
 from beam_caption.testing.fake_vlm import spawn_fake_vlm
-from beam_caption.transform import caption_config
+from beam_caption.transforms.caption import _CaptionRecords
 
 SAMPLE_INTERVAL_S = 0.05
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -182,7 +182,7 @@ class FakeVLM:
         urllib.request.urlopen(urllib.request.Request(f"{self._root}/stats/reset", method="POST"))
 
 
-def stage_config(api_url: str, concurrency: int, image_root: str, *flags: str) -> CaptionConfig:
+def stage_config(api_url: str, concurrency: int, image_root: str, *flags: str) -> WorkerConfig:
     """The worker config the CLI would build from these flags (model fake-vlm)."""
     options = PipelineOptions(["--input", "unused", "--output", "unused", "--api_url", api_url,
                                "--model", "fake-vlm", "--max_concurrency", str(concurrency),
@@ -194,7 +194,7 @@ class Stage:
     """The captioning stage as a worker runs it: the real CaptionImages DoFn, set up once
     (its CaptionRuntime is reused by every pass), one bundle per ``run``."""
 
-    def __init__(self, config: CaptionConfig):
+    def __init__(self, config: WorkerConfig):
         self.dofn = _CaptionRecords(config, shared.Shared())
         self.dofn.setup()
 

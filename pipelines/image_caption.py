@@ -15,9 +15,9 @@ server:
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.manifest import match_manifests
-from beam_caption.options import CaptionOptions, prepare_launch, split_inputs
-from beam_caption.transform import CaptionManifests
+from beam_caption.cli.config import manifests_job
+from beam_caption.cli.flags import CaptionOptions, prepare_launch, split_inputs
+from beam_caption.core.manifest_reader import match_manifests
 
 
 class RecipeOptions(PipelineOptions):
@@ -34,7 +34,7 @@ def main(argv=None):
     prepare_launch(options)
     files = match_manifests(split_inputs(flags.input) or [recipe.images_file])
     with beam.Pipeline(options=options) as p:
-        p | "CaptionManifests" >> CaptionManifests.from_options(flags, files)
+        p | "CaptionManifests" >> manifests_job(flags, files)
 
 
 if __name__ == "__main__":

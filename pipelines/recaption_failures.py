@@ -18,9 +18,9 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.options import CaptionOptions, prepare_launch
-from beam_caption.outputs import FAILURES_PREFIX, read_output_records
-from beam_caption.transform import CaptionManifests
+from beam_caption.cli.config import manifests_job
+from beam_caption.cli.flags import CaptionOptions, prepare_launch
+from beam_caption.core.outputs import FAILURES_PREFIX, read_output_records
 
 RETRY_MANIFEST = "retried_records.jsonl"
 
@@ -58,7 +58,7 @@ def main(argv=None):
     print(f"retrying {kept} records from {recaption.from_output}; {left} failures left as they "
           "are (not retryable, or not a record)")
     with beam.Pipeline(options=options) as p:
-        p | "CaptionManifests" >> CaptionManifests.from_options(flags, [manifest])
+        p | "CaptionManifests" >> manifests_job(flags, [manifest])
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.manifest import match_manifests
-from beam_caption.options import CaptionOptions, prepare_launch, split_inputs
-from beam_caption.prompts import parse_prompts
-from beam_caption.records import CAPTIONS
-from beam_caption.transform import CaptionManifests, caption_config
+from beam_caption.cli.config import caption_config
+from beam_caption.cli.flags import CaptionOptions, prepare_launch, split_inputs
+from beam_caption.core.manifest_reader import match_manifests
+from beam_caption.core.prompts import parse_prompts
+from beam_caption.core.records import CAPTIONS
+from beam_caption.transforms.job import CaptionManifests
 
 TAGS_SCHEMA = {
     "type": "object",

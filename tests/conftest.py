@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from beam_caption.client import ClientSettings
-from beam_caption.images import ImageSettings
-from beam_caption.messages import PromptSettings
-from beam_caption.runtime import CaptionConfig
+from beam_caption.core.client import ClientSettings
+from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.images import ImageSettings
+from beam_caption.core.messages import PromptSettings
 from beam_caption.testing import caption_for_images
 
 LEVELS = (0, 51, 102, 153, 204, 255)
@@ -126,9 +126,9 @@ def dataset_factory(tmp_path):
     return lambda n, **kw: make_dataset(tmp_path / "data", n, **kw)
 
 
-def runtime_config(api_url, image_root, max_concurrency=8, **overrides) -> CaptionConfig:
-    """A worker CaptionConfig for in-process tests of the caption runtime."""
-    return CaptionConfig(
+def runtime_config(api_url, image_root, max_concurrency=8, **overrides) -> WorkerConfig:
+    """A worker WorkerConfig for in-process tests of the caption runtime."""
+    return WorkerConfig(
         client=ClientSettings(api_url=str(api_url), model="fake-vlm",
                               max_concurrency=max_concurrency),
         prompts=PromptSettings(system_prompt=None), images=ImageSettings(),

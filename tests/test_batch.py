@@ -13,8 +13,8 @@ import time
 from conftest import TEST_RUNNER, run_cli
 from test_end_to_end import check_every_record_once
 
-from beam_caption.batch_api import BatchAPI
-from beam_caption.batch_ledger import LedgerEntry, read_entries, write_entry
+from beam_caption.core.batch_api import BatchAPI
+from beam_caption.core.ledger import LedgerEntry, read_entries, write_entry
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 BATCH = ["--mode", "batch", "--batch_poll_interval", "0.2"]
@@ -197,7 +197,7 @@ def test_max_cost_stops_submitting_and_resume_continues(dataset_factory, tmp_pat
 def test_hostile_result_lines_cost_their_request_only():
     """A torn or non-object line in a result file is skipped (its request counts as without a
     result, a typed failure), never a crash of the collection."""
-    from beam_caption.batch import json_lines
+    from beam_caption.transforms.batch import json_lines
 
     data = b'{"custom_id": "a"}\n{"custom_id": "b", "resp\n[1, 2]\n"text"\n\n{"custom_id": "c"}\n'
     assert list(json_lines(data)) == [{"custom_id": "a"}, {"custom_id": "c"}]

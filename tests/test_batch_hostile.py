@@ -13,11 +13,10 @@ from conftest import RunResult, run_cli
 from test_batch import BATCH, job_flags
 from test_end_to_end import check_every_record_once
 
-from beam_caption.__main__ import main
-from beam_caption.batch import request_line, result_line
-from beam_caption.batch_api import CANCEL_RETRIES, INVALID, BatchAPI, batch_state
-from beam_caption.batch_job import poll
-from beam_caption.batch_ledger import (
+from beam_caption.cli.batch_launch import poll
+from beam_caption.cli.main import main
+from beam_caption.core.batch_api import CANCEL_RETRIES, INVALID, BatchAPI, batch_state
+from beam_caption.core.ledger import (
     CANCEL_ASKED,
     CANCEL_ENDED,
     CANCEL_FAILED,
@@ -28,6 +27,7 @@ from beam_caption.batch_ledger import (
 )
 from beam_caption.testing import FakeVLMServer
 from beam_caption.testing.fake_batches import set_batch_modes
+from beam_caption.transforms.batch import request_line, result_line
 
 
 def run_batch(capsys, server, data, out, *flags: str, command: tuple = ()) -> RunResult:

@@ -9,7 +9,7 @@ import json
 from conftest import RunResult
 from test_batch import BATCH, job_flags
 
-from beam_caption.__main__ import main
+from beam_caption.cli.main import main
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 PRICES = ["--price_per_million_input_tokens", "1000", "--price_per_million_output_tokens", "1000"]

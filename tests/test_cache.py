@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import TEST_RUNNER, run_cli
 
-from beam_caption.cache import RequestCache, request_digest
-from beam_caption.client import ClientSettings, Completion, request_body
-from beam_caption.errors import CaptionError
+from beam_caption.core.cache import RequestCache, request_digest
+from beam_caption.core.client import ClientSettings, Completion, request_body
+from beam_caption.core.errors import CaptionError
 from beam_caption.testing import FakeVLMServer
 
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]

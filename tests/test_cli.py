@@ -14,15 +14,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from conftest import TEST_RUNNER, read_jsonl
 
-from beam_caption.__main__ import main
-from beam_caption.errors import UsageError
-from beam_caption.keys import KeySource
-from beam_caption.options import (
-    CaptionOptions,
-    check_flags,
-    reported_options,
-    validate_options,
-)
+from beam_caption.cli.flags import CaptionOptions, check_flags, reported_options, validate_options
+from beam_caption.cli.main import main
+from beam_caption.core.api_keys import KeySource
+from beam_caption.core.errors import UsageError
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 INTERRUPTED = ("beam_caption: interrupted. Captions finished so far are checkpointed in the "
@@ -238,4 +233,5 @@ def test_verbose_shows_the_packages_debug_lines(tmp_path):
                                  capture_output=True, text=True, timeout=120)
     assert quiet.returncode == verbose.returncode == 0, verbose.stderr[-2000:]
     assert "DEBUG beam_caption" not in quiet.stderr
-    assert "DEBUG beam_caption.caption" in verbose.stderr and "image_not_found" in verbose.stderr
+    assert "DEBUG beam_caption.transforms.caption" in verbose.stderr
+    assert "image_not_found" in verbose.stderr

@@ -7,7 +7,7 @@ import random
 import pytest
 from PIL import Image
 
-from beam_caption.client import (
+from beam_caption.core.client import (
     ClientSettings,
     HTTPStatusFailure,
     VLMClient,
@@ -16,7 +16,7 @@ from beam_caption.client import (
     request_body,
     retry_after_seconds,
 )
-from beam_caption.errors import CaptionError, JobStopped
+from beam_caption.core.errors import CaptionError, JobStopped
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import TEST_RUNNER
 
-from beam_caption.__main__ import main
-from beam_caption.errors import UsageError
-from beam_caption.pipeline import run, translate
+from beam_caption.cli.launcher import run, translate
+from beam_caption.cli.main import main
+from beam_caption.core.errors import UsageError
 
 REPO = Path(__file__).parents[1]
 DATAFLOW = ["--runner", "DataflowRunner", "--project", "my-project", "--region", "us-central1",

@@ -110,7 +110,7 @@ def test_usage_errors_exit_2_with_one_clear_line(tmp_path, args, message):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
 def test_worker_pools_follow_the_cores_the_process_may_use():
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from beam_caption.runtime import usable_cores; print(usable_cores())")
+            "from beam_caption.core.engine import usable_cores; print(usable_cores())")
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert pinned.stdout.strip() == "1"

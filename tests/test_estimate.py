@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from beam_caption.__main__ import main
-from beam_caption.estimate import estimate, parser
-from beam_caption.tokens import image_tokens
+from beam_caption.cli.estimate import estimate, parser
+from beam_caption.cli.main import main
+from beam_caption.core.tokens import image_tokens
 
 
 def _args(data, *flags):

@@ -12,8 +12,8 @@ import pytest
 from conftest import TEST_RUNNER, make_image, run_cli
 from PIL import Image
 
-from beam_caption.client import ClientSettings
-from beam_caption.preflight import _preflight_error
+from beam_caption.cli.preflight import _preflight_error
+from beam_caption.core.client import ClientSettings
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 

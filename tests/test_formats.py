@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_RUNNER
 
-from beam_caption.outputs import PARQUET_COLUMNS, parquet_schema, read_output_records
-from beam_caption.pipeline import run
-from beam_caption.report import write_report
+from beam_caption.cli.launcher import run
+from beam_caption.cli.report import write_report
+from beam_caption.core.outputs import PARQUET_COLUMNS, parquet_schema, read_output_records
 from beam_caption.testing import FakeVLMServer
 
 FORMATS = [("jsonl", "none", ".jsonl"), ("jsonl", "gzip", ".jsonl.gz"),

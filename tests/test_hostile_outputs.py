@@ -14,24 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_RUNNER, make_dataset
 
-from beam_caption.__main__ import main
-from beam_caption.checkpoint import CHECKPOINT_DIR, clear_checkpoints
-from beam_caption.errors import UsageError
-from beam_caption.outputs import DAMAGED_DIR, parquet_row, parquet_schema
-from beam_caption.report import MAX_FAILURE_KINDS, MAX_FAILURE_ROWS, write_report
-from beam_caption.resume import (
-    earlier_caption,
-    earlier_captions,
-    existing_outputs,
-    prepare_output_dir,
-)
+from beam_caption.cli.main import main
+from beam_caption.cli.output_dir import existing_outputs, prepare_output_dir
+from beam_caption.cli.report import MAX_FAILURE_KINDS, MAX_FAILURE_ROWS, write_report
+from beam_caption.core.errors import UsageError
+from beam_caption.core.outputs import DAMAGED_DIR, parquet_row, parquet_schema
 from beam_caption.testing import FakeVLMServer
+from beam_caption.transforms.checkpoint import CHECKPOINT_DIR, clear_checkpoints
+from beam_caption.transforms.skip_done import earlier_caption, earlier_captions
 
 FINAL = "final-20250101T000000-captions-00000-of-00001"
 # Files a user keeps next to the outputs: names that look like shards but are not the project's.
 FOREIGN = {"captions-00000-of-00002.jsonl.bak": b'{"kept": "a backup"}\n',
            "captions-review-of-alice.csv": b"key,verdict\nr1,good\n",
            "captions-notes-of-bob.txt": b"notes \xff not even UTF-8\n"}
+
+SKIP_DONE_LOGGER = "beam_caption.transforms.skip_done"  # logs what --resume could not read
 
 
 def caption(i: int, **meta) -> dict:
@@ -83,7 +81,7 @@ def test_a_damaged_earlier_file_is_read_up_to_the_damage_named_once_and_kept(tmp
     folder.mkdir()
     path, readable = damaged_file(folder, kind)
     original = path.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="beam_caption.resume"):
+    with caplog.at_level(logging.WARNING, logger=SKIP_DONE_LOGGER):
         found = list(earlier_captions(str(path), str(tmp_path)))
     assert {caption["caption_meta"]["key"] for _, caption in found} == readable
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -183,15 +181,15 @@ def test_resume_over_damaged_shards_left_aside_by_a_failed_try_recaptions_only_w
         # An earlier try moved the shards aside and then failed: the next one must still work.
         prepare_output_dir(str(out), resume=True, overwrite=False)
         server.reset_stats()
-        with caplog.at_level(logging.WARNING, logger="beam_caption.resume"):
+        with caplog.at_level(logging.WARNING, logger=SKIP_DONE_LOGGER):
             assert main([*args, "--resume"]) == 0
         assert server.stats()["requests"] == lost  # the records of what could not be read
-        warnings = [r.getMessage() for r in caplog.records if r.name == "beam_caption.resume"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == SKIP_DONE_LOGGER]
         assert len(warnings) == 2 and all("is damaged" in w for w in warnings)
         caplog.clear()
         assert main([*args, "--resume"]) == 0  # and every later try
         assert server.stats()["requests"] == lost
-        assert not [r for r in caplog.records if r.name == "beam_caption.resume"]
+        assert not [r for r in caplog.records if r.name == SKIP_DONE_LOGGER]
     captions = [json.loads(line) for shard in out.glob("captions-*.jsonl.gz")
                 for line in gzip.decompress(shard.read_bytes()).splitlines()]
     assert sorted(c["id"] for c in captions) == sorted(data.expected)

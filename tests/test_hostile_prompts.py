@@ -15,9 +15,14 @@ import time
 import pytest
 from conftest import TEST_RUNNER, run_cli
 
-from beam_caption.errors import CaptionError, UsageError
-from beam_caption.prompts import MAX_FILE_BYTES, MAX_PROMPT_CHARS, load_prompts_file, parse_prompts
-from beam_caption.structured import answer_checker, check_schema
+from beam_caption.core.errors import CaptionError, UsageError
+from beam_caption.core.prompts import (
+    MAX_FILE_BYTES,
+    MAX_PROMPT_CHARS,
+    load_prompts_file,
+    parse_prompts,
+)
+from beam_caption.core.structured import answer_checker, check_schema
 from beam_caption.testing import FakeVLMServer
 
 CATASTROPHIC = "^([^!]+)+!$"  # Python's re backtracks 2**n times on n characters without a "!"
@@ -41,8 +46,8 @@ def run_bounded(code: str, timeout: float = 60) -> dict:
 def test_a_catastrophic_pattern_is_checked_in_milliseconds_and_fails_as_a_schema_error():
     result = run_bounded(f"""
         import json, time
-        from beam_caption.errors import CaptionError
-        from beam_caption.structured import answer_checker
+        from beam_caption.core.errors import CaptionError
+        from beam_caption.core.structured import answer_checker
         check = answer_checker(True, {PATTERN_SCHEMA!r})
         seconds = {{}}
         for size in (47, 32_000):  # the fake's caption; --max_caption_chars' default
@@ -142,8 +147,8 @@ def test_a_schema_whose_check_explodes_stops_at_the_check_limit():
     """anyOf of two $refs at each level: 2**depth evaluations, whatever the regex engine."""
     result = run_bounded("""
         import json, time
-        from beam_caption.errors import CaptionError
-        from beam_caption.structured import MAX_CHECK_SECONDS, answer_checker
+        from beam_caption.core.errors import CaptionError
+        from beam_caption.core.structured import MAX_CHECK_SECONDS, answer_checker
         branch = {"type": "array", "items": {"$ref": "#/$defs/n"}}
         check = answer_checker(True, {"$defs": {"n": {"anyOf": [branch, dict(branch)]}},
                                       "$ref": "#/$defs/n"})
@@ -253,8 +258,8 @@ def test_a_yaml_alias_bomb_is_refused_at_launch_in_one_line(tmp_path):
     assert len(path.read_bytes()) < 700
     result = run_bounded(f"""
         import json, time
-        from beam_caption.errors import UsageError
-        from beam_caption.prompts import load_prompts_file
+        from beam_caption.core.errors import UsageError
+        from beam_caption.core.prompts import load_prompts_file
         started = time.perf_counter()
         try:
             load_prompts_file({str(path)!r})

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import TEST_RUNNER, run_cli
 
-from beam_caption.errors import CaptionError
-from beam_caption.http_images import UrlGuard, address_refusal, fetch
+from beam_caption.core.errors import CaptionError
+from beam_caption.core.http_images import UrlGuard, address_refusal, fetch
 from beam_caption.testing import FakeVLMServer
 
 

@@ -1,4 +1,4 @@
-"""Tests for beam_caption.images: paths, reading, decoding, conversion, resizing, errors."""
+"""Tests for beam_caption.core.images: paths, reading, decoding, conversion, resizing, errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import fsspec
 import pytest
 from PIL import Image, ImageFile, ImageStat
 
-from beam_caption import images
-from beam_caption.errors import CaptionError
-from beam_caption.images import (
+from beam_caption.core import images
+from beam_caption.core.errors import CaptionError
+from beam_caption.core.images import (
     ImageSettings,
     PreparedImage,
     prepare_image,
@@ -25,7 +25,7 @@ from beam_caption.images import (
     resolve_image_path,
 )
 
-SAMPLE_DIR = Path(images.__file__).parent / "sample_data"
+SAMPLE_DIR = Path(images.__file__).parents[1] / "sample_data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

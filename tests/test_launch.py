@@ -13,10 +13,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from conftest import TEST_RUNNER, run_cli, runtime_config
 
-from beam_caption.errors import JobStopped, UsageError
-from beam_caption.keys import KeySource, read_key_file
-from beam_caption.options import LOCAL_RUNNER, CaptionOptions, prepare_launch
-from beam_caption.runtime import CaptionRuntime
+from beam_caption.cli.flags import LOCAL_RUNNER, CaptionOptions, prepare_launch
+from beam_caption.core.api_keys import KeySource, read_key_file
+from beam_caption.core.engine import CaptionRuntime
+from beam_caption.core.errors import JobStopped, UsageError
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 
 SAMPLE = Path(__file__).parents[1] / "beam_caption" / "sample_data" / "sample_data.json"
@@ -83,7 +83,7 @@ def test_cli_with_a_relative_key_file_captions_and_never_reports_the_key(dataset
 
 
 def test_an_unreadable_key_file_is_refused_at_launch_before_any_request(tmp_path):
-    from beam_caption.pipeline import run
+    from beam_caption.cli.launcher import run
 
     with FakeVLMServer() as server:
         with pytest.raises(UsageError, match=r"--api_key_file .*missing cannot be read"):
@@ -143,7 +143,7 @@ def test_a_secret_needs_the_gcp_extra_and_a_version_name(monkeypatch):
     monkeypatch.setitem(sys.modules, "google.cloud.secretmanager", None)  # not installed
     with pytest.raises(UsageError, match=r"pip install 'beam_caption\[gcp\]'"):
         KeySource(secret=SECRET).resolve()
-    from beam_caption.pipeline import run
+    from beam_caption.cli.launcher import run
 
     for flags, message in (
             (["--api_key_secret", "projects/p/secrets/openai"], "not a secret version name"),
@@ -155,7 +155,7 @@ def test_a_secret_needs_the_gcp_extra_and_a_version_name(monkeypatch):
 
 def test_workers_read_the_key_from_secret_manager(secret_manager, dataset_factory, tmp_path,
                                                   monkeypatch):
-    from beam_caption.pipeline import run
+    from beam_caption.cli.launcher import run
 
     for name in ("DF_API_KEY", "OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)

@@ -8,11 +8,14 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_caption.errors import UsageError
-from beam_caption.manifest import ReadManifests, iter_manifest, match_manifests, record_key
+from beam_caption.core.errors import UsageError
+from beam_caption.core.manifest_reader import iter_manifest, match_manifests, record_key
+from beam_caption.transforms.manifests import ReadManifests
 
 RECORDS = [{"image": [f"img{i}.png"], "conversation": [{"from": "human", "value": f"q{i}"}]}
            for i in range(5)]
+
+READER = "beam_caption.core.manifest_reader."  # its chunk sizes and limits are patched
 
 
 def write_jsonl(path, records):
@@ -29,7 +32,7 @@ def test_jsonl_records_get_file_and_index_keys(tmp_path):
 
 
 def test_json_array_is_streamed_item_by_item(tmp_path, monkeypatch):
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 7)  # force many refills
+    monkeypatch.setattr(READER + "_CHUNK_CHARS", 7)  # force many refills
     path = tmp_path / "m.json"
     path.write_text(json.dumps(RECORDS, indent=2))
     elements = list(iter_manifest(str(path)))
@@ -204,7 +207,7 @@ def test_a_bad_array_item_costs_that_item_only(tmp_path):
 
 
 def test_a_bad_item_at_a_chunk_boundary_is_found_by_reading_on(tmp_path, monkeypatch):
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 5)
+    monkeypatch.setattr(READER + "_CHUNK_CHARS", 5)
     items = [json.dumps(r) for r in RECORDS]
     items[2] = "{'broken': [1, 2, {'x': '}'}]}"
     path = tmp_path / "m.json"
@@ -223,7 +226,7 @@ def test_a_trailing_comma_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("newline", ["\r", "\r\n", "\n"])
 def test_every_line_ending_separates_records(tmp_path, monkeypatch, newline):
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_BYTES", 7)  # "\r\n" split across reads
+    monkeypatch.setattr(READER + "_CHUNK_BYTES", 7)  # "\r\n" split across reads
     path = tmp_path / "m.jsonl"
     path.write_bytes(newline.join(json.dumps(r) for r in RECORDS).encode() + newline.encode())
     good, bad = elements_of(path)
@@ -252,7 +255,7 @@ ITEMS = [json.dumps({"id": i, "image": f"{i}.png"}) for i in range(300)]
 def test_a_stray_apostrophe_in_a_broken_item_costs_that_item_only(tmp_path, monkeypatch,
                                                                   max_size):
     if max_size:  # the rest of the file is longer than the limit: found again all the same
-        monkeypatch.setattr("beam_caption.manifest.MAX_RECORD_SIZE", max_size, raising=False)
+        monkeypatch.setattr(READER + "MAX_RECORD_SIZE", max_size, raising=False)
     items = ITEMS.copy()
     items[1] = "{'id': 1, 'image': it's.png}"
     good, bad = elements_of(write_array(tmp_path / "m.json", items))
@@ -275,7 +278,7 @@ def test_a_missing_comma_or_stray_text_costs_one_item(tmp_path, first, raw):
 
 @pytest.mark.parametrize("chunk", [3, 4, 1000])
 def test_items_cut_by_a_chunk_end_are_read_whole(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", chunk)
+    monkeypatch.setattr(READER + "_CHUNK_CHARS", chunk)
     path = tmp_path / "m.json"
     path.write_text('[123456, {"a": 1}, {"b": 2}\n')  # a number, and no closing ']'
     good, bad = elements_of(path)
@@ -296,9 +299,9 @@ def test_bad_utf8_in_an_array_costs_that_item_only(tmp_path):
 
 @pytest.mark.parametrize("layout", ["jsonl", "array"])
 def test_an_overlong_record_is_one_failure_and_is_not_held(tmp_path, monkeypatch, layout):
-    monkeypatch.setattr("beam_caption.manifest.MAX_RECORD_SIZE", 1000, raising=False)
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_BYTES", 64)
-    monkeypatch.setattr("beam_caption.manifest._CHUNK_CHARS", 64)
+    monkeypatch.setattr(READER + "MAX_RECORD_SIZE", 1000, raising=False)
+    monkeypatch.setattr(READER + "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(READER + "_CHUNK_CHARS", 64)
     long = json.dumps({"image": "a.png", "note": "x" * 5000})
     lines = [ITEMS[0], long, ITEMS[2], long]
     if layout == "jsonl":

@@ -1,8 +1,8 @@
 import pytest
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
-from beam_caption.errors import CaptionError
-from beam_caption.messages import PromptSettings, build_messages, plan_request
+from beam_caption.core.errors import CaptionError
+from beam_caption.core.messages import PromptSettings, build_messages, plan_request
 
 SETTINGS = PromptSettings(system_prompt=DEFAULT_SYSTEM_PROMPT)
 
@@ -86,9 +86,9 @@ def test_bad_records_fail_at_read_stage(record, error_type):
 
 
 def test_image_detail_goes_with_every_image_and_changes_the_fingerprint():
-    from beam_caption.client import ClientSettings
-    from beam_caption.images import ImageSettings
-    from beam_caption.runtime import CaptionConfig
+    from beam_caption.core.client import ClientSettings
+    from beam_caption.core.engine import WorkerConfig
+    from beam_caption.core.images import ImageSettings
 
     plan = plan_request({"image": ["a.png", "b.png"], "conversation": [
         {"from": "human", "value": "q"}]}, PromptSettings(system_prompt=None))
@@ -98,7 +98,7 @@ def test_image_detail_goes_with_every_image_and_changes_the_fingerprint():
     assert "detail" not in build_messages(plan, ["data:a"], None)[0]["content"][0]["image_url"]
 
     def digest(detail):
-        return CaptionConfig(ClientSettings(api_url="http://h/v1", model="m"),
+        return WorkerConfig(ClientSettings(api_url="http://h/v1", model="m"),
                              PromptSettings(system_prompt=None, image_detail=detail),
                              ImageSettings(), image_root="/").settings_digest
     assert digest("low") != digest(None) != digest("high")  # --resume tells them apart

@@ -13,17 +13,17 @@ import re
 import pytest
 from conftest import TEST_RUNNER, make_dataset, run_cli, runtime_config
 
-from beam_caption.__main__ import main
-from beam_caption.client import ClientSettings, Completion, worst_case_usage
-from beam_caption.errors import CaptionError, JobStopped
-from beam_caption.ratelimit import (
+from beam_caption.cli.main import main
+from beam_caption.core.client import ClientSettings, Completion, worst_case_usage
+from beam_caption.core.engine import CaptionRuntime, paid_by
+from beam_caption.core.errors import CaptionError, JobStopped
+from beam_caption.core.ratelimit import (
     DEFAULT_MAX_SERVER_WAIT_S,
     JobRateLimiter,
     parse_duration,
     retry_after_seconds,
     server_wait,
 )
-from beam_caption.runtime import CaptionRuntime, paid_by
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 # $0.01 an answer: 100 prompt tokens at $100 per million, nothing for completions.
@@ -52,7 +52,7 @@ def test_server_wait_takes_finite_waits_up_to_the_ceiling_only(seconds, expected
 
 
 def test_unusable_wait_headers_fall_back_to_the_default_with_a_debug_line(caplog):
-    with caplog.at_level(logging.DEBUG, logger="beam_caption.ratelimit"):
+    with caplog.at_level(logging.DEBUG, logger="beam_caption.core.ratelimit"):
         assert retry_after_seconds({"retry-after": "nan"}) is None
         assert retry_after_seconds({"retry-after": "-5"}) is None
         assert retry_after_seconds({"retry-after": "Fri, 31 Dec 99999 23:59:59 GMT"}) is None
@@ -151,7 +151,7 @@ def test_answers_without_usable_usage_are_charged_a_worst_case_and_the_budget_ho
     worst = worst_case_usage(1000, {"max_completion_tokens": 50})
     assert worst == (950, 50)
     with FakeVLMServer(FakeVLMConfig(**answer)) as server, \
-            caplog.at_level(logging.WARNING, logger="beam_caption.client"):
+            caplog.at_level(logging.WARNING, logger="beam_caption.core.client"):
         # $1 a million tokens: each answer's worst case (~1,000 tokens) costs about $0.001.
         settings = ClientSettings(api_url=server.url, model="fake-vlm", max_concurrency=1,
                                   max_tokens=50, max_cost=0.004,

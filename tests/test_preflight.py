@@ -13,10 +13,10 @@ from typing import Self
 import pytest
 from aiohttp import web
 
-from beam_caption import preflight as preflight_module
-from beam_caption.client import ClientSettings
-from beam_caption.errors import PreflightError
-from beam_caption.preflight import preflight
+from beam_caption.cli import preflight as preflight_module
+from beam_caption.cli.preflight import preflight
+from beam_caption.core.client import ClientSettings
+from beam_caption.core.errors import PreflightError
 
 KEY = "sk-test-secret-key-0123"
 CLOSED_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there

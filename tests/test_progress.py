@@ -1,5 +1,6 @@
-"""Live progress (progress.py): workers' figure files, the launcher's bar and plain lines, the
-manifest count, and the real CLI's progress on stderr against the fake VLM server."""
+"""Live progress (cli/progress.py, core/figures.py): workers' figure files, the launcher's bar
+and plain lines, the manifest count, and the real CLI's progress on stderr against the fake VLM
+server."""
 
 from __future__ import annotations
 
@@ -18,18 +19,17 @@ import apache_beam as beam
 import pytest
 from conftest import TEST_RUNNER, run_cli
 
-from beam_caption.manifest import ReadManifests, iter_manifest
-from beam_caption.progress import (
-    FIELDS,
+from beam_caption.cli.progress import (
     LOG_INTERVAL_ENV,
     ProgressDisplay,
     count_records,
-    figures_for,
     live_progress,
     progress_line,
-    read_totals,
 )
+from beam_caption.core.figures import FIELDS, figures_for, read_totals
+from beam_caption.core.manifest_reader import iter_manifest
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
+from beam_caption.transforms.manifests import ReadManifests
 
 FIGURES = {"captioned": 3, "failed": 1, "images": 5, "prompt_tokens": 100,
            "completion_tokens": 20, "throttled_ms": 1500}
@@ -58,7 +58,7 @@ def write_manifest(path, records: int) -> str:
 
 def test_figures_of_several_processes_are_summed(tmp_path):
     progress_dir = str(tmp_path)
-    code = ("import sys; from beam_caption.progress import figures_for\n"
+    code = ("import sys; from beam_caption.core.figures import figures_for\n"
             "figures = figures_for(sys.argv[1])\n"
             "for _ in range(50): figures.add(captioned=1, images=2, prompt_tokens=10)\n"
             "figures.add(failed=1, throttled_ms=250); figures.flush()")

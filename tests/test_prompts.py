@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import TEST_RUNNER, run_cli
 
-import beam_caption.runtime
-from beam_caption.errors import CaptionError, UsageError
-from beam_caption.pipeline import run
-from beam_caption.prompts import load_prompts_file, parse_prompts
-from beam_caption.structured import answer_checker, parse_json_answer
+import beam_caption.core.engine
+from beam_caption.cli.launcher import run
+from beam_caption.core.errors import CaptionError, UsageError
+from beam_caption.core.prompts import load_prompts_file, parse_prompts
+from beam_caption.core.structured import answer_checker, parse_json_answer
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 from beam_caption.testing.fake_vlm import structured_answer
 
@@ -108,8 +108,8 @@ def test_each_prompt_answers_under_its_own_key_and_each_image_is_prepared_once(
     data = dataset_factory(12)
     manifest, prompts, records = write_prompts_manifest(data, tmp_path)
     prepared = []
-    real_prepare = beam_caption.runtime.prepare_image_bytes
-    monkeypatch.setattr(beam_caption.runtime, "prepare_image_bytes",
+    real_prepare = beam_caption.core.engine.prepare_image_bytes
+    monkeypatch.setattr(beam_caption.core.engine, "prepare_image_bytes",
                         lambda *args: prepared.append(1) or real_prepare(*args))
     with FakeVLMServer(FakeVLMConfig(schema_break_first=1)) as server:
         summary = run([*TEST_RUNNER, "--input", str(manifest), "--output", str(tmp_path / "out"),

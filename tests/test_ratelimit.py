@@ -7,9 +7,9 @@ import time
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.errors import UsageError
-from beam_caption.options import CaptionOptions, count_worker_processes, prepare_launch
-from beam_caption.ratelimit import AccountState, JobRateLimiter, parse_duration
+from beam_caption.cli.flags import CaptionOptions, count_worker_processes, prepare_launch
+from beam_caption.core.errors import UsageError
+from beam_caption.core.ratelimit import AccountState, JobRateLimiter, parse_duration
 from beam_caption.testing.fake_vlm import FakeVLMConfig, FakeVLMServer
 from tests.conftest import run_cli
 

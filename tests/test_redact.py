@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from beam_caption.redact import (
+from beam_caption.core.redact import (
     REDACTED,
     URL_REDACTED,
     ScrubbingFilter,

@@ -20,7 +20,7 @@ import pytest
 from conftest import TEST_RUNNER, make_dataset, run_cli
 from PIL import Image
 
-from beam_caption.report import MAX_BARS, MAX_BINS, _Bins, write_report
+from beam_caption.cli.report import MAX_BARS, MAX_BINS, _Bins, write_report
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 # Markup in an image path and in every caption: the page must show it, never run it.

@@ -15,10 +15,10 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from conftest import TEST_RUNNER, make_image, read_jsonl, run_cli
 
-from beam_caption.checkpoint import CheckpointWriter
-from beam_caption.errors import UsageError
-from beam_caption.resume import prepare_output_dir, remove_temp_files
+from beam_caption.cli.output_dir import prepare_output_dir, remove_temp_files
+from beam_caption.core.errors import UsageError
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
+from beam_caption.transforms.checkpoint import CheckpointWriter
 
 
 def args_for(data, server, *extra):

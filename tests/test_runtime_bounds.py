@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 from conftest import make_dataset, runtime_config
 
-from beam_caption.errors import CaptionError
-from beam_caption.http_images import UrlGuard
-from beam_caption.images import read_image_bytes
-from beam_caption.runtime import ByteBudget, CaptionRuntime
+from beam_caption.core.engine import ByteBudget, CaptionRuntime
+from beam_caption.core.errors import CaptionError
+from beam_caption.core.http_images import UrlGuard
+from beam_caption.core.images import read_image_bytes
 from beam_caption.testing import FakeVLMServer
 
 

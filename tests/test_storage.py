@@ -157,7 +157,7 @@ def test_a_job_wholly_on_object_storage(store, request, dataset_factory, tmp_pat
 def _validate(**flags):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_caption.options import CaptionOptions, validate_options
+    from beam_caption.cli.flags import CaptionOptions, validate_options
 
     values = {"input": "m.jsonl", "output": "gs://bucket/out", "api_url": "http://h/v1",
               "model": "m", **flags}
@@ -176,7 +176,7 @@ def _validate(**flags):
      "local path or gs://, gcs://, s3://, http://, https://"),
 ])
 def test_a_location_no_job_can_use_is_refused_at_launch(flags, message):
-    from beam_caption.errors import UsageError
+    from beam_caption.core.errors import UsageError
 
     with pytest.raises(UsageError) as info:
         _validate(**flags)
@@ -184,7 +184,7 @@ def test_a_location_no_job_can_use_is_refused_at_launch(flags, message):
 
 
 def test_s3_without_the_s3_extra_is_refused_at_launch(monkeypatch):
-    from beam_caption.errors import UsageError
+    from beam_caption.core.errors import UsageError
 
     _validate(input="s3://bucket/m.jsonl", output="s3://bucket/out")  # installed: accepted
     monkeypatch.setitem(sys.modules, "boto3", None)  # Beam's S3 filesystem writes with it

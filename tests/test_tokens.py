@@ -3,7 +3,7 @@ estimate."""
 
 import pytest
 
-from beam_caption.tokens import default_max_side, estimate_request_tokens, image_tokens
+from beam_caption.core.tokens import default_max_side, estimate_request_tokens, image_tokens
 
 
 @pytest.mark.parametrize("size, detail, tokens", [
@@ -38,7 +38,7 @@ def test_a_request_counts_text_images_and_the_longest_answer():
 
 
 def test_the_default_image_side_is_what_the_model_sees_at_low_detail():
-    from beam_caption.options import CaptionOptions, prepare_launch
+    from beam_caption.cli.flags import CaptionOptions, prepare_launch
 
     assert default_max_side("openai", "low") == 512 and image_tokens(512, 384, detail="low") == 85
     assert default_max_side("openai", "high") == default_max_side("qwen", None) == 1024

@@ -11,13 +11,14 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from conftest import make_dataset, read_jsonl, runtime_config
 
-from beam_caption.caption import CaptionImages
-from beam_caption.checkpoint import CheckpointCaptions, CheckpointWriter, checkpoint_path
-from beam_caption.client import Completion
-from beam_caption.errors import CaptionError
-from beam_caption.records import CAPTIONS, FAILURES, STATS, record_element
-from beam_caption.resume import SkipDone, record_fingerprint
-from beam_caption.sinks import WriteSummary, read_summary
+from beam_caption.core.client import Completion
+from beam_caption.core.errors import CaptionError
+from beam_caption.core.identity import record_fingerprint
+from beam_caption.core.records import CAPTIONS, FAILURES, STATS, record_element
+from beam_caption.transforms.caption import CaptionImages
+from beam_caption.transforms.checkpoint import CheckpointCaptions, CheckpointWriter, checkpoint_path
+from beam_caption.transforms.skip_done import SkipDone
+from beam_caption.transforms.write import WriteSummary, read_summary
 
 
 class ScriptedClient:

@@ -23,12 +23,9 @@ import json
 import time
 import urllib.request
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from beam_caption.testing.fake_vlm import FakeVLMServer
 
 CHAT_URL = "/v1/chat/completions"
 _EXPIRED = {"code": "batch_expired",
@@ -80,10 +77,22 @@ def set_batch_modes(api_url: str, **modes: Any) -> None:
         response.read()
 
 
+class BatchHost(Protocol):
+    """What the Batch API needs of the fake server that serves it (fake_vlm.FakeVLMServer)."""
+
+    config: Any  # batch_delay_s, batch_expire, batch_fail_marker
+
+    def refusal(self, request: web.Request) -> web.Response | None: ...
+
+    def count_event(self, kind: str) -> None: ...
+
+    def answer_line(self, raw: bytes) -> tuple[int, dict]: ...
+
+
 class FakeBatchAPI:
     """Files and batches held in memory by one fake server."""
 
-    def __init__(self, server: FakeVLMServer):
+    def __init__(self, server: BatchHost):
         self._server = server
         self._files: dict[str, bytes] = {}
         self._batches: dict[str, dict[str, Any]] = {}

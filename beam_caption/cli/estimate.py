@@ -1,0 +1,225 @@
+"""``python -m beam_caption estimate``: what a job would send and cost, from its manifests and
+its images' headers alone (no pixel is decoded, no request is sent).
+
+Each record is planned as the job would plan it (its prompt turns, the system prompt); each
+image's size is read from its header, shrunk as ``--max_image_side`` would, and counted with
+the chosen token formula (core/tokens.py). Answers are counted at ``--expected_output_tokens``, or
+``--max_tokens`` (the most a job can pay), or 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import os
+from dataclasses import dataclass, field
+
+import fsspec
+from PIL import Image
+
+from beam_caption import DEFAULT_SYSTEM_PROMPT
+from beam_caption.cli.flags import split_inputs
+from beam_caption.core.errors import CaptionError, UsageError
+from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
+from beam_caption.core.images import resolve_image_path
+from beam_caption.core.manifest_reader import iter_manifest, match_manifests
+from beam_caption.core.messages import PromptSettings, image_paths, prompt_turns
+from beam_caption.core.prompts import load_prompts_file
+from beam_caption.core.tokens import (
+    DEFAULT_COMPLETION_TOKENS,
+    DETAILS,
+    FORMULAS,
+    default_max_side,
+    image_tokens,
+    text_tokens,
+)
+
+HEADER_THREADS = 32
+BATCH = 1000  # records whose headers are read at a time
+MAX_HEADER_BYTES = 50 * 2**20  # http(s) images are fetched whole (their header is in front)
+
+
+@dataclass
+class Estimate:
+    """The totals ``estimate`` prints."""
+
+    records: int = 0
+    images: int = 0
+    unreadable_records: int = 0  # a manifest line or an image that cannot be read: not counted
+    image_tokens: int = 0
+    text_tokens: int = 0
+    output_tokens: int = 0
+    problems: dict[str, int] = field(default_factory=dict)  # "stage/type" -> records
+
+    @property
+    def input_tokens(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    def cost(self, input_per_million: float, output_per_million: float) -> tuple[float, float]:
+        """(input, output) cost at these prices per million tokens."""
+        return (self.input_tokens * input_per_million / 1e6,
+                self.output_tokens * output_per_million / 1e6)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m beam_caption estimate",
+        description="Count the records, images, tokens and cost a caption job would have, "
+                    "from the manifests and image headers alone (nothing is sent).")
+    parser.add_argument("--input", action="append", required=True,
+                        help="manifest path, glob or URL; repeat or give a comma list")
+    parser.add_argument("--image_root", default=None, help="base for relative image paths")
+    parser.add_argument("--image_key", default="image")
+    parser.add_argument("--conversation_key", default="conversation")
+    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--prompts_file", default=None,
+                        help="the job's prompts file: every image is counted once per prompt")
+    parser.add_argument("--model", default=None, help="shown in the report only")
+    parser.add_argument("--max_image_side", type=int, default=None,
+                        help="longest side sent, as the job's flag (0 keeps the size; default "
+                             "1024, 512 with --image_detail low)")
+    parser.add_argument("--image_detail", choices=DETAILS, default=None)
+    parser.add_argument("--token_formula", choices=FORMULAS, default="openai")
+    parser.add_argument("--max_tokens", type=int, default=None)
+    parser.add_argument("--expected_output_tokens", type=int, default=None,
+                        help="tokens an answer is expected to take (default: --max_tokens, "
+                             f"else {DEFAULT_COMPLETION_TOKENS})")
+    parser.add_argument("--price_per_million_input_tokens", type=float, default=0.0)
+    parser.add_argument("--price_per_million_output_tokens", type=float, default=0.0)
+    parser.add_argument("--batch_discount", type=float, default=0.5,
+                        help="Batch API price as a share of the online price (--mode batch)")
+    parser.add_argument("--allow_private_urls", action="store_true")
+    return parser
+
+
+def estimate(args: argparse.Namespace) -> Estimate:
+    """Read every manifest and image header named by ``args`` (``parser()``'s flags)."""
+    files = match_manifests(split_inputs(args.input))
+    prompts = PromptSettings(
+        system_prompt=args.system_prompt or None, prompt=args.prompt, image_key=args.image_key,
+        conversation_key=args.conversation_key,
+        specs=load_prompts_file(args.prompts_file) if args.prompts_file else ())
+    specs = prompts.prompt_specs("caption")
+    root = args.image_root or os.getcwd()
+    guard = UrlGuard(args.allow_private_urls)
+    output_each = sum(args.expected_output_tokens or spec.max_tokens or args.max_tokens
+                      or DEFAULT_COMPLETION_TOKENS for spec in specs)
+    max_side = _max_side(args)
+    totals = Estimate()
+
+    def count(element: dict) -> tuple[int, int, int]:
+        """(images, image tokens, text tokens) of one record's requests (one per prompt);
+        CaptionError when unreadable."""
+        record = element["record"]
+        paths = image_paths(record, prompts.image_key)
+        text = 0
+        for spec in specs:
+            turns = prompt_turns(record, prompts, spec)
+            system = spec.system_prompt or prompts.system_prompt
+            text += sum(len(t) for _, t in turns) + (
+                len(system or "") if not any(r == "system" for r, _ in turns) else 0)
+        sizes = [_sent_size(_header_size(resolve_image_path(path, root), guard), max_side)
+                 for path in paths]
+        tokens = sum(image_tokens(w, h, args.token_formula, args.image_detail) for w, h in sizes)
+        return len(sizes), tokens * len(specs), text_tokens(text)
+
+    def add(futures: list[concurrent.futures.Future]) -> None:
+        for future in futures:
+            try:
+                images, image_cost, text_cost = future.result()
+            except CaptionError as exc:
+                _problem(totals, exc.stage, exc.type)
+                continue
+            totals.images += images
+            totals.image_tokens += image_cost
+            totals.text_tokens += text_cost
+            totals.output_tokens += output_each
+
+    with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
+        pending: list[concurrent.futures.Future] = []
+        for file in files:
+            for element in iter_manifest(file):  # streamed: memory stays flat
+                totals.records += 1
+                if "error" in element:  # a line the job would fail at once
+                    _problem(totals, element["error"]["stage"], element["error"]["type"])
+                    continue
+                pending.append(pool.submit(count, element))
+                if len(pending) >= BATCH:
+                    add(pending)
+                    pending = []
+        add(pending)
+    return totals
+
+
+def _problem(totals: Estimate, stage: str, type_: str) -> None:
+    totals.unreadable_records += 1
+    key = f"{stage}/{type_}"
+    totals.problems[key] = totals.problems.get(key, 0) + 1
+
+
+def _header_size(url: str, guard: UrlGuard) -> tuple[int, int]:
+    """An image's (width, height) from its header; CaptionError when it cannot be read."""
+    try:
+        if is_http_url(url):
+            return Image.open(io.BytesIO(fetch(url, MAX_HEADER_BYTES, 60.0, guard))).size
+        with fsspec.open(url, "rb") as handle:
+            return Image.open(handle).size  # reads the header, decodes nothing
+    except FileNotFoundError:
+        raise CaptionError("image", "image_not_found", url) from None
+    except Image.DecompressionBombError as exc:
+        raise CaptionError("image", "decompression_bomb", f"{url}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise CaptionError("image", "not_an_image", f"{url}: {type(exc).__name__}") from None
+
+
+def _max_side(args: argparse.Namespace) -> int:
+    """--max_image_side as the job would take it (its default depends on formula and detail)."""
+    if args.max_image_side is None:
+        return default_max_side(args.token_formula, args.image_detail)
+    return args.max_image_side
+
+
+def _sent_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    width, height = size
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
+    """The lines ``estimate`` prints."""
+    input_cost, output_cost = totals.cost(args.price_per_million_input_tokens,
+                                          args.price_per_million_output_tokens)
+    counted = totals.records - totals.unreadable_records
+    each = totals.output_tokens // counted if counted else 0
+    lines = [
+        f"estimate: {totals.records:,} records, {totals.images:,} images"
+        f"{f' for {args.model}' if args.model else ''} (token formula {args.token_formula}, "
+        f"image detail {args.image_detail or 'not sent'}, max image side "
+        f"{_max_side(args) or 'unchanged'})",
+        f"  input tokens:  {totals.input_tokens:,} = images {totals.image_tokens:,} + text "
+        f"{totals.text_tokens:,}",
+        f"  output tokens: {totals.output_tokens:,} ({each:,} per record)",
+        f"  cost: ${input_cost:,.4f} input + ${output_cost:,.4f} output = "
+        f"${input_cost + output_cost:,.4f} at ${args.price_per_million_input_tokens:g} / "
+        f"${args.price_per_million_output_tokens:g} per million tokens",
+    ]
+    batch = (input_cost + output_cost) * args.batch_discount
+    lines.append(f"  with --mode batch: ${batch:,.4f} (--batch_discount {args.batch_discount:g}"
+                 f", saving ${input_cost + output_cost - batch:,.4f})")
+    if totals.unreadable_records:
+        lines.append(f"  not counted: {totals.unreadable_records:,} records that would fail (" +
+                     ", ".join(f"{key}: {n}" for key, n in sorted(totals.problems.items())) + ")")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.max_image_side is not None and args.max_image_side < 0:
+        raise UsageError("--max_image_side must be >= 0")
+    for line in report(estimate(args), args):
+        print(line)
+    return 0

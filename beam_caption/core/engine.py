@@ -1,0 +1,493 @@
+"""The per-worker caption runtime: loop thread, model client from a factory, pools, byte budget.
+
+One ``CaptionRuntime`` per worker process (held by Beam's ``Shared``) owns an asyncio event
+loop in a background thread, one model client (``WorkerConfig.client_factory``, by default
+``VLMClient``), a thread pool for storage reads (image files, cache entries) and one with a
+thread per core for image decoding and encoding. ``submit`` starts one record and returns a
+future of its outcome. Image bytes held by records in flight (source files, then request
+bodies) are bounded by a byte budget, so memory does not grow with concurrency or image size.
+The runtime knows nothing of Beam or of the output layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from beam_caption.core.api_keys import KeySource
+from beam_caption.core.cache import RequestCache, request_digest
+from beam_caption.core.client import ClientSettings, Completion, Paid, VLMClient, request_body
+from beam_caption.core.errors import CaptionError, JobStopped, UsageError
+from beam_caption.core.http_images import UrlGuard
+from beam_caption.core.identity import record_fingerprint, settings_digest
+from beam_caption.core.images import (
+    ImageSettings,
+    prepare_image_bytes,
+    read_image_bytes,
+    resolve_image_path,
+)
+from beam_caption.core.messages import (
+    PromptSettings,
+    RequestPlan,
+    build_messages,
+    image_paths,
+    prompt_turns,
+)
+from beam_caption.core.prompts import PromptSpec
+from beam_caption.core.records import CaptionMeta, answers_meta, captioned_record, failure_element
+from beam_caption.core.structured import answer_checker
+from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
+
+IO_THREADS_MAX = 64
+IMAGE_BACKOFF_S = 0.5  # first wait before reading a record's images again
+RECENT_SIZES = 64  # a record's source size is estimated as the largest of this many recent ones
+FIRST_ESTIMATE_SHARE = 8  # before any read, a record is assumed to take 1/8 of the budget
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to caption records; picklable and free of secrets."""
+
+    client: ClientSettings
+    prompts: PromptSettings
+    images: ImageSettings
+    image_root: str
+    output_key: str = "caption"
+    api_key: KeySource = KeySource()  # where workers find the key (never the key itself)
+    cache_dir: str | None = None
+    max_bytes_in_flight: int = 256 * 2**20
+    image_timeout: float = 60.0
+    image_retries: int = 3  # reads after the first for retryable image failures
+    allow_private_urls: bool = False  # http(s) images may reach non-public addresses
+    token_formula: str = "openai"  # how image tokens are counted (tokens.py)
+    progress_dir: str | None = None  # local runs: where workers leave figures for the launcher
+    # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
+    # Completion`` (see VLMClient.complete) and
+    # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
+    client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
+
+    @functools.cached_property
+    def prompt_specs(self) -> tuple[PromptSpec, ...]:
+        """The prompts each record is asked (``PromptSettings.prompt_specs``)."""
+        return self.prompts.prompt_specs(self.output_key)
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The fields the answers are written to."""
+        return [spec.output_key for spec in self.prompt_specs]
+
+    @functools.cached_property
+    def settings_digest(self) -> str:
+        """Digest of every setting that shapes an answer (``caption_meta.fingerprint``)."""
+        images = self.images
+        prompts = dataclasses.asdict(self.prompts)
+        if not prompts["specs"]:
+            del prompts["specs"]  # the flags' one prompt: digests as before prompts files
+        return settings_digest({
+            "model": self.client.model, "params": self.client.request_params(),
+            "prompts": prompts, "image_root": self.image_root,
+            "images": {"max_side": images.max_side, "jpeg_quality": images.jpeg_quality,
+                       "max_pixels": images.max_pixels},
+            "output_key": self.output_key})
+
+
+class Prepared(NamedTuple):
+    """A record's requests, prepared but not sent (Batch API): (prompt name, body, estimated
+    input tokens, most output tokens) each, or the failure that leaves it without."""
+
+    requests: list[tuple[str, bytes, int, int]]
+    failure: dict | None
+
+
+class Outcome(NamedTuple):
+    """What became of one record: a captioned record or a failure, and what it took."""
+
+    caption: dict | None
+    failure: dict | None
+    attempts: int
+    throttled_s: float
+
+
+class ByteBudget:
+    """Bytes held by records in flight; ``acquire`` waits while the budget is spent.
+
+    Waiters are served first come, first served, and only as many are woken as fit (no
+    thundering herd of hundreds of waiters per release). A record larger than the whole budget
+    still runs, alone. Used from one event loop.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    async def acquire(self, size: int) -> None:
+        if not self._waiters and self._fits(size):
+            self.used += size
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():
+                self.used -= size  # granted as it was cancelled: give it back
+            self._wake()
+            raise
+
+    async def resize(self, old: int, new: int) -> None:
+        """Hold ``new`` bytes instead of ``old`` (without waiting: the bytes exist already)."""
+        self.used += new - old
+        if new < old:
+            self._wake()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _wake(self) -> None:
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if not waiter.done():  # a cancelled waiter is dropped, whatever its size
+                if not self._fits(size):
+                    return
+                self.used += size
+                waiter.set_result(None)
+            self._waiters.popleft()
+
+
+class CaptionRuntime:
+    """Event loop thread + VLM client + image thread pool, shared by a worker's DoFns."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="beam-caption-loop")
+        self._thread.start()
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(config.client.max_concurrency, IO_THREADS_MAX),
+            thread_name_prefix="beam-caption-io")
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
+        api_key = _worker_api_key(config)
+        self._client = self.call(_make_client(config, api_key))
+        self._cache = RequestCache(config.cache_dir, self._run_io)
+        self._budget = ByteBudget(config.max_bytes_in_flight)
+        self._guard = UrlGuard(config.allow_private_urls)
+        self._specs = config.prompt_specs
+        self._params = {spec.name: {**config.client.request_params(), **spec.request_params()}
+                        for spec in self._specs}
+        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema)
+                        for spec in self._specs}
+        self._rng = random.Random()
+        self._recent_sizes: collections.deque[int] = collections.deque(
+            [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
+            maxlen=RECENT_SIZES)
+        # Shared keeps the runtime for the life of the worker process; close it at exit.
+        self.close = weakref.finalize(self, _shutdown, self._loop, self._client,
+                                      (self._io_pool, self._cpu_pool))
+
+    def _run_io(self, function, *args):
+        return self._loop.run_in_executor(self._io_pool, function, *args)
+
+    def stopped(self, stop: JobStopped) -> JobStopped:
+        """Why the job stopped as the client says now (what a --max_cost stop spent, the answers
+        that were in flight included), else ``stop`` as it was raised."""
+        stopped = getattr(self._client, "stopped", None)
+        return (stopped() if stopped else None) or stop
+
+    def count_spent_before(self, dollars: float) -> None:
+        """What earlier runs spent (the reused captions' cost), for the client's --max_cost."""
+        count = getattr(self._client, "count_spent_before", None)
+        if count is not None:
+            self._loop.call_soon_threadsafe(count, dollars)
+
+    def call(self, coroutine):
+        """Run a coroutine on the runtime's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, element: dict) -> concurrent.futures.Future:
+        """Start captioning one keyed record; the future resolves to its ``Outcome`` (or raises
+        JobStopped when the job must stop)."""
+        return asyncio.run_coroutine_threadsafe(self._caption(element), self._loop)
+
+    async def _caption(self, element: dict) -> Outcome:
+        record, specs = element["record"], self._specs
+        try:
+            paths = image_paths(record, self.config.prompts.image_key)
+            plans = [self._plan(record, paths, spec) for spec in specs]
+            if all(isinstance(plan, CaptionError) for plan in plans):
+                raise plans[0]  # type: ignore[misc]
+            answers = await self._budgeted_answers(paths, plans)
+        except CaptionError as error:
+            return self._failure(element, error, None, {}, error.attempts, error.throttled_s)
+        except JobStopped:
+            raise
+        except Exception as exc:  # a bug must not lose the record: report it as a failure
+            return self._failure(element, _internal_error(element["key"], exc), None, {}, 0, 0.0)
+        attempts = sum(getattr(answer, "attempts", 0) for answer in answers)
+        throttled = sum(getattr(answer, "throttled_s", 0.0) for answer in answers)
+        failed = [(spec, answer) for spec, answer in zip(specs, answers, strict=True)
+                  if isinstance(answer, CaptionError)]
+        done = {spec.output_key: answer.caption for spec, answer in zip(specs, answers,
+                                                                        strict=True)
+                if isinstance(answer, Completion)}
+        if failed:
+            spec, first = failed[0]
+            message = first.message
+            if len(failed) > 1:
+                others = ", ".join(other.name for other, _ in failed[1:])
+                message = f"{message} (also failed: {others})"
+            first = CaptionError(first.stage, first.type, message, first.retryable,
+                                 first.attempts, first.throttled_s, paid_by(answers))
+            return self._failure(element, first, spec.name if len(specs) > 1 else None, done,
+                                 attempts, throttled)
+        meta = self._meta(element, answers)  # type: ignore[arg-type]
+        return Outcome(captioned_record(record, done, meta), None, attempts, throttled)
+
+    def _plan(self, record: dict, paths: tuple[str, ...],
+              spec: PromptSpec) -> RequestPlan | CaptionError:
+        try:
+            return RequestPlan(paths, prompt_turns(record, self.config.prompts, spec))
+        except CaptionError as error:
+            return error
+
+    def _failure(self, element: dict, error: CaptionError, prompt: str | None, answers: dict,
+                 attempts: int, throttled_s: float) -> Outcome:
+        return Outcome(None, failure_element(element["key"], element["source"], error,
+                                             record=element["record"], prompt=prompt,
+                                             answers=answers), attempts, throttled_s)
+
+    def _meta(self, element: dict, answers: list[Completion]) -> CaptionMeta:
+        return answers_meta(
+            self.config.client.model, element["key"],
+            record_fingerprint(element["record"], self.config.settings_digest),
+            {spec.name: answer for spec, answer in zip(self._specs, answers, strict=True)},
+            time.time())
+
+    async def _budgeted_answers(self, paths: tuple[str, ...],
+                                plans: list[RequestPlan | CaptionError]
+                                ) -> list[Completion | CaptionError]:
+        """Read and prepare the record's images once, then ask each prompt that has a plan,
+        within the byte budget; each prompt's answer or error, in prompt order."""
+        requests, held = await self._built_requests(paths, plans)
+        try:
+            return list(await asyncio.gather(*(
+                self._answer(spec, request) if request is not None else _plan_error(plan)
+                for spec, plan, request in zip(self._specs, plans, requests, strict=True))))
+        finally:
+            await self._budget.resize(held, 0)
+
+    async def _built_requests(self, paths: tuple[str, ...],
+                              plans: list[RequestPlan | CaptionError]
+                              ) -> tuple[list[_Request | None], int]:
+        """The record's requests and the budget bytes they hold (the caller gives them back).
+
+        The record holds an estimate of its source size before reading (the largest of the
+        recent ones), then the real size, then its request bodies' size.
+        """
+        held = max(self._recent_sizes)
+        await self._budget.acquire(held)
+        try:
+            sources = await self._read_retrying(paths)
+            size = sum(map(len, sources))
+            self._recent_sizes.append(size)
+            await self._budget.resize(held, size)
+            held = size
+            requests = await self._loop.run_in_executor(self._cpu_pool, self._requests, plans,
+                                                        sources)
+            del sources
+            size = sum(len(request.body) for request in requests if request is not None)
+            await self._budget.resize(held, size)
+            return requests, size
+        except BaseException:
+            await self._budget.resize(held, 0)
+            raise
+
+    def submit_prepare(self, element: dict) -> concurrent.futures.Future:
+        """Start preparing one keyed record's requests without sending them (the Batch API);
+        the future resolves to its ``Prepared``."""
+        return asyncio.run_coroutine_threadsafe(self._prepare(element), self._loop)
+
+    async def _prepare(self, element: dict) -> Prepared:
+        record, specs = element["record"], self._specs
+        try:
+            paths = image_paths(record, self.config.prompts.image_key)
+            plans = [self._plan(record, paths, spec) for spec in specs]
+            for spec, plan in zip(specs, plans, strict=True):
+                if isinstance(plan, CaptionError):  # sent later or never: the record fails now
+                    return Prepared([], self._failure(
+                        element, plan, spec.name if len(specs) > 1 else None, {}, 0, 0.0).failure)
+            requests, held = await self._built_requests(paths, plans)
+            await self._budget.resize(held, 0)  # the bodies leave the runtime
+        except CaptionError as error:
+            return Prepared([], self._failure(element, error, None, {}, 0, 0.0).failure)
+        except Exception as exc:  # a bug must not lose the record: report it as a failure
+            return Prepared([], self._failure(element, _internal_error(element["key"], exc),
+                                              None, {}, 0, 0.0).failure)
+        prepared = []
+        for spec, request in zip(specs, requests, strict=True):
+            assert request is not None  # every prompt has a plan here
+            answer = self._params[spec.name].get("max_completion_tokens") or \
+                DEFAULT_COMPLETION_TOKENS
+            prepared.append((spec.name, request.body, request.tokens - answer, answer))
+        return Prepared(prepared, None)
+
+    async def _answer(self, spec: PromptSpec, request: _Request) -> Completion | CaptionError:
+        """One prompt's answer (from the cache or the model), or why there is none."""
+        check = self._checks[spec.name]
+        try:
+            return await self._cache.complete(request.digest, lambda: self._client.complete(
+                request.body, request.tokens, request.params, check))
+        except CaptionError as error:
+            return error
+        except JobStopped:
+            raise
+        except Exception as exc:  # a bug must not lose the other prompts' answers
+            return _internal_error(spec.name, exc)
+
+    async def _read_retrying(self, paths: tuple[str, ...]) -> list[bytes]:
+        """The record's images, read again after a retryable failure (up to
+        ``image_retries`` times, backoff with full jitter doubling from IMAGE_BACKOFF_S)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._read_with_timeout(paths)
+            except CaptionError as exc:
+                if not exc.retryable or attempt > self.config.image_retries:
+                    if attempt == 1:
+                        raise
+                    raise CaptionError(exc.stage, exc.type, f"{exc.message} (read {attempt} "
+                                       "times)", exc.retryable) from None
+                _LOG.debug("image read attempt %d failed, retrying: %s", attempt, exc)
+                await asyncio.sleep(self._rng.uniform(0, IMAGE_BACKOFF_S * 2 ** (attempt - 1)))
+
+    async def _read_with_timeout(self, paths: tuple[str, ...]) -> list[bytes]:
+        timeout = self.config.image_timeout
+        try:
+            async with asyncio.timeout(timeout):  # cheaper on the loop than wait_for's task
+                return await self._run_io(self._read_images, paths)
+        except TimeoutError:
+            raise CaptionError("image", "image_timeout",
+                               f"reading the record's images took over {timeout:g} s "
+                               "(--image_timeout)", retryable=True) from None
+
+    def _read_images(self, paths: tuple[str, ...]) -> list[bytes]:
+        """A record's image files, read one after the other: one pool task per record."""
+        root, max_bytes = self.config.image_root, self.config.images.max_bytes
+        timeout = self.config.image_timeout
+        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout, self._guard)
+                for path in paths]
+
+    def _requests(self, plans: list[RequestPlan | CaptionError],
+                  sources: list[bytes]) -> list[_Request | None]:
+        """Decode, resize and encode the images once; each planned prompt's request (None where
+        the prompt has no plan)."""
+        images = [prepare_image_bytes(data, self.config.images) for data in sources]
+        urls = [image.data_url for image in images]
+        sizes = [(image.width, image.height) for image in images]
+        del images
+        prompts, client = self.config.prompts, self.config.client
+        requests: list[_Request | None] = []
+        for spec, plan in zip(self._specs, plans, strict=True):
+            if isinstance(plan, CaptionError):
+                requests.append(None)
+                continue
+            params = self._params[spec.name]
+            body = request_body(client, build_messages(
+                plan, urls, spec.system_prompt or prompts.system_prompt, prompts.image_detail),
+                params)
+            tokens = estimate_request_tokens(
+                len(body) - sum(map(len, urls)), sizes,
+                params.get("max_completion_tokens"), self.config.token_formula,
+                prompts.image_detail)
+            requests.append(_Request(body, params, request_digest(body), tokens))
+        return requests
+
+
+class _Request(NamedTuple):
+    """One prompt's request: body, the parameters it was built with, cache key, tokens."""
+
+    body: bytes
+    params: dict
+    digest: str
+    tokens: int
+
+
+def paid_by(answers: list) -> dict | None:
+    """What a record's prompts paid (``CaptionError.paid``): the answers kept and the failed
+    prompts' paid attempts (cached answers cost nothing)."""
+    total = Paid()
+    for answer in answers:
+        if isinstance(answer, Completion) and not answer.cached:
+            total = total.plus(Paid(answer.prompt_tokens or 0, answer.completion_tokens or 0,
+                                    None, answer.usage_estimated))
+        elif isinstance(answer, CaptionError) and answer.paid:
+            total = total.plus(Paid(answer.paid["prompt_tokens"],
+                                    answer.paid["completion_tokens"], None,
+                                    bool(answer.paid.get("estimated"))))
+    return total.as_dict()
+
+
+async def _plan_error(plan) -> CaptionError:
+    return plan
+
+
+def _internal_error(what: str, exc: Exception) -> CaptionError:
+    _LOG.error("internal error while captioning %s", what, exc_info=exc)
+    return CaptionError("request", "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _worker_api_key(config: WorkerConfig) -> str | None:
+    """The key as this worker finds it; JobStopped when the launcher had one and this worker has
+    none (workers that do not share the launcher's environment), rather than 401 per record."""
+    try:
+        api_key = config.api_key.resolve()
+    except UsageError as exc:
+        raise JobStopped(f"a worker could not read the API key: {exc}") from None
+    if config.api_key.required and api_key is None:
+        raise JobStopped(f"a worker found no API key in {config.api_key.describe()}, where the "
+                         "launcher found one; give workers the key with --api_key_secret or "
+                         "--api_key_file (a file they can read) or set the variable in the "
+                         "workers' environment")
+    return api_key
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, cpusets), not all the machine has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _shutdown(loop, client, pools) -> None:
+    """Close the client's connections, stop the loop thread and the pools."""
+    if loop.is_running():
+        # Exiting anyway: on a timeout the sockets close with the process.
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _make_client(config: WorkerConfig, api_key: str | None):
+    """The client, made on the runtime's loop (an aiohttp session binds to the running loop)."""
+    return config.client_factory(config.client, api_key)
+
+

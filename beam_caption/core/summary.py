@@ -1,0 +1,94 @@
+"""summary.json's figures: each caption's and failure's counts (tokens paid, retries, stages
+and types) and the summary made of their sums, with the cost at the run's prices.
+"""
+
+from __future__ import annotations
+
+from beam_caption.core.records import caption_retries
+
+
+def caption_counts(element: dict, image_key: str) -> dict:
+    """A caption's figures: its answers' tokens (every answered attempt) count in tokens and
+    cost, unless it came from the cache."""
+    meta = element["caption_meta"]
+    images = element.get(image_key)
+    tokens = (meta["prompt_tokens"] or 0) + (meta["completion_tokens"] or 0)
+    counts = {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
+              "attempts": meta["attempts"], "retries": caption_retries(meta)}
+    if meta.get("cached"):
+        counts.update(cache_hits=1, tokens_saved=tokens)
+    else:
+        counts.update(prompt_tokens=meta["prompt_tokens"] or 0,
+                      completion_tokens=meta["completion_tokens"] or 0,
+                      reasoning_tokens=meta.get("reasoning_tokens") or 0,
+                      usage_estimated=1 if meta.get("usage_estimated") else 0)
+        if meta.get("batch_id"):  # at the batch price
+            counts.update(batch_prompt_tokens=meta["prompt_tokens"] or 0,
+                          batch_completion_tokens=meta["completion_tokens"] or 0)
+    return counts
+
+
+def failure_counts(element: dict) -> dict:
+    """A failure's figures: what its answered attempts paid (``error.paid``) counts in tokens
+    and cost as a caption's does."""
+    error = element["error"]
+    counts = {"failed": 1, "attempts": error["attempts"],
+              "retries": max(error["attempts"] - 1, 0),
+              f"stage:{error['stage']}": 1, f"type:{error['stage']}/{error['type']}": 1}
+    paid = error.get("paid")
+    if isinstance(paid, dict):  # none in failure lines of earlier versions
+        counts.update(prompt_tokens=paid.get("prompt_tokens") or 0,
+                      completion_tokens=paid.get("completion_tokens") or 0,
+                      usage_estimated=1 if paid.get("estimated") else 0)
+        if paid.get("batch"):  # at the batch price
+            counts.update(batch_prompt_tokens=counts["prompt_tokens"],
+                          batch_completion_tokens=counts["completion_tokens"])
+    return counts
+
+
+def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None = None,
+                        output_keys: list[str] | None = None) -> dict:
+    """The summary.json document from the combined counts; ``wall_time_s`` from the job's start
+    to now (when the summary is written, after the last record); ``output_keys`` the fields
+    that hold answers (default: --output_key's)."""
+    captioned, failed = counts.get("captioned", 0), counts.get("failed", 0)
+    images = counts.get("images", 0)
+    return {
+        "records": captioned + failed,
+        "captioned": captioned,
+        "failed": failed,
+        "images_captioned": images,
+        "resumed": counts.get("resumed", 0),
+        "set_aside": counts.get("set_aside", 0),
+        "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
+        "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
+        "cache_hits": counts.get("cache_hits", 0),
+        "tokens_saved_by_cache": counts.get("tokens_saved", 0),
+        "attempts": counts.get("attempts", 0),
+        "retries": counts.get("retries", 0),
+        "tokens": {"prompt": counts.get("prompt_tokens", 0),
+                   "completion": counts.get("completion_tokens", 0),
+                   "total": counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0),
+                   "reasoning": counts.get("reasoning_tokens", 0)},
+        # records whose tokens include the worst case charged for answers without usage
+        "usage_estimated": counts.get("usage_estimated", 0),
+        "cost": _cost(counts, options),
+        "throttled_s": counts.get("throttled_ms", 0) / 1000,
+        "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
+        "images_per_s": round(images / wall_time_s, 2) if wall_time_s else None,
+        "output_keys": output_keys or [options.get("output_key") or "caption"],
+        "options": options,
+    }
+
+
+def _cost(counts: dict, options: dict) -> dict:
+    """Dollars at the run's --price_per_million_* (0 without prices), Batch API answers at
+    --batch_discount of them."""
+    discount = options.get("batch_discount")
+    discount = 0.5 if discount is None else discount
+    spent = {side: (counts.get(f"{tokens}_tokens", 0) - counts.get(f"batch_{tokens}_tokens", 0)
+                    * (1 - discount))
+             * (options.get(f"price_per_million_{side}_tokens") or 0) / 1e6
+             for side, tokens in (("input", "prompt"), ("output", "completion"))}
+    return {**{side: round(value, 6) for side, value in spent.items()},
+            "total": round(sum(spent.values()), 6)}

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 
 from beam_caption.core.api_keys import KeySource
 from beam_caption.core.cache import RequestCache, request_digest
-from beam_caption.core.client import ClientSettings, Completion, Paid, VLMClient, request_body
+from beam_caption.core.client import ClientSettings, Completion, VLMClient, request_body
 from beam_caption.core.errors import CaptionError, JobStopped, UsageError
 from beam_caption.core.http_images import UrlGuard
-from beam_caption.core.identity import record_fingerprint, settings_digest
+from beam_caption.core.identity import settings_digest
 from beam_caption.core.images import (
     ImageSettings,
     prepare_image_bytes,
@@ -46,7 +46,8 @@ from beam_caption.core.messages import (
     prompt_turns,
 )
 from beam_caption.core.prompts import PromptSpec
-from beam_caption.core.records import CaptionMeta, answers_meta, captioned_record, failure_element
+from beam_caption.core.records import Outcome, failed_outcome, record_outcome
+from beam_caption.core.records import paid_by as paid_by  # tests import it from here
 from beam_caption.core.structured import answer_checker
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
 
@@ -111,15 +112,6 @@ class Prepared(NamedTuple):
 
     requests: list[tuple[str, bytes, int, int]]
     failure: dict | None
-
-
-class Outcome(NamedTuple):
-    """What became of one record: a captioned record or a failure, and what it took."""
-
-    caption: dict | None
-    failure: dict | None
-    attempts: int
-    throttled_s: float
 
 
 class ByteBudget:
@@ -234,30 +226,14 @@ class CaptionRuntime:
                 raise plans[0]  # type: ignore[misc]
             answers = await self._budgeted_answers(paths, plans)
         except CaptionError as error:
-            return self._failure(element, error, None, {}, error.attempts, error.throttled_s)
+            return failed_outcome(element, error)
         except JobStopped:
             raise
         except Exception as exc:  # a bug must not lose the record: report it as a failure
-            return self._failure(element, _internal_error(element["key"], exc), None, {}, 0, 0.0)
-        attempts = sum(getattr(answer, "attempts", 0) for answer in answers)
-        throttled = sum(getattr(answer, "throttled_s", 0.0) for answer in answers)
-        failed = [(spec, answer) for spec, answer in zip(specs, answers, strict=True)
-                  if isinstance(answer, CaptionError)]
-        done = {spec.output_key: answer.caption for spec, answer in zip(specs, answers,
-                                                                        strict=True)
-                if isinstance(answer, Completion)}
-        if failed:
-            spec, first = failed[0]
-            message = first.message
-            if len(failed) > 1:
-                others = ", ".join(other.name for other, _ in failed[1:])
-                message = f"{message} (also failed: {others})"
-            first = CaptionError(first.stage, first.type, message, first.retryable,
-                                 first.attempts, first.throttled_s, paid_by(answers))
-            return self._failure(element, first, spec.name if len(specs) > 1 else None, done,
-                                 attempts, throttled)
-        meta = self._meta(element, answers)  # type: ignore[arg-type]
-        return Outcome(captioned_record(record, done, meta), None, attempts, throttled)
+            return failed_outcome(element, _internal_error(element["key"], exc))
+        return record_outcome(element, specs, answers, model=self.config.client.model,
+                              settings_digest=self.config.settings_digest,
+                              finished_at=time.time())
 
     def _plan(self, record: dict, paths: tuple[str, ...],
               spec: PromptSpec) -> RequestPlan | CaptionError:
@@ -265,19 +241,6 @@ class CaptionRuntime:
             return RequestPlan(paths, prompt_turns(record, self.config.prompts, spec))
         except CaptionError as error:
             return error
-
-    def _failure(self, element: dict, error: CaptionError, prompt: str | None, answers: dict,
-                 attempts: int, throttled_s: float) -> Outcome:
-        return Outcome(None, failure_element(element["key"], element["source"], error,
-                                             record=element["record"], prompt=prompt,
-                                             answers=answers), attempts, throttled_s)
-
-    def _meta(self, element: dict, answers: list[Completion]) -> CaptionMeta:
-        return answers_meta(
-            self.config.client.model, element["key"],
-            record_fingerprint(element["record"], self.config.settings_digest),
-            {spec.name: answer for spec, answer in zip(self._specs, answers, strict=True)},
-            time.time())
 
     async def _budgeted_answers(self, paths: tuple[str, ...],
                                 plans: list[RequestPlan | CaptionError]
@@ -330,15 +293,15 @@ class CaptionRuntime:
             plans = [self._plan(record, paths, spec) for spec in specs]
             for spec, plan in zip(specs, plans, strict=True):
                 if isinstance(plan, CaptionError):  # sent later or never: the record fails now
-                    return Prepared([], self._failure(
-                        element, plan, spec.name if len(specs) > 1 else None, {}, 0, 0.0).failure)
+                    return Prepared([], failed_outcome(
+                        element, plan, spec.name if len(specs) > 1 else None).failure)
             requests, held = await self._built_requests(paths, plans)
             await self._budget.resize(held, 0)  # the bodies leave the runtime
         except CaptionError as error:
-            return Prepared([], self._failure(element, error, None, {}, 0, 0.0).failure)
+            return Prepared([], failed_outcome(element, error).failure)
         except Exception as exc:  # a bug must not lose the record: report it as a failure
-            return Prepared([], self._failure(element, _internal_error(element["key"], exc),
-                                              None, {}, 0, 0.0).failure)
+            return Prepared([], failed_outcome(element,
+                                               _internal_error(element["key"], exc)).failure)
         prepared = []
         for spec, request in zip(specs, requests, strict=True):
             assert request is not None  # every prompt has a plan here
@@ -427,21 +390,6 @@ class _Request(NamedTuple):
     params: dict
     digest: str
     tokens: int
-
-
-def paid_by(answers: list) -> dict | None:
-    """What a record's prompts paid (``CaptionError.paid``): the answers kept and the failed
-    prompts' paid attempts (cached answers cost nothing)."""
-    total = Paid()
-    for answer in answers:
-        if isinstance(answer, Completion) and not answer.cached:
-            total = total.plus(Paid(answer.prompt_tokens or 0, answer.completion_tokens or 0,
-                                    None, answer.usage_estimated))
-        elif isinstance(answer, CaptionError) and answer.paid:
-            total = total.plus(Paid(answer.paid["prompt_tokens"],
-                                    answer.paid["completion_tokens"], None,
-                                    bool(answer.paid.get("estimated"))))
-    return total.as_dict()
 
 
 async def _plan_error(plan) -> CaptionError:

@@ -10,6 +10,10 @@ from beam_caption.core.prompts import PromptSpec
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an image caption generator. Your task is to generate a concise and informative "
+    "caption for the given image content."
+)
 
 
 @dataclass(frozen=True)

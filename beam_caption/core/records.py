@@ -13,6 +13,11 @@ Elements stay JSON-ready dicts (they are the output lines), but every one is bui
   the other prompts gave, so nothing paid for is lost; ``paid`` is what the record's answered
   attempts cost (``{"prompt_tokens", "completion_tokens"[, "estimated"]}``, errors.CaptionError).
 
+``record_outcome`` is the one way a record's answers become its captioned record or its
+failure, online (core/engine.py) and from Batch API results (transforms/batch.py) alike.
+A record that comes from no manifest (a library user's own PCollection) is keyed by
+``keyed_record``: by a field it holds, or by its content.
+
 The output tags and the metrics namespace are named here too; ``STATS`` elements are
 ``{"throttled_ms": N}``, one per bundle of the caption step, summed into summary.json.
 """
@@ -20,9 +25,15 @@ The output tags and the metrics namespace are named here too; ``STATS`` elements
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from beam_caption.core.errors import CaptionError
+from beam_caption.core.identity import record_fingerprint
+
+if TYPE_CHECKING:
+    from beam_caption.core.client import Completion
+    from beam_caption.core.prompts import PromptSpec
 
 CAPTIONS = "captions"
 FAILURES = "failures"
@@ -40,6 +51,45 @@ def record_element(file: str, index: int, record: dict) -> dict:
     """A keyed record as ReadManifests emits it."""
     return {"key": record_key(file, index), "source": {"file": file, "index": index},
             "record": record}
+
+
+def _is_record_element(value: object) -> bool:
+    """Whether ``value`` is a keyed record (``record_element``'s shape, exactly)."""
+    return (isinstance(value, dict) and value.keys() == {"key", "source", "record"}
+            and isinstance(value["key"], str) and isinstance(value["source"], dict)
+            and isinstance(value["record"], dict))
+
+
+def content_key(record: dict) -> str:
+    """A record's key from its content alone: ``sha256:`` and 16 hex digits, the same for
+    equal records in every run."""
+    return "sha256:" + record_fingerprint(record, "")[:16]
+
+
+def keyed_record(value: object, key_field: str | None = None) -> dict:
+    """A keyed record (``record_element``'s shape) of a record from anywhere, or the failure
+    of a value that cannot be one.
+
+    A keyed record is kept as it is. A plain record dict is keyed by its ``key_field`` (the
+    field's value as text) when one is named, else by its content (``content_key``); its
+    ``source`` names the field (``{"key_field": NAME}``), or is empty. A value that is not a
+    dict, or lacks ``key_field``, is a read failure.
+    """
+    if _is_record_element(value):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, dict):
+        raw = repr(value)[:1000]
+        return failure_element(content_key({"raw": raw}), {}, CaptionError(
+            "read", "not_a_record", f"expected a record dict, got {type(value).__name__}"),
+            raw=raw)
+    source = {"key_field": key_field} if key_field else {}
+    if key_field is None:
+        return {"key": content_key(value), "source": source, "record": value}
+    if key_field not in value:
+        return failure_element(content_key(value), source, CaptionError(
+            "read", "missing_key_field", f"record has no {key_field!r} field (key_field)"),
+            record=value)
+    return {"key": str(value[key_field]), "source": source, "record": value}
 
 
 def failure_element(key: str, source: dict, error: CaptionError, *, record: dict | None = None,
@@ -112,6 +162,92 @@ def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any]
         finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id,
         usage_estimated=any(getattr(answer, "usage_estimated", False) for answer in given)
         or None)
+
+
+class Outcome(NamedTuple):
+    """What became of one record: a captioned record or a failure, and what it took."""
+
+    caption: dict | None
+    failure: dict | None
+    attempts: int
+    throttled_s: float
+
+
+def failed_outcome(element: dict, error: CaptionError, prompt: str | None = None,
+                   answers: dict | None = None) -> Outcome:
+    """The Outcome of a keyed record that failed with ``error`` (``failure_element``)."""
+    return Outcome(None, failure_element(element["key"], element["source"], error,
+                                         record=element["record"], prompt=prompt,
+                                         answers=answers), error.attempts, error.throttled_s)
+
+
+def record_outcome(element: dict, specs: Sequence[PromptSpec],
+                   answers: Sequence[Completion | CaptionError], *, model: str,
+                   settings_digest: str, finished_at: float,
+                   batch_id: str | None = None) -> Outcome:
+    """A keyed record's answers as its captioned record or its failure: the one place the
+    online and the batch paths turn answers into an output line.
+
+    Args:
+        element: the keyed record (``record_element``).
+        specs: the prompts asked (``WorkerConfig.prompt_specs``).
+        answers: each prompt's answer (a Completion) or why it has none, in ``specs`` order.
+        model: the model named in ``caption_meta``.
+        settings_digest: the run's ``WorkerConfig.settings_digest`` (``caption_meta``'s
+            fingerprint).
+        finished_at: unix time the last answer came.
+        batch_id: the Batch API batch that answered: named in ``caption_meta``; a failure's
+            paid tokens are at the batch price.
+
+    Returns:
+        The captioned record (every prompt answered), else the failure of the first failed
+        prompt, its message naming the other failed prompts, with the answers the others gave
+        and what all of them paid.
+    """
+    attempts = sum(answer.attempts for answer in answers)
+    throttled = sum(answer.throttled_s for answer in answers)
+    done = {spec.output_key: answer.caption for spec, answer in zip(specs, answers, strict=True)
+            if not isinstance(answer, CaptionError)}
+    failed = [(spec, answer) for spec, answer in zip(specs, answers, strict=True)
+              if isinstance(answer, CaptionError)]
+    if failed:
+        spec, first = failed[0]
+        message = first.message
+        if len(failed) > 1:
+            message += " (also failed: " + ", ".join(other.name for other, _ in failed[1:]) + ")"
+        paid = paid_by(answers)
+        if paid and batch_id is not None:
+            paid["batch"] = True
+        error = CaptionError(first.stage, first.type, message, first.retryable, first.attempts,
+                             first.throttled_s, paid)
+        outcome = failed_outcome(element, error, spec.name if len(specs) > 1 else None, done)
+        return outcome._replace(attempts=attempts, throttled_s=throttled)
+    meta = answers_meta(model, element["key"],
+                        record_fingerprint(element["record"], settings_digest),
+                        {spec.name: answer for spec, answer in zip(specs, answers, strict=True)},
+                        finished_at, batch_id)
+    return Outcome(captioned_record(element["record"], done, meta), None, attempts, throttled)
+
+
+def paid_by(answers: Sequence[Completion | CaptionError]) -> dict | None:
+    """What a record's prompts paid (``CaptionError.paid``): the answers kept (cached answers
+    cost nothing) and the failed prompts' paid attempts; None when nothing was paid."""
+    prompt_tokens = completion_tokens = 0
+    estimated = False
+    for answer in answers:
+        if isinstance(answer, CaptionError):
+            if answer.paid:
+                prompt_tokens += answer.paid["prompt_tokens"]
+                completion_tokens += answer.paid["completion_tokens"]
+                estimated = estimated or bool(answer.paid.get("estimated"))
+        elif not answer.cached:
+            prompt_tokens += answer.prompt_tokens or 0
+            completion_tokens += answer.completion_tokens or 0
+            estimated = estimated or answer.usage_estimated
+    if not (prompt_tokens or completion_tokens):
+        return None
+    paid = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    return {**paid, "estimated": True} if estimated else paid
 
 
 def captioned_record(record: dict, answers: dict, meta: CaptionMeta) -> dict:

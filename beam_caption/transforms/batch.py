@@ -60,14 +60,7 @@ from beam_caption.core.ledger import (
     split_custom_id,
     write_entry,
 )
-from beam_caption.core.records import (
-    CAPTIONS,
-    FAILURES,
-    STATS,
-    answers_meta,
-    captioned_record,
-    failure_element,
-)
+from beam_caption.core.records import CAPTIONS, FAILURES, STATS, record_outcome
 from beam_caption.core.redact import scrub
 from beam_caption.core.structured import answer_checker
 from beam_caption.transforms.caption import CaptionImages
@@ -445,32 +438,33 @@ class _Assemble(beam.DoFn):
         ``shared``: another record of the same fingerprint was given these answers already, so
         this one's are marked cached (paid once, counted once in summary.json)."""
         several = len(self._specs) > 1
-        answers, errors = {}, {}
+        answers: list[Completion | CaptionError] = []
+        answered = []  # the results that gave the answers
         for spec in self._specs:
             mine = [r for r in results if r[0] == (spec.name if several else None)]
-            answer, error = self._pick(spec, mine)
-            if answer is not None:
-                answers[spec.name] = answer
-            else:
-                errors[spec.name] = error or CaptionError(
-                    "request", "not_submitted", "no batch holds this request: run the job "
-                    "with --resume to submit it", retryable=True)
-        if not errors:
-            return self._caption(element, answers, shared)
-        if self._fallback:
+            answer, result = self._pick(spec, mine, shared)
+            answers.append(answer or CaptionError(
+                "request", "not_submitted", "no batch holds this request: run the job with "
+                "--resume to submit it", retryable=True))
+            if result is not None:
+                answered.append(result)
+        if self._fallback and len(answered) < len(answers):
             return beam.pvalue.TaggedOutput(FALLBACK, element)
-        name, error = next(iter(errors.items()))
-        done = {spec.output_key: answers[spec.name][0] for spec in self._specs
-                if spec.name in answers}
-        error = CaptionError(error.stage, error.type, error.message, error.retryable,
-                             error.attempts, paid=_paid(answers, errors))
-        return beam.pvalue.TaggedOutput(FAILURES, failure_element(
-            element["key"], element["source"], error, record=element["record"],
-            prompt=name if several else None, answers=done))
+        # the batch that answered the first prompt (a failure: any batch, for the paid price)
+        batch_id = answered[0][3] if answered else next((r[3] for r in results), None)
+        outcome = record_outcome(
+            element, self._specs, answers, model=self._config.client.model,
+            settings_digest=self._config.settings_digest,
+            finished_at=max((result[4] or 0 for result in answered), default=0),
+            batch_id=batch_id)
+        if outcome.failure is not None:
+            return beam.pvalue.TaggedOutput(FAILURES, outcome.failure)
+        return outcome.caption
 
-    def _pick(self, spec, results):
-        """The first result that is a usable answer ((value, parsed, result)), else the last
-        error."""
+    def _pick(self, spec, results: list, shared: bool
+              ) -> tuple[Completion | CaptionError | None, tuple | None]:
+        """The first result that is a usable answer (and that result), else the last error
+        (None without any result); ``shared``: the answer is marked cached (see _outcome)."""
         error = None
         for result in sorted(results, key=lambda r: r[4] or 0):
             _, body, result_error, *_ = result
@@ -490,37 +484,11 @@ class _Assemble(beam.DoFn):
                 error = CaptionError(exc.stage, exc.type, exc.message, exc.retryable, 1,
                                      paid=paid)
                 continue
-            return (scrub_answer(value, self._secrets), parsed, result), None
-        return None, error
-
-    def _caption(self, element: dict, answers: dict, shared: bool) -> dict:
-        """The captioned record of its answers (prompt name -> (value, parsed, result))."""
-        completions = {name: Completion(
-            value, parsed.finish_reason, parsed.prompt_tokens, parsed.completion_tokens,
-            attempts=0 if shared else 1, latency_ms=result[5],
-            reasoning_tokens=parsed.reasoning_tokens, cached=shared)
-            for name, (value, parsed, result) in answers.items()}
-        results = [result for _, _, result in answers.values()]
-        meta = answers_meta(
-            self._config.client.model, element["key"],
-            record_fingerprint(element["record"], self._config.settings_digest), completions,
-            max(result[4] or 0 for result in results), batch_id=results[0][3])
-        return captioned_record(element["record"], {
-            spec.output_key: answers[spec.name][0] for spec in self._specs}, meta)
-
-
-def _paid(answers: dict, errors: dict) -> dict | None:
-    """What a failed record's batch answers were billed (``CaptionError.paid``): the prompts
-    answered and the answers refused (length-cut, not conforming), as online; ``batch``: at
-    the batch price."""
-    paid = [{"prompt_tokens": parsed.prompt_tokens or 0,
-             "completion_tokens": parsed.completion_tokens or 0}
-            for _, parsed, _ in answers.values()]
-    paid += [error.paid for error in errors.values() if error is not None and error.paid]
-    if not paid:
-        return None
-    return {**{side: sum(one[side] for one in paid)
-               for side in ("prompt_tokens", "completion_tokens")}, "batch": True}
+            return Completion(scrub_answer(value, self._secrets), parsed.finish_reason,
+                              parsed.prompt_tokens, parsed.completion_tokens,
+                              attempts=0 if shared else 1, latency_ms=result[5],
+                              reasoning_tokens=parsed.reasoning_tokens, cached=shared), result
+        return error, None
 
 
 class CollectBatchResults(beam.PTransform):

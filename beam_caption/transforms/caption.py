@@ -24,10 +24,17 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_caption.core.engine import CaptionRuntime, Outcome, WorkerConfig, usable_cores
+from beam_caption.core.engine import CaptionRuntime, WorkerConfig, usable_cores
 from beam_caption.core.errors import JobStopped
 from beam_caption.core.figures import figures_for
-from beam_caption.core.records import CAPTIONS, FAILURES, METRICS_NAMESPACE, STATS, caption_retries
+from beam_caption.core.records import (
+    CAPTIONS,
+    FAILURES,
+    METRICS_NAMESPACE,
+    STATS,
+    Outcome,
+    caption_retries,
+)
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
 STOP_GRACE_S = 10.0  # on a stop, beyond --request_timeout, for the records in flight to end

@@ -1,0 +1,184 @@
+"""CaptionConfig: the public, flat configuration of captioning, with the CLI's defaults.
+
+Every field but ``prompts`` is a request-related flag of ``python -m beam_caption`` of the
+same name and default (tests/test_api.py checks it), so the CLI derives its configuration from
+its flags (cli/config.caption_config) and a library user writes the same names as keywords.
+``worker_config`` turns it into the engine's ``WorkerConfig`` (core/engine.py): nested as the
+engine's parts use it, with what is decided at launch (defaults that depend on other fields,
+the prompts file read, where workers find the API key) resolved. No Beam here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from beam_caption.core.api_keys import KeySource
+from beam_caption.core.client import ClientSettings
+from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.errors import UsageError
+from beam_caption.core.images import ImageSettings
+from beam_caption.core.messages import DEFAULT_SYSTEM_PROMPT, PromptSettings
+from beam_caption.core.prompts import PromptSpec, load_prompts_file
+from beam_caption.core.redact import redact_url
+from beam_caption.core.tokens import default_max_side
+
+NOT_A_FLAG = "library only"  # the metadata of the fields that are no CLI flag
+_LOCATIONS = ("api_url", "image_root", "cache_dir", "api_key_file", "prompts_file")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """How records are captioned: the model, what is asked, images, limits and costs.
+
+    Each field is the CLI flag of the same name, with the same default (``python -m
+    beam_caption --help`` describes them all); ``prompts`` is the library's own. The API key is
+    never a field: ``api_key_env``, ``api_key_file`` or ``api_key_secret`` say where the
+    workers read it (by default the variable DF_API_KEY, then OPENAI_API_KEY).
+
+    Example::
+
+        config = bc.CaptionConfig(api_url="http://localhost:8000/v1",
+                                  model="Qwen/Qwen2.5-VL-7B-Instruct", max_concurrency=64)
+
+    Attributes:
+        api_url: OpenAI-compatible base URL ending in /v1.
+        model: Model name sent in each request.
+        system_prompt: Sent first in every request ('' sends none).
+        prompt: User prompt for every image; by default the record's human turns from
+            ``conversation_key``.
+        prompts_file: YAML or JSON file of several prompts (see ``parse_prompts``), read
+            when ``worker_config`` is made.
+        prompts: Several prompts given in code (``parse_prompts(...)``); not with
+            ``prompt`` or ``prompts_file``.
+        image_key: Record field holding the image path or list of paths.
+        conversation_key: Record field holding the conversation turns.
+        output_key: Field the caption is written to (with several prompts each names its own).
+        image_root: Base for relative image paths (default: the current directory when
+            ``worker_config`` is made).
+    """
+
+    api_url: str
+    model: str
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    prompt: str | None = None
+    prompts_file: str | None = None
+    prompts: tuple[PromptSpec, ...] = dataclasses.field(default=(),
+                                                        metadata={NOT_A_FLAG: True})
+    image_key: str = "image"
+    conversation_key: str = "conversation"
+    output_key: str = "caption"
+    image_root: str | None = None
+    # where workers read the API key (never the key)
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key_secret: str | None = None
+    # what each request asks
+    max_tokens: int | None = None
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+    # how requests are sent
+    max_concurrency: int = 32
+    request_timeout: float = 120.0
+    max_retries: int = 6
+    max_backoff: float = 60.0
+    max_retry_wait: float = 300.0
+    max_response_bytes: int = 4 * 2**20
+    max_caption_chars: int = 32_000
+    max_bytes_in_flight: int = 256 * 2**20
+    max_requests_per_minute: float | None = None
+    max_tokens_per_minute: float | None = None
+    worker_processes: int | None = None  # processes sharing the job-wide limits (None: 1)
+    cache_dir: str | None = None
+    # what it costs
+    max_cost: float | None = None
+    price_per_million_input_tokens: float = 0.0
+    price_per_million_output_tokens: float = 0.0
+    batch_discount: float = 0.5
+    # images
+    max_image_side: int | None = None  # None: 1024, or 512 for OpenAI's low detail
+    max_image_bytes: int = 50 * 2**20
+    jpeg_quality: int = 85
+    image_timeout: float = 60.0
+    image_detail: str | None = None
+    token_formula: str = "openai"
+    image_retries: int = 3
+    allow_private_urls: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.api_url or not self.model:
+            raise UsageError("CaptionConfig needs api_url and model")
+        asked = [name for name in ("prompt", "prompts_file", "prompts") if getattr(self, name)]
+        if len(asked) > 1:
+            raise UsageError(f"give the prompt with one of {' and '.join(asked)}")
+        if (self.prompts_file or self.prompts) and self.output_key != "caption":
+            raise UsageError("with several prompts each names its output_key; leave out "
+                             "output_key")
+        if self.api_key_file and self.api_key_secret:
+            raise UsageError("give the key with one of api_key_file and api_key_secret")
+        if self.max_cost and not (self.price_per_million_input_tokens or
+                                  self.price_per_million_output_tokens):
+            raise UsageError("max_cost needs the model's prices: price_per_million_input_tokens "
+                             "and price_per_million_output_tokens")
+
+    @classmethod
+    def flag_names(cls) -> list[str]:
+        """The fields that are CLI flags of the same name (all but the library's own)."""
+        return [field.name for field in dataclasses.fields(cls)
+                if not field.metadata.get(NOT_A_FLAG)]
+
+    def worker_config(self) -> WorkerConfig:
+        """The engine's configuration, made where the pipeline is built: ``image_root`` by
+        default the current directory, the default image side, the prompts file read,
+        ``max_cost`` shared among ``worker_processes`` and where workers find the key (required
+        of them when this machine has one)."""
+        processes = self.worker_processes or 1
+        max_side = self.max_image_side
+        if max_side is None:
+            max_side = default_max_side(self.token_formula, self.image_detail)
+        specs = load_prompts_file(self.prompts_file) if self.prompts_file else self.prompts
+        return WorkerConfig(
+            client=ClientSettings(
+                api_url=self.api_url, model=self.model, max_concurrency=self.max_concurrency,
+                request_timeout=self.request_timeout, max_retries=self.max_retries,
+                max_backoff=self.max_backoff,
+                max_requests_per_minute=self.max_requests_per_minute,
+                max_tokens_per_minute=self.max_tokens_per_minute, worker_processes=processes,
+                max_tokens=self.max_tokens, temperature=self.temperature,
+                reasoning_effort=self.reasoning_effort, max_retry_wait=self.max_retry_wait,
+                max_response_bytes=self.max_response_bytes,
+                max_caption_chars=self.max_caption_chars,
+                max_cost=self.max_cost / processes if self.max_cost else None,
+                price_per_million_input_tokens=self.price_per_million_input_tokens,
+                price_per_million_output_tokens=self.price_per_million_output_tokens,
+                batch_discount=self.batch_discount),
+            prompts=PromptSettings(
+                system_prompt=self.system_prompt or None, prompt=self.prompt,
+                image_key=self.image_key, conversation_key=self.conversation_key,
+                image_detail=self.image_detail, specs=specs),
+            images=ImageSettings(max_side=max_side, max_bytes=self.max_image_bytes,
+                                 jpeg_quality=self.jpeg_quality),
+            image_root=self.image_root or os.getcwd(),
+            output_key=self.output_key,
+            api_key=KeySource.for_launch(self.api_key_env, self.api_key_file,
+                                         self.api_key_secret),
+            cache_dir=self.cache_dir,
+            max_bytes_in_flight=self.max_bytes_in_flight,
+            image_timeout=self.image_timeout,
+            image_retries=self.image_retries,
+            allow_private_urls=self.allow_private_urls,
+            token_formula=self.token_formula,
+        )
+
+    def reported(self) -> dict[str, Any]:
+        """The settings as summary.json's ``options`` shows them: every flag field, URLs
+        without credentials or queries, and the names of ``prompts`` (no secret: the API key is
+        never a field)."""
+        reported: dict[str, Any] = {name: getattr(self, name) for name in self.flag_names()}
+        for name in _LOCATIONS:
+            reported[name] = reported[name] and redact_url(reported[name])
+        if self.prompts:
+            reported["prompts"] = [spec.name for spec in self.prompts]
+        return reported

@@ -1,14 +1,26 @@
-"""Shared fixtures: generated image datasets and running the real CLI in a subprocess."""
+"""Shared fixtures: generated image datasets, and the CLI run in this process (``run_cli``) or,
+where the process itself is under test, in a real one (``run_cli_process``).
+
+Every ``python -m beam_caption`` this session starts is counted: the session fails past
+CLI_PROCESS_LIMIT (each costs seconds of imports), and the count is shown at its end."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 from PIL import Image
@@ -111,14 +123,197 @@ class RunResult:
         return json.loads((self.output / "summary.json").read_text())
 
 
+CLI_PROCESS_LIMIT = 20  # real `python -m beam_caption` processes in the whole suite
+CLI_PROCESSES: list[str] = []  # the test that started each one
+
+
+def _is_cli_process(args) -> bool:
+    words = [str(arg) for arg in args] if isinstance(args, (list, tuple)) else [str(args)]
+    return any(words[i:i + 2] == ["-m", "beam_caption"] for i in range(len(words)))
+
+
+class _CountingPopen(subprocess.Popen):
+    """subprocess.Popen (subprocess.run uses it too), counting the CLI processes it starts."""
+
+    def __init__(self, args, *rest, **kwargs):
+        if _is_cli_process(args):
+            CLI_PROCESSES.append(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
+        super().__init__(args, *rest, **kwargs)
+
+
+subprocess.Popen = _CountingPopen  # type: ignore[misc]
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"real CLI processes (python -m beam_caption): "
+                                f"{len(CLI_PROCESSES)} of at most {CLI_PROCESS_LIMIT}")
+
+
+def pytest_sessionfinish(session):
+    if len(CLI_PROCESSES) > CLI_PROCESS_LIMIT:
+        print(f"\n{len(CLI_PROCESSES)} real CLI processes, over CLI_PROCESS_LIMIT "
+              f"{CLI_PROCESS_LIMIT}: run the CLI in this process (run_cli) unless the process "
+              f"itself is under test; started by: {', '.join(CLI_PROCESSES)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def run_cli(args: list[str], output: Path, *, env: dict | None = None, cwd: Path | None = None,
-            timeout: float = 240) -> RunResult:
-    """Run ``python -m beam_caption ARGS --output OUTPUT`` in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
+            timeout: float = 240, stderr: IO[str] | None = None) -> RunResult:
+    """``python -m beam_caption ARGS --output OUTPUT`` as ``main`` in this process (see
+    ``run_main``)."""
+    returncode, out, err = run_main([*args, "--output", str(output)], env=env, cwd=cwd,
+                                    timeout=timeout, stderr=stderr)
+    return RunResult(returncode, out, err, output)
+
+
+def run_cli_process(args: list[str], output: Path, *, env: dict | None = None,
+                    cwd: Path | None = None, timeout: float = 240) -> RunResult:
+    """``python -m beam_caption ARGS --output OUTPUT`` in a real process, for the tests of the
+    process itself (signals, kills, ``python -m``): seconds of imports each, counted."""
     process = subprocess.run(
         [sys.executable, "-m", "beam_caption", *args, "--output", str(output)],
-        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+        timeout=timeout)
     return RunResult(process.returncode, process.stdout, process.stderr, output)
+
+
+def run_main(argv: list[str], *, env: dict | None = None, cwd: Path | None = None,
+             timeout: float = 240, stderr: IO[str] | None = None) -> tuple[int, str, str]:
+    """``beam_caption.cli.main.main(argv)`` in this process as ``python -m beam_caption ARGV``
+    would run it: (exit status, stdout, stderr).
+
+    For the call, ``env`` is added to os.environ, ``cwd`` is the working directory, stdout and
+    stderr are strings (or stderr is the ``stderr`` given, a terminal's), the root logger has
+    no handler (so the CLI's own logging setup binds one to that stderr, as in a fresh
+    process), and a run past ``timeout`` seconds raises subprocess.TimeoutExpired. After it,
+    everything the CLI may change in the process is as it was: environment, working
+    directory, sys.argv, logging handlers and levels, signal handlers, Beam's filesystem
+    options and fsspec's configuration from the environment."""
+    from beam_caption.cli.main import main
+
+    stdout, captured = io.StringIO(), io.StringIO()
+    deadline = _Deadline(timeout, argv)
+    with contextlib.ExitStack() as restore:
+        restore.enter_context(_environment(env or {}))
+        if cwd is not None:
+            restore.enter_context(contextlib.chdir(cwd))
+        restore.enter_context(_kept_logging())
+        for name, value in (("argv", [sys.argv[0], *argv]), ("stdout", stdout),
+                            ("stderr", stderr or captured)):
+            restore.callback(setattr, sys, name, getattr(sys, name))
+            setattr(sys, name, value)
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signal_number)
+            if handler is not None:  # None: not set from Python, and not settable back
+                restore.callback(signal.signal, signal_number, handler)
+        restore.enter_context(_kept_beam_options())
+        crash: Exception | None = None
+        try:
+            with deadline:
+                returncode = main(list(argv))
+        except SystemExit as exc:  # argparse's --help and its errors
+            returncode = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except Exception as exc:  # as the interpreter reports an uncaught exception
+            crash, returncode = exc, 1
+            traceback.print_exc()
+    if deadline.expired:  # however what ran passed the timeout on (Beam wraps it)
+        raise subprocess.TimeoutExpired(["python", "-m", "beam_caption", *argv], timeout,
+                                        stdout.getvalue(), captured.getvalue()) from crash
+    return returncode, stdout.getvalue(), captured.getvalue()
+
+
+@contextlib.contextmanager
+def _environment(env: dict) -> Iterator[None]:
+    """os.environ with ``env`` added, and fsspec's configuration read again from it (fsspec
+    reads FSSPEC_* variables once, when it is imported)."""
+    import fsspec.config
+
+    saved, conf = dict(os.environ), {key: dict(value) for key, value in fsspec.config.conf.items()}
+    os.environ.update(env)
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update({name: value for name, value in saved.items()
+                           if os.environ.get(name) != value})
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(conf)
+
+
+@contextlib.contextmanager
+def _kept_logging() -> Iterator[None]:
+    """No root handler while the block runs; the root's handlers and every logger's level as
+    they were after it."""
+    root = logging.getLogger()
+    logging.getLogger("beam_caption")  # made now, so that -v's level on it is undone
+    handlers, levels = root.handlers[:], _logger_levels()
+    disabled = logging.root.manager.disable
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:  # the ones the CLI made
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:] = handlers
+        for logger, level in levels.items():
+            logger.setLevel(level)
+        logging.disable(disabled)
+
+
+@contextlib.contextmanager
+def _kept_beam_options() -> Iterator[None]:
+    """Beam's process-wide options (the launcher gives FileSystems the job's) as they were
+    after the block; none when the block imported Beam (``estimate`` and ``report`` do not)."""
+    if "apache_beam" in sys.modules:
+        from apache_beam.io.filesystems import FileSystems
+        from apache_beam.options.value_provider import RuntimeValueProvider
+
+        saved = FileSystems._pipeline_options, RuntimeValueProvider.runtime_options
+    else:
+        saved = None, None
+    try:
+        yield
+    finally:
+        if "apache_beam" in sys.modules:
+            from apache_beam.io.filesystems import FileSystems
+            from apache_beam.options.value_provider import RuntimeValueProvider
+
+            FileSystems._pipeline_options, RuntimeValueProvider.runtime_options = saved
+
+
+def _logger_levels() -> dict[logging.Logger, int]:
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict
+                                      .values() if isinstance(logger, logging.Logger))]
+    return {logger: logger.level for logger in loggers}
+
+
+class _Deadline:
+    """subprocess.TimeoutExpired raised in the main thread after ``timeout`` seconds of the
+    block (a SIGALRM timer), as subprocess.run raises it for a process that runs too long."""
+
+    def __init__(self, timeout: float, argv: list[str]):
+        self._timeout, self._argv = timeout, argv
+        self._previous = None
+        self.expired = False
+
+    def _expire(self, signum, frame):
+        self.expired = True
+        raise subprocess.TimeoutExpired(["python", "-m", "beam_caption", *self._argv],
+                                        self._timeout)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGALRM, self._expire)
+            signal.setitimer(signal.ITIMER_REAL, self._timeout)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
-from conftest import TEST_RUNNER, read_jsonl
+from conftest import TEST_RUNNER, make_dataset, read_jsonl, run_cli
 
 from beam_caption.cli.flags import CaptionOptions, check_flags, reported_options, validate_options
 from beam_caption.cli.main import main
@@ -217,20 +217,12 @@ def test_ctrl_c_while_beam_is_imported_prints_one_line(dataset_factory, tmp_path
 
 
 def test_verbose_shows_the_packages_debug_lines(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import make_dataset
-
     data = make_dataset(tmp_path / "data", 2, files=1, bad_records=True)
-    command = [sys.executable, "-m", "beam_caption", *TEST_RUNNER, "--input", data.manifests[0],
-               "--image_root", str(data.root), "--output"]
+    flags = [*TEST_RUNNER, "--input", data.manifests[0], "--image_root", str(data.root)]
     with FakeVLMServer() as server:
-        flags = ["--api_url", server.url, "--model", "fake-vlm"]
-        quiet = subprocess.run([*command, str(tmp_path / "a"), *flags], capture_output=True,
-                               text=True, timeout=120)
-        verbose = subprocess.run([*command, str(tmp_path / "b"), *flags, "-v"],
-                                 capture_output=True, text=True, timeout=120)
+        flags += ["--api_url", server.url, "--model", "fake-vlm"]
+        quiet = run_cli(flags, tmp_path / "a", timeout=120)
+        verbose = run_cli([*flags, "-v"], tmp_path / "b", timeout=120)
     assert quiet.returncode == verbose.returncode == 0, verbose.stderr[-2000:]
     assert "DEBUG beam_caption" not in quiet.stderr
     assert "DEBUG beam_caption.transforms.caption" in verbose.stderr

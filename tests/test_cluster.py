@@ -47,7 +47,7 @@ def worker_pool(tmp_path):
     while not _accepts(port):  # its log says nothing at start unless logging is configured
         assert process.poll() is None and time.monotonic() < deadline, \
             (pool_dir / "pool.log").read_text()
-        time.sleep(0.2)
+        time.sleep(0.05)
     yield f"127.0.0.1:{port}", pool_dir
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""The real CLI in a subprocess against the fake VLM server on 127.0.0.1."""
+"""The real CLI (its main, run in this process) against the fake VLM server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TEST_RUNNER, run_cli
+from conftest import TEST_RUNNER, run_cli, run_cli_process
 
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
@@ -117,7 +117,8 @@ def test_worker_pools_follow_the_cores_the_process_may_use():
 
 
 def test_demo_captions_the_bundled_samples_quietly(tmp_path):
-    result = run_cli(["demo", *TEST_RUNNER], tmp_path / "demo")
+    # A real process: what a fresh one prints, Beam's import included, is under test.
+    result = run_cli_process(["demo", *TEST_RUNNER], tmp_path / "demo")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FAKE VLM server at http://127.0.0.1:" in result.stdout
     assert "captioned 11 of 11 records (0 failed)" in result.stdout

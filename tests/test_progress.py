@@ -274,13 +274,12 @@ def test_cli_bar_on_a_pseudo_terminal(dataset_factory, tmp_path):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    with FakeVLMServer(FakeVLMConfig(latency_ms=20)) as server:
-        process = subprocess.run(
-            [sys.executable, "-m", "beam_caption", *TEST_RUNNER, "--input",
-             ",".join(data.manifests), "--api_url", server.url, "--model", "fake-vlm",
-             "--image_root", str(data.root), "--output", str(tmp_path / "out")],
-            stdout=subprocess.PIPE, stderr=follower, text=True, timeout=240)
-    os.close(follower)
+    with FakeVLMServer(FakeVLMConfig(latency_ms=20)) as server, \
+            open(follower, "w", encoding="utf-8") as terminal:  # closes follower after it
+        process = run_cli(
+            [*TEST_RUNNER, "--input", ",".join(data.manifests), "--api_url", server.url,
+             "--model", "fake-vlm", "--image_root", str(data.root)], tmp_path / "out",
+            stderr=terminal)
     reader.join(timeout=10)
     os.close(leader)
     assert process.returncode == 0

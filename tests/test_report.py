@@ -13,11 +13,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_RUNNER, make_dataset, run_cli
+from conftest import TEST_RUNNER, make_dataset, run_cli, run_main
 from PIL import Image
 
 from beam_caption.cli.report import MAX_BARS, MAX_BINS, _Bins, write_report
@@ -139,9 +138,14 @@ def test_screenshot_is_not_blank(job, chromium, tmp_path):
     assert colours and len(colours) > 30, "the screenshot is (nearly) one colour"
 
 
+def report_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m beam_caption report ARGS``, run in this process."""
+    argv = ["report", *args]
+    return subprocess.CompletedProcess(argv, *run_main(argv, timeout=120))
+
+
 def test_cli_writes_the_page_with_the_default_sample(job):
-    done = subprocess.run([sys.executable, "-m", "beam_caption", "report", str(job)],
-                          capture_output=True, text=True, timeout=120)
+    done = report_command(str(job))
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"report: {job}/report.html\n"
     assert (job / "report.html").read_text(encoding="utf-8").count("<img ") == 24
@@ -151,8 +155,7 @@ def test_cli_writes_the_page_with_the_default_sample(job):
                          ids=["no directory", "no summary"])
 def test_cli_refuses_a_directory_that_is_no_job_output(tmp_path, make):
     make(tmp_path / "out")
-    done = subprocess.run([sys.executable, "-m", "beam_caption", "report", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    done = report_command(str(tmp_path / "out"))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("beam_caption: error: ")
     assert "Traceback" not in done.stderr

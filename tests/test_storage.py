@@ -52,53 +52,66 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture
-def gcs(tmp_path, monkeypatch):
-    """gcp-storage-emulator on 127.0.0.1 with a bucket; the environment that points gcsfs and
-    Beam's GCS filesystem at it. Beam asks google-auth for credentials (and retries for ~30 s
-    when there are none): a user credentials file with an unexpired token answers at once and
-    is never refreshed, so nothing leaves the machine."""
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """gcp-storage-emulator on 127.0.0.1 with a bucket, one for the session; the environment
+    that points gcsfs and Beam's GCS filesystem at it. Beam asks google-auth for credentials
+    (and retries for ~30 s when there are none): a user credentials file with an unexpired
+    token answers at once and is never refreshed, so nothing leaves the machine."""
     emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
     if emulator is None:
         pytest.skip("gcp-storage-emulator is not installed (the test extra has it)")
+    root = tmp_path_factory.mktemp("gcs")
     port = _free_port()
     process = _start([emulator, "start", "--host", "127.0.0.1", "--port", str(port),
                       "--in-memory", "--default-bucket", BUCKET],
-                     tmp_path / "gcp-storage-emulator.log", port)
-    credentials = tmp_path / "credentials.json"
+                     root / "gcp-storage-emulator.log", port)
+    credentials = root / "credentials.json"
     credentials.write_text(json.dumps({
         "type": "authorized_user", "client_id": "test", "client_secret": "test",
         "refresh_token": "test", "token": "test-token", "expiry": "2099-01-01T00:00:00Z"}))
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           "GOOGLE_APPLICATION_CREDENTIALS": str(credentials),
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_TOKEN": "anon"}
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # this process's gcsfs too
     try:
-        yield "gs", env, fsspec.filesystem("gcs", endpoint_url=env["STORAGE_EMULATOR_HOST"],
-                                           token="anon")
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+               "GOOGLE_APPLICATION_CREDENTIALS": str(credentials),
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_TOKEN": "anon"}
     finally:
         _stop(process)
 
 
 @pytest.fixture
-def s3(tmp_path):
-    """moto's S3 server on 127.0.0.1 with a bucket; AWS_ENDPOINT_URL points s3fs and Beam's S3
-    filesystem at it."""
+def gcs(gcs_emulator, monkeypatch):
+    """The session's GCS emulator: ("gs", its environment, a gcsfs filesystem on it)."""
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # this process's gcsfs too
+    yield "gs", gcs_emulator, fsspec.filesystem(
+        "gcs", endpoint_url=gcs_emulator["STORAGE_EMULATOR_HOST"], token="anon")
+
+
+@pytest.fixture(scope="session")
+def s3_emulator(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with a bucket, one for the session; AWS_ENDPOINT_URL
+    points s3fs and Beam's S3 filesystem at it."""
     server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     if server is None:
         pytest.skip("moto[server] is not installed (the test extra has it)")
     port = _free_port()
-    process = _start([server, "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log", port)
+    process = _start([server, "-H", "127.0.0.1", "-p", str(port)],
+                     tmp_path_factory.mktemp("s3") / "moto.log", port)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
-    fs = fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"], key="test",
-                           secret="test")
-    fs.mkdir(BUCKET)
+    fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"], key="test",
+                      secret="test").mkdir(BUCKET)
     try:
-        yield "s3", env, fs
+        yield env
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def s3(s3_emulator):
+    """The session's S3 emulator: ("s3", its environment, an s3fs filesystem on it)."""
+    return "s3", s3_emulator, fsspec.filesystem(
+        "s3", endpoint_url=s3_emulator["AWS_ENDPOINT_URL"], key="test", secret="test")
 
 
 def _read_remote(fs, pattern: str) -> list[dict]:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import fsspec
 from PIL import Image
 
-from beam_caption import DEFAULT_SYSTEM_PROMPT
-from beam_caption.cli.flags import split_inputs
-from beam_caption.core.errors import CaptionError, UsageError
+from beam_caption.cli.flag_table import NON_NEGATIVE_INT, add_caption_flags, split_inputs
+from beam_caption.core.errors import CaptionError
 from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.core.images import resolve_image_path
 from beam_caption.core.manifest_reader import iter_manifest, match_manifests
@@ -28,8 +27,6 @@ from beam_caption.core.messages import PromptSettings, image_paths, prompt_turns
 from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.tokens import (
     DEFAULT_COMPLETION_TOKENS,
-    DETAILS,
-    FORMULAS,
     default_max_side,
     image_tokens,
     text_tokens,
@@ -62,35 +59,25 @@ class Estimate:
                 self.output_tokens * output_per_million / 1e6)
 
 
+# The job's flags estimate takes too (declared once, in the flag table).
+JOB_FLAGS = ("input", "image_root", "image_key", "conversation_key", "system_prompt", "prompt",
+             "prompts_file", "model", "max_image_side", "image_detail", "token_formula",
+             "max_tokens", "price_per_million_input_tokens", "price_per_million_output_tokens",
+             "batch_discount", "allow_private_urls")
+
+
 def parser() -> argparse.ArgumentParser:
+    """``estimate``'s flags: the job's own that shape what is sent and its price, in the job's
+    ``--help`` groups, and ``--expected_output_tokens``."""
     parser = argparse.ArgumentParser(
         prog="python -m beam_caption estimate",
         description="Count the records, images, tokens and cost a caption job would have, "
-                    "from the manifests and image headers alone (nothing is sent).")
-    parser.add_argument("--input", action="append", required=True,
-                        help="manifest path, glob or URL; repeat or give a comma list")
-    parser.add_argument("--image_root", default=None, help="base for relative image paths")
-    parser.add_argument("--image_key", default="image")
-    parser.add_argument("--conversation_key", default="conversation")
-    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT)
-    parser.add_argument("--prompt", default=None)
-    parser.add_argument("--prompts_file", default=None,
-                        help="the job's prompts file: every image is counted once per prompt")
-    parser.add_argument("--model", default=None, help="shown in the report only")
-    parser.add_argument("--max_image_side", type=int, default=None,
-                        help="longest side sent, as the job's flag (0 keeps the size; default "
-                             "1024, 512 with --image_detail low)")
-    parser.add_argument("--image_detail", choices=DETAILS, default=None)
-    parser.add_argument("--token_formula", choices=FORMULAS, default="openai")
-    parser.add_argument("--max_tokens", type=int, default=None)
-    parser.add_argument("--expected_output_tokens", type=int, default=None,
+                    "from the manifests and image headers alone (nothing is sent). Takes the "
+                    "job's flags below; --model is only shown in the report.")
+    parser.add_argument("--expected_output_tokens", type=NON_NEGATIVE_INT, default=None,
                         help="tokens an answer is expected to take (default: --max_tokens, "
                              f"else {DEFAULT_COMPLETION_TOKENS})")
-    parser.add_argument("--price_per_million_input_tokens", type=float, default=0.0)
-    parser.add_argument("--price_per_million_output_tokens", type=float, default=0.0)
-    parser.add_argument("--batch_discount", type=float, default=0.5,
-                        help="Batch API price as a share of the online price (--mode batch)")
-    parser.add_argument("--allow_private_urls", action="store_true")
+    add_caption_flags(parser, only=JOB_FLAGS)
     return parser
 
 
@@ -217,9 +204,11 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    if args.max_image_side is not None and args.max_image_side < 0:
-        raise UsageError("--max_image_side must be >= 0")
+    """The ``estimate`` command; prints ``report``'s lines."""
+    flags = parser()
+    args = flags.parse_args(argv)
+    if not split_inputs(args.input):
+        flags.error("the following arguments are required: --input")
     for line in report(estimate(args), args):
         print(line)
     return 0

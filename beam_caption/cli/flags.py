@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import importlib.util
 import os
@@ -20,245 +19,20 @@ from apache_beam.options.pipeline_options import (
     _BeamArgumentParser,
 )
 
-from beam_caption import DEFAULT_SYSTEM_PROMPT
+from beam_caption.cli.flag_table import NumberRange, add_caption_flags, split_inputs
 from beam_caption.core.api_keys import SECRET_VERSION
 from beam_caption.core.errors import UsageError
 from beam_caption.core.redact import clean_key, redact_url
-from beam_caption.core.tokens import DETAILS, FORMULAS, default_max_side
-
-OUTPUT_FORMATS = ("jsonl", "json", "parquet")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Range:
-    """An argparse type: a number of ``kind`` from ``low`` (excluded when ``above``) to ``high``.
-
-    ``validate_options`` checks the same range on values set without argparse (keyword options).
-    """
-
-    kind: type
-    low: float
-    high: float | None = None
-    above: bool = False
-
-    def __call__(self, text: str) -> float:
-        try:
-            value = self.kind(text)
-        except ValueError:
-            noun = "an integer" if self.kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        problem = self.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    def problem(self, value: float) -> str | None:
-        """Why ``value`` is out of range, or None. NaN is out of every range."""
-        too_low = not (value > self.low if self.above else value >= self.low)
-        if too_low or (self.high is not None and not value <= self.high):
-            return f"must be {self._bounds()}, got {value}"
-        return None
-
-    def _bounds(self) -> str:
-        if self.high is not None:
-            return f"from {self.low} to {self.high}"
-        return f"{'>' if self.above else '>='} {self.low}"
-
-
-_POSITIVE_INT = _Range(int, 1)
-_NON_NEGATIVE_INT = _Range(int, 0)
-_POSITIVE_FLOAT = _Range(float, 0, above=True)
+from beam_caption.core.tokens import default_max_side
 
 
 class CaptionOptions(PipelineOptions):
-    """Flags of ``python -m beam_caption`` (see the CLI contract in the README)."""
+    """Flags of ``python -m beam_caption`` (the table: flag_table.py; the CLI contract: the
+    README)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        io = parser.add_argument_group("input and output")
-        io.add_argument("--input", action="append", default=None,
-                        help="Manifest path, glob or URL (JSON array or JSONL, .gz ok). "
-                             "Repeat the flag or give a comma-separated list.")
-        io.add_argument("--output", default=None,
-                        help="Output directory (local path or URL such as gs://bucket/run1).")
-        io.add_argument("--image_root", default=None,
-                        help="Base for relative image paths (default: the launcher's current "
-                             "directory).")
-        io.add_argument("--image_key", default="image",
-                        help="Record field holding the image path or list of paths.")
-        io.add_argument("--conversation_key", default="conversation",
-                        help="Record field holding the conversation turns.")
-        io.add_argument("--output_key", default="caption",
-                        help="Field the caption is written to.")
-        io.add_argument("--num_shards", type=_NON_NEGATIVE_INT, default=0,
-                        help="Output shards per file set (0 = the runner decides).")
-        io.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS,
-                        help="Captions and failures as JSON lines (default), a JSON array per "
-                             "shard, or Parquet (needs pyarrow; a fixed schema, each record "
-                             "as JSON in a column).")
-        io.add_argument("--output_compression", default="none", choices=("none", "gzip"),
-                        help="Compress the jsonl and json outputs (files end in .gz).")
-        io.add_argument("--report", action="store_true", default=False,
-                        help="After the job, write report.html into --output (see 'python -m "
-                             "beam_caption report').")
-        io.add_argument("--no_progress", action="store_true", default=False,
-                        help="No live progress line on a local run.")
-        io.add_argument("--resume", action="store_true", default=False,
-                        help="Keep the captions already in --output (final or checkpointed) and "
-                             "caption only the other records; earlier failures are retried.")
-        io.add_argument("--overwrite", action="store_true", default=False,
-                        help="Delete earlier outputs in --output before running (without "
-                             "--resume or --overwrite, a non-empty --output is refused).")
-        io.add_argument("--checkpoint_interval", type=_POSITIVE_FLOAT, default=10.0,
-                        help="Seconds between checkpoint writes of finished captions, which "
-                             "--resume reuses after a crash or Ctrl-C.")
-
-        api = parser.add_argument_group("model endpoint")
-        api.add_argument("--api_url", default=None,
-                         help="OpenAI-compatible base URL ending in /v1, e.g. "
-                              "https://api.openai.com/v1 or http://localhost:8000/v1.")
-        api.add_argument("--model", default=None, help="Model name sent in each request.")
-        api.add_argument("--api_key_env", default=None,
-                         help="Environment variable holding the API key (default: DF_API_KEY, "
-                              "then OPENAI_API_KEY). The key itself is never a flag.")
-        api.add_argument("--api_key_file", default=None,
-                         help="File holding the API key, read by every worker (a path or fsspec "
-                              "URL the workers can read, e.g. a mounted Kubernetes secret); "
-                              "used instead of the environment variables.")
-        api.add_argument("--api_key_secret", default=None,
-                         help="GCP Secret Manager version holding the API key "
-                              "(projects/P/secrets/S/versions/V), read by every worker with its "
-                              "service account (needs the gcp extra); used instead of the "
-                              "environment variables.")
-        api.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
-                         help="System prompt sent first in every request ('' sends none).")
-        api.add_argument("--prompt", default=None,
-                         help="User prompt for every image; by default the record's human turns "
-                              "from --conversation_key are used.")
-        api.add_argument("--prompts_file", default=None,
-                         help="YAML or JSON file of several prompts asked of every image (name "
-                              "-> prompt with {field} placeholders, system, output_key, "
-                              "max_tokens, temperature, schema or response_format); each "
-                              "answer goes under its own key. Read at launch.")
-        api.add_argument("--max_tokens", type=_POSITIVE_INT, default=None,
-                         help="Upper bound on caption tokens per request (default: server's).")
-        api.add_argument("--temperature", type=_Range(float, 0), default=None,
-                         help="Sampling temperature (default: server's). A model that refuses "
-                              "it (reasoning models) runs without it, with one warning.")
-        api.add_argument("--reasoning_effort", default=None,
-                         choices=("minimal", "low", "medium", "high"),
-                         help="Reasoning effort for reasoning models (gpt-5, o-series); "
-                              "captioning rarely needs more than minimal.")
-
-        batch = parser.add_argument_group("batch mode (OpenAI-style Batch API)")
-        batch.add_argument("--mode", default="online", choices=("online", "batch"),
-                           help="online: one request per record and prompt, answered at once; "
-                                "batch: submitted as Batch API batches (about half the price, "
-                                "answered within 24 h), recorded in --output/batches/, polled "
-                                "by the launcher, then collected into the same outputs.")
-        batch.add_argument("--batch_max_requests", type=_POSITIVE_INT, default=50_000,
-                           help="Requests per batch input file (the provider's limit).")
-        batch.add_argument("--batch_max_bytes", type=_POSITIVE_INT, default=200_000_000,
-                           help="Bytes per batch input file (images make them large).")
-        batch.add_argument("--batch_poll_interval", type=_Range(float, 0, 86_400, above=True),
-                           default=60.0,
-                           help="Longest wait between two polls of the batches (the first "
-                                "ones come sooner).")
-        batch.add_argument("--batch_max_wait_hours", type=_Range(float, 0, 720, above=True),
-                           default=26.0,
-                           help="A batch not ended this long after its upload (the API's 24 h "
-                                "window plus a margin) is given up: its unanswered requests "
-                                "fail as batch_timeout, what it answered is collected.")
-        batch.add_argument("--batch_max_result_bytes", type=_POSITIVE_INT,
-                           default=2_000_000_000,
-                           help="Bytes read of one result file (streamed to a temporary file); "
-                                "requests past them fail as batch_result_too_large.")
-        batch.add_argument("--batch_discount", type=_Range(float, 0, 1), default=0.5,
-                           help="Batch price as a share of the --price_per_million_* prices, "
-                                "for --max_cost and the summary's cost.")
-        batch.add_argument("--retry_failed", action="store_true", default=False,
-                           help="Submit once more the records the batches left unanswered "
-                                "(error lines, expired or failed batches) before collecting "
-                                "(--resume does too).")
-        batch.add_argument("--fallback", default="none", choices=("none", "online"),
-                           help="online: caption what the batches could not through the "
-                                "online path when collecting, instead of recording failures.")
-
-        calls = parser.add_argument_group("requests")
-        calls.add_argument("--max_concurrency", type=_POSITIVE_INT, default=32,
-                           help="Requests in flight per worker process.")
-        calls.add_argument("--request_timeout", type=_POSITIVE_FLOAT, default=120.0,
-                           help="Seconds per attempt.")
-        calls.add_argument("--max_retries", type=_NON_NEGATIVE_INT, default=6,
-                           help="Attempts after the first for retryable errors.")
-        calls.add_argument("--max_backoff", type=_POSITIVE_FLOAT, default=60.0,
-                           help="Longest wait of our own backoff between two attempts.")
-        calls.add_argument("--max_retry_wait", type=_POSITIVE_FLOAT, default=300.0,
-                           help="Longest wait taken from a server (Retry-After, retry-after-ms, "
-                                "x-ratelimit-* headers): a Retry-After asking for longer gets "
-                                "the record failed as request/throttled, never retried early; "
-                                "a rate-limit header asking for longer is ignored.")
-        calls.add_argument("--max_response_bytes", type=_POSITIVE_INT, default=4 * 2**20,
-                           help="Larger response bodies fail the record (response_too_large).")
-        calls.add_argument("--max_caption_chars", type=_POSITIVE_INT, default=32_000,
-                           help="Longer captions fail the record (caption_too_long).")
-        calls.add_argument("--max_bytes_in_flight", type=_POSITIVE_INT, default=256 * 2**20,
-                           help="Image bytes (source files, then request bodies) held by the "
-                                "records in flight per worker process; bounds memory at any "
-                                "concurrency.")
-        calls.add_argument("--max_requests_per_minute", type=_POSITIVE_FLOAT, default=None,
-                           help="Requests per minute for the whole job, all worker processes "
-                                "together (retries included), e.g. the account's RPM. Answers' "
-                                "x-ratelimit-* headers are honoured without it.")
-        calls.add_argument("--max_tokens_per_minute", type=_POSITIVE_FLOAT, default=None,
-                           help="Tokens per minute for the whole job (the account's TPM), "
-                                "counted before sending: text, images as sent and --max_tokens.")
-        calls.add_argument("--max_cost", type=_POSITIVE_FLOAT, default=None,
-                           help="Budget in dollars for the whole job, at the --price_per_million_"
-                                "* prices from the answers' usage: once spent, no new request "
-                                "starts and the job stops; --resume continues.")
-        calls.add_argument("--price_per_million_input_tokens", type=_Range(float, 0),
-                           default=0.0, help="Dollars per million prompt tokens (for --max_cost "
-                                             "and the summary's cost).")
-        calls.add_argument("--price_per_million_output_tokens", type=_Range(float, 0),
-                           default=0.0, help="Dollars per million completion tokens.")
-        calls.add_argument("--worker_processes", type=_POSITIVE_INT, default=None,
-                           help="How many worker processes share the job's per-minute limits "
-                                "(default: from the runner's options where they say; needed "
-                                "with a limit on Flink, Spark or Portable runners).")
-        calls.add_argument("--cache_dir", default=None,
-                           help="Directory or URL (any fsspec filesystem) where answers are "
-                                "stored by request content; later runs reuse them instead of "
-                                "paying again. Duplicates within a run are always sent once.")
-        calls.add_argument("--skip_preflight", action="store_true", default=False,
-                           help="Do not check endpoint, key and model before the job starts.")
-
-        images = parser.add_argument_group("images")
-        images.add_argument("--max_image_side", type=_NON_NEGATIVE_INT, default=None,
-                            help="Longest side sent to the model in pixels (0 keeps the size; "
-                                 "default 1024, or 512 with --image_detail low, where OpenAI "
-                                 "shrinks images to 512 itself).")
-        images.add_argument("--max_image_bytes", type=_POSITIVE_INT, default=50 * 2**20,
-                            help="Refuse source images larger than this many bytes.")
-        images.add_argument("--jpeg_quality", type=_Range(int, 1, 100), default=85,
-                            help="JPEG quality of the re-encoded images.")
-        images.add_argument("--image_timeout", type=_POSITIVE_FLOAT, default=60.0,
-                            help="Seconds to read one record's images (connect and total).")
-        images.add_argument("--image_detail", default=None, choices=DETAILS,
-                            help="OpenAI's image detail sent with every image: low (85 tokens "
-                                 "an image, whatever its size), high or auto (default: not "
-                                 "sent, the server's choice).")
-        images.add_argument("--token_formula", default="openai", choices=FORMULAS,
-                            help="How image tokens are counted for --max_tokens_per_minute and "
-                                 "estimates: openai (512-px tiles) or qwen (28-px patches).")
-        images.add_argument("--image_retries", type=_NON_NEGATIVE_INT, default=3,
-                            help="Reads after the first for transient image failures (HTTP 5xx "
-                                 "and 429, resets, timeouts, storage errors), with backoff.")
-        images.add_argument("--allow_private_urls", action="store_true", default=False,
-                            help="Fetch http(s) image URLs that resolve to loopback, private, "
-                                 "link-local or other non-public addresses (refused by "
-                                 "default: a manifest could make workers fetch internal "
-                                 "services such as a cloud metadata server).")
+        add_caption_flags(parser)
 
 
 BEAM_OPTIONS_REPORTED = ("runner", "direct_running_mode", "direct_num_workers", "project",
@@ -323,7 +97,7 @@ def check_flags(argv: list[str]) -> None:
 
 def _caption_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    CaptionOptions._add_argparse_args(parser)
+    add_caption_flags(parser)
     return parser
 
 
@@ -427,7 +201,7 @@ def count_worker_processes(options: PipelineOptions) -> int | None:
 def _out_of_range(options: CaptionOptions) -> str | None:
     """The first numeric option out of its range (possible when set by keyword), or None."""
     for action in _caption_parser()._actions:
-        if not isinstance(action.type, _Range):
+        if not isinstance(action.type, NumberRange):
             continue
         value = getattr(options, action.dest)
         problem = value is not None and action.type.problem(value)
@@ -499,8 +273,3 @@ def reported_options(options: PipelineOptions) -> dict:
         reported[name] = reported[name] and redact_url(reported[name])
     reported["input"] = [redact_url(path) for path in split_inputs(reported["input"])]
     return reported
-
-
-def split_inputs(inputs: list[str] | None) -> list[str]:
-    """``--input`` values, repeated and/or comma-separated, as one flat list."""
-    return [part.strip() for value in inputs or () for part in value.split(",") if part.strip()]

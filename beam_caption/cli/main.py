@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # Importing apache_beam with gcsfs's google-cloud-storage but no apitools logs "apitools not
@@ -42,6 +43,9 @@ from beam_caption.core.redact import ScrubbingFilter, clean_key  # noqa: E402
 SAMPLE_DIR = Path(__file__).parents[1] / "sample_data"
 COMMANDS = ("demo", "estimate", "report", "collect")
 VERBOSE_FLAGS = {"-v", "--verbose"}
+# Exit statuses besides 0: 1 is a crash (a traceback), 130 an interrupt (Ctrl-C, SIGTERM).
+USAGE_OR_STOP = 2  # a usage error, a failed preflight, or a stop (budget, refused key)
+TOO_MANY_FAILURES = 3  # the job finished, but more records failed than --max_failure_rate
 
 
 def print_summary(summary: dict) -> None:
@@ -61,8 +65,24 @@ def print_summary(summary: dict) -> None:
     suffix = file_suffix(options.get("output_format") or "jsonl",
                          options.get("output_compression") or "none")
     report = f", {output}/{REPORT_FILE}" if options.get("report") else ""
-    print(f"outputs: {output}/captions-*{suffix}, {output}/failures-*{suffix}, "
+    captions = options.get("file_name_prefix") or CAPTIONS_PREFIX
+    print(f"outputs: {output}/{captions}-*{suffix}, {output}/failures-*{suffix}, "
           f"{output}/summary.json{report}")
+    if summary["failed"] and options.get("max_failure_rate") is None:
+        print(f"  the failed records are in {output}/failures-*{suffix}; they leave the exit "
+              "status 0 (--max_failure_rate SHARE makes the run exit 3 past that share)")
+
+
+def exit_status(summary: dict) -> int:
+    """0, or TOO_MANY_FAILURES with one line on stderr when more of the job's records failed
+    than its --max_failure_rate allows (every output is written by then)."""
+    limit = summary["options"].get("max_failure_rate")
+    records, failed = summary["records"], summary["failed"]
+    if limit is None or not records or failed / records <= limit:
+        return 0
+    print(f"beam_caption: error: {failed} of {records} records failed ({failed / records:.1%}),"
+          f" over --max_failure_rate {limit:g}; the outputs are written", file=sys.stderr)
+    return TOO_MANY_FAILURES
 
 
 def print_translation(translation) -> None:
@@ -105,7 +125,7 @@ def demo(argv: list[str]) -> int:
 
 
 def print_help() -> None:
-    from beam_caption.cli.flags import CaptionOptions
+    from beam_caption.cli.flag_table import add_caption_flags
 
     parser = argparse.ArgumentParser(
         prog="python -m beam_caption",
@@ -122,7 +142,7 @@ def print_help() -> None:
                "waits for its batches and collects them, submitting nothing. -v (--verbose) "
                "shows "
                "beam_caption's debug lines.")
-    CaptionOptions._add_argparse_args(parser)
+    add_caption_flags(parser)
     parser.print_help()
 
 
@@ -216,13 +236,12 @@ def _dispatch(argv: list[str]) -> int:
 
     from beam_caption.cli.launcher import run, translate, translates_only
 
-    if command == "collect":
-        print_summary(run(args, collect_only=True))
-    elif translates_only(PipelineOptions(args)):
+    if command != "collect" and translates_only(PipelineOptions(args)):
         print_translation(translate(args))
-    else:
-        print_summary(run(args))
-    return 0
+        return 0
+    summary = run(args, collect_only=command == "collect")
+    print_summary(summary)
+    return exit_status(summary)
 
 
 @contextlib.contextmanager
@@ -242,22 +261,30 @@ def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or str(exc).startswith("KeyboardInterrupt")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns 0, 2 after a usage error (one line) or 130 when interrupted."""
-    argv = sys.argv[1:] if argv is None else argv
+def guarded(command: Callable[[], int], prog: str = "beam_caption") -> int:
+    """``command()``'s exit status, or USAGE_OR_STOP after a usage error or a stop and 130 when
+    interrupted (Ctrl-C or SIGTERM), each said in one line on stderr (also for the recipes of
+    pipelines/, cli/recipe.py)."""
     with _sigterm_as_ctrl_c():
         try:
-            return _dispatch(argv)
+            return command()
         except UsageError as exc:
-            print(f"beam_caption: error: {exc}", file=sys.stderr)
-            return 2
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return USAGE_OR_STOP
         except (KeyboardInterrupt, RuntimeError) as exc:
             if not _is_interrupt(exc):
                 raise
-            print("beam_caption: interrupted. Captions finished so far are checkpointed in the "
+            print(f"{prog}: interrupted. Captions finished so far are checkpointed in the "
                   "output directory; run the same command with --resume to continue.",
                   file=sys.stderr)
             return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns 0, 2 after a usage error or a stop (one line), 3 when more records
+    failed than --max_failure_rate allows, or 130 when interrupted."""
+    args = sys.argv[1:] if argv is None else argv
+    return guarded(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

@@ -13,26 +13,23 @@ Give the first run's --image_root (relative image paths are resolved against it)
 """
 
 import json
+import os
+import sys
 
-import apache_beam as beam
 import fsspec
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.cli.config import manifests_job
-from beam_caption.cli.flags import CaptionOptions, prepare_launch
+from beam_caption.cli.recipe import Recipe
+from beam_caption.core.errors import UsageError
 from beam_caption.core.outputs import FAILURES_PREFIX, read_output_records
 
 RETRY_MANIFEST = "retried_records.jsonl"
 
 
-class RecaptionOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--from_output", required=True,
-                            help="Output directory of the earlier run.")
-        parser.add_argument("--all", action="store_true", default=False,
-                            help="Retry every failure that holds its record, not only the "
-                                 "retryable ones.")
+def add_flags(parser):
+    parser.add_argument("--from_output", help="Output directory of the earlier run (required).")
+    parser.add_argument("--all", action="store_true", default=False,
+                        help="Retry every failure that holds its record, not only the "
+                             "retryable ones.")
 
 
 def write_retry_manifest(from_output: str, output_dir: str, every: bool) -> tuple[str, int, int]:
@@ -49,17 +46,26 @@ def write_retry_manifest(from_output: str, output_dir: str, every: bool) -> tupl
     return path, kept, left
 
 
-def main(argv=None):
-    options = PipelineOptions(argv)
-    recaption, flags = options.view_as(RecaptionOptions), options.view_as(CaptionOptions)
-    prepare_launch(options)
-    manifest, kept, left = write_retry_manifest(recaption.from_output, flags.output,
-                                                recaption.all)
-    print(f"retrying {kept} records from {recaption.from_output}; {left} failures left as they "
-          "are (not retryable, or not a record)")
-    with beam.Pipeline(options=options) as p:
-        p | "CaptionManifests" >> manifests_job(flags, [manifest])
+def adopt(recipe_flags, options):
+    if not recipe_flags.from_output:
+        raise UsageError("missing required flag: --from_output")
+    if options.input or not options.output:
+        raise UsageError("the records come from --from_output's failures: give --output, "
+                         "not --input")
+    if os.path.abspath(recipe_flags.from_output) == os.path.abspath(options.output):
+        raise UsageError("--output must be a new directory, not --from_output")
+    options.input = [f"{options.output.rstrip('/')}/{RETRY_MANIFEST}"]
 
+
+def prepare(recipe_flags, options):
+    _, kept, left = write_retry_manifest(recipe_flags.from_output, options.output,
+                                         recipe_flags.all)
+    print(f"retrying {kept} records from {recipe_flags.from_output}; {left} failures left as "
+          "they are (not retryable, or not a record)")
+
+
+main = Recipe("recaption_failures.py", __doc__.split("\n\n")[0], add_flags=add_flags,
+              adopt=adopt, prepare=prepare).main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,21 +10,17 @@ against the bundled fake server:
     python pipelines/several_prompts.py --input data/image_caption/sample_data.json \\
         --output out/ --api_url http://127.0.0.1:8011/v1 --model fake-vlm
 
-Every flag of ``python -m beam_caption --help`` works.
+Every flag of ``python -m beam_caption --help`` works, with the CLI's launch (see
+``beam_caption/cli/recipe.py``).
 """
 
 import dataclasses
+import sys
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+import beam_caption as bc
+from beam_caption.cli.recipe import Recipe
 
-from beam_caption.cli.config import caption_config
-from beam_caption.cli.flags import CaptionOptions, prepare_launch, split_inputs
-from beam_caption.core.manifest_reader import match_manifests
-from beam_caption.core.prompts import parse_prompts
-from beam_caption.transforms.job import CaptionManifests
-
-PROMPTS = parse_prompts({
+PROMPTS = bc.parse_prompts({
     "caption": {"prompt": "Describe the image in one detailed paragraph."},
     "alt_text": {"prompt": "Write alt text of at most 125 characters for this image.",
                  "max_tokens": 60},
@@ -33,20 +29,14 @@ PROMPTS = parse_prompts({
 })
 
 
-def main(argv=None):
-    options = PipelineOptions(argv)
-    flags = options.view_as(CaptionOptions)
-    prepare_launch(options)
-    config = caption_config(flags)  # the flags' settings; --prompts_file's prompts if given
-    if not flags.prompts_file:
-        config = dataclasses.replace(
-            config, prompts=dataclasses.replace(config.prompts, specs=PROMPTS))
-    files = match_manifests(split_inputs(flags.input))
-    with beam.Pipeline(options=options) as p:
-        p | "CaptionManifests" >> CaptionManifests(
-            files, config, flags.output, image_key=flags.image_key,
-            output_format=flags.output_format, compression=flags.output_compression)
+def build(pipeline, job):
+    config = job.config  # a bc.CaptionConfig of the flags; --prompts_file's prompts if given
+    if not config.prompts_file:
+        config = dataclasses.replace(config, prompts=PROMPTS)
+    _ = pipeline | "CaptionManifests" >> job.caption_manifests(config)
 
+
+main = Recipe("several_prompts.py", __doc__.split("\n\n")[0], build=build).main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

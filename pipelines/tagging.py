@@ -14,17 +14,14 @@ scene with the number of images that have it. Run from the repository root, e.g.
 
 import dataclasses
 import json
+import sys
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_caption.cli.config import caption_config
-from beam_caption.cli.flags import CaptionOptions, prepare_launch, split_inputs
-from beam_caption.core.manifest_reader import match_manifests
-from beam_caption.core.prompts import parse_prompts
+import beam_caption as bc
+from beam_caption.cli.recipe import Recipe
 from beam_caption.core.records import CAPTIONS
-from beam_caption.transforms.job import CaptionManifests
 
 TAGS_SCHEMA = {
     "type": "object",
@@ -36,7 +33,7 @@ TAGS_SCHEMA = {
     "required": ["objects", "scene", "has_text"],
     "additionalProperties": False,
 }
-PROMPTS = parse_prompts({"tags": {
+PROMPTS = bc.parse_prompts({"tags": {
     "system": "You tag images for a search index. Answer with JSON only.",
     "prompt": "List the main objects (lowercase nouns), the scene and whether the image "
               "shows text.",
@@ -57,23 +54,17 @@ def write_counts(counts: list[tuple[str, int]], output_dir: str) -> None:
         handle.write(json.dumps(ordered, indent=2).encode("utf-8"))
 
 
-def main(argv=None):
-    options = PipelineOptions(argv)
-    flags = options.view_as(CaptionOptions)
-    prepare_launch(options)
-    config = caption_config(flags)
-    config = dataclasses.replace(config, prompts=dataclasses.replace(config.prompts,
-                                                                     specs=PROMPTS))
-    files = match_manifests(split_inputs(flags.input))
-    with beam.Pipeline(options=options) as p:
-        outputs = p | "CaptionManifests" >> CaptionManifests(
-            files, config, flags.output, image_key=flags.image_key)
-        _ = (outputs[CAPTIONS]
-             | "Tags" >> beam.FlatMap(tag_names)
-             | "Count" >> beam.combiners.Count.PerElement()
-             | "Gather" >> beam.combiners.ToList()
-             | "WriteCounts" >> beam.Map(write_counts, flags.output))
+def build(pipeline, job):
+    config = dataclasses.replace(job.config, prompts=PROMPTS)
+    outputs = pipeline | "CaptionManifests" >> job.caption_manifests(config)
+    _ = (outputs[CAPTIONS]
+         | "Tags" >> beam.FlatMap(tag_names)
+         | "Count" >> beam.combiners.Count.PerElement()
+         | "Gather" >> beam.combiners.ToList()
+         | "WriteCounts" >> beam.Map(write_counts, job.options.output))
 
+
+main = Recipe("tagging.py", __doc__.split("\n\n")[0], build=build).main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

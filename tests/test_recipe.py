@@ -1,4 +1,5 @@
-"""The recipe users copy, pipelines/image_caption.py, run as its docstring says."""
+"""The recipes of pipelines/: the one users copy run as a script, as its docstring says; the
+others through their ``main`` in this process (``run_recipe``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import TEST_RUNNER, run_cli
+from test_recipes_launch import run_recipe
 
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
@@ -33,11 +35,8 @@ def test_recipe_captions_the_sample_manifest(tmp_path):
     assert len(captions) == len(records) and not failures
     assert requests == len(records)
     assert all(c["caption"].startswith("A fake caption:") for c in captions)
-
-
-def run_recipe(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"pipelines/{script}", *args, *TEST_RUNNER], cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    assert f"captioned {len(records)} of {len(records)} records" in process.stdout
+    assert not (tmp_path / "out" / ".checkpoint").exists()
 
 
 def read_lines(pattern: str) -> list[dict]:
@@ -49,11 +48,13 @@ SAMPLE = REPO / "data" / "image_caption"
 
 def test_several_prompts_recipe_answers_each_prompt_under_its_key(tmp_path):
     with FakeVLMServer() as server:
-        process = run_recipe("several_prompts.py", "--input", str(SAMPLE / "sample_data.json"),
-                             "--output", str(tmp_path / "out"),
-                             "--api_url", server.url, "--model", "fake-vlm")
+        status, _, stderr = run_recipe("several_prompts", "--input",
+                                       str(SAMPLE / "sample_data.json"),
+                                       "--output", str(tmp_path / "out"),
+                                       "--api_url", server.url, "--model", "fake-vlm")
         requests = server.stats()["requests"]
-    assert process.returncode == 0, process.stderr[-3000:]
+    assert status == 0, stderr[-3000:]
+    assert not (tmp_path / "out" / ".checkpoint").exists()
     captions = read_lines(str(tmp_path / "out" / "captions-*"))
     assert captions and requests == 3 * len(captions)
     for line in captions:
@@ -66,10 +67,11 @@ def test_several_prompts_recipe_answers_each_prompt_under_its_key(tmp_path):
 
 def test_tagging_recipe_keeps_json_tags_and_counts_them(tmp_path):
     with FakeVLMServer() as server:
-        process = run_recipe("tagging.py", "--input", str(SAMPLE / "sample_data.json"),
-                             "--output", str(tmp_path / "out"),
-                             "--api_url", server.url, "--model", "fake-vlm")
-    assert process.returncode == 0, process.stderr[-3000:]
+        status, _, stderr = run_recipe("tagging", "--input", str(SAMPLE / "sample_data.json"),
+                                       "--output", str(tmp_path / "out"),
+                                       "--api_url", server.url, "--model", "fake-vlm")
+    assert status == 0, stderr[-3000:]
+    assert not (tmp_path / "out" / ".checkpoint").exists()
     captions = read_lines(str(tmp_path / "out" / "captions-*"))
     assert captions and all(isinstance(c["tags"]["objects"], list) for c in captions)
     counts = json.loads((tmp_path / "out" / "tag_counts.json").read_text())
@@ -85,10 +87,13 @@ def test_recaption_failures_recipe_retries_what_may_succeed(dataset_factory, tmp
                           server.url, "--model", "fake-vlm", "--image_root", str(data.root),
                           "--max_retries", "0", "--skip_preflight"], first)
         assert result.returncode == 0 and not result.captions  # every first answer is a 503
-        process = run_recipe("recaption_failures.py", "--from_output", str(first),
-                             "--output", str(tmp_path / "again"), "--image_root", str(data.root),
-                             "--api_url", server.url, "--model", "fake-vlm")
-    assert process.returncode == 0, process.stderr[-3000:]
+        status, stdout, stderr = run_recipe(
+            "recaption_failures", "--from_output", str(first), "--output",
+            str(tmp_path / "again"), "--image_root", str(data.root),
+            "--api_url", server.url, "--model", "fake-vlm")
+    assert status == 0, stderr[-3000:]
+    assert not (tmp_path / "again" / ".checkpoint").exists()
     retried = {c["id"]: c["caption"] for c in read_lines(str(tmp_path / "again" / "captions-*"))}
     assert retried == data.expected  # the bad records' failures were not retryable: left
-    assert f"retrying {len(data.expected)} records" in process.stdout
+    assert f"retrying {len(data.expected)} records" in stdout
+    assert f"captioned {len(data.expected)} of {len(data.expected)} records" in stdout

@@ -44,30 +44,33 @@ def _shards(output_dir: str, prefix: str) -> list[str]:
     return shard_paths(match_files(output_path(output_dir, f"{prefix}{SHARDS}")), prefix)
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    """The project's caption, failure, set-aside, summary, report, checkpoint and ledger files
-    already in ``output_dir`` (``damaged/`` is never among them: nothing deletes it)."""
-    found = [path for prefix in (CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX)
+def existing_outputs(output_dir: str, captions_prefix: str = CAPTIONS_PREFIX) -> list[str]:
+    """The project's caption (``captions_prefix``), failure, set-aside, summary, report,
+    checkpoint and ledger files already in ``output_dir`` (``damaged/`` is never among them:
+    nothing deletes it)."""
+    found = [path for prefix in (captions_prefix, FAILURES_PREFIX, SET_ASIDE_PREFIX)
              for path in _shards(output_dir, prefix)]
     for pattern in (SUMMARY_FILE, REPORT_FILE, f"{CHECKPOINT_DIR}/*", f"{LEDGER_DIR}/*"):
         found += match_files(output_path(output_dir, pattern))
     return sorted(found)
 
 
-def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool,
+                       captions_prefix: str = CAPTIONS_PREFIX) -> bool:
     """Make ``output_dir`` ready for a run; returns whether there are captions to resume from.
 
     A directory holding earlier outputs is refused unless --resume or --overwrite says what
     to do with them, so a typo never destroys paid-for captions. With --resume the earlier
     caption and set-aside shards are moved into the checkpoint folder (read from there, on this
     try and any later one, until a run completes), then the earlier failures and summary are
-    dropped.
+    dropped. ``captions_prefix`` names the caption shards (a recipe's --file_name_prefix); they
+    are moved aside under the default name, which is what resume reads.
     """
     if glob.has_magic(output_dir) or "{" in output_dir:
         raise UsageError(f"--output {output_dir!r} holds a glob character (*, ?, [ or {{): Beam's "
                          "file sinks read it as a pattern and fail at the end of the job, after "
                          "every request is paid; choose a directory name without them")
-    found = existing_outputs(output_dir)
+    found = existing_outputs(output_dir, captions_prefix)
     if not found:
         return False
     if overwrite:
@@ -78,13 +81,15 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> bool:
                          "files): pass --resume to keep its captions and do the rest, or "
                          "--overwrite to start again")
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    finals = _shards(output_dir, CAPTIONS_PREFIX) + _shards(output_dir, SET_ASIDE_PREFIX)
+    finals = {path: CAPTIONS_PREFIX + path.rsplit("/", 1)[-1][len(captions_prefix):]
+              for path in _shards(output_dir, captions_prefix)}
+    finals.update((path, path.rsplit("/", 1)[-1])
+                  for path in _shards(output_dir, SET_ASIDE_PREFIX))
     folder = output_path(output_dir, CHECKPOINT_DIR)
     if finals and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
-    FileSystems.rename(finals, [
-        checkpoint_path(output_dir, final_name(stamp, path.rsplit("/", 1)[-1]))
-        for path in finals])
+    FileSystems.rename(list(finals), [
+        checkpoint_path(output_dir, final_name(stamp, name)) for name in finals.values()])
     stale = _shards(output_dir, FAILURES_PREFIX) + match_files(
         output_path(output_dir, SUMMARY_FILE))
     if stale:

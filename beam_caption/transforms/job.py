@@ -42,7 +42,8 @@ class CaptionManifests(beam.PTransform):
     launcher when ``--resume`` found earlier captions) records are first matched to them.
     ``reported`` is the options dict summary.json shows; ``started_at`` (``time.time()``, by
     default when the transform is made) is when its wall time starts. ``captioner`` replaces
-    the caption step (batch mode's CollectBatchResults). Returns the PCollections written:
+    the caption step (batch mode's CollectBatchResults); ``captions_prefix`` names the caption
+    shards (``captions`` by default). Returns the PCollections written:
     ``{CAPTIONS, FAILURES[, RESUMED, SET_ASIDE]}``.
     """
 
@@ -50,8 +51,10 @@ class CaptionManifests(beam.PTransform):
                  num_shards: int = 0, reuse_checkpoints: bool = False, image_key: str = "image",
                  reported: dict | None = None, checkpoint_interval: float = 10.0,
                  started_at: float | None = None, output_format: str = "jsonl",
-                 compression: str = "none", captioner: beam.PTransform | None = None):
+                 compression: str = "none", captioner: beam.PTransform | None = None,
+                 captions_prefix: str = CAPTIONS_PREFIX):
         super().__init__()
+        self._captions_prefix = captions_prefix
         self._captioner = captioner
         self._output_format = output_format
         self._compression = compression
@@ -95,7 +98,7 @@ class CaptionManifests(beam.PTransform):
             outputs[CAPTIONS] = (checkpointed, split["done"]) | "WithDone" >> beam.Flatten()
             outputs[SET_ASIDE] | "WriteSetAside" >> self._write(SET_ASIDE_PREFIX,
                                                                  skip_if_empty=True)
-        outputs[CAPTIONS] | "WriteCaptions" >> self._write(CAPTIONS_PREFIX)
+        outputs[CAPTIONS] | "WriteCaptions" >> self._write(self._captions_prefix)
         outputs[FAILURES] | "WriteFailures" >> self._write(FAILURES_PREFIX)
         {**outputs, STATS: captioned[STATS]} | "WriteSummary" >> WriteSummary(
             out, self._image_key, self._reported, self._started_at, self._config.output_keys)

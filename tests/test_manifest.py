@@ -10,7 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_caption.core.errors import UsageError
 from beam_caption.core.manifest_reader import iter_manifest, match_manifests, record_key
-from beam_caption.transforms.manifests import ReadManifests
+from beam_caption.transforms.manifests import ReadManifestFiles
 
 RECORDS = [{"image": [f"img{i}.png"], "conversation": [{"from": "human", "value": f"q{i}"}]}
            for i in range(5)]
@@ -150,7 +150,7 @@ def test_read_manifests_transform(tmp_path):
     b = tmp_path / "b.jsonl"
     b.write_text(json.dumps(RECORDS[3]) + "\nnope\n")
     with TestPipeline(runner="FnApiRunner") as p:
-        out = p | ReadManifests([a, str(b)])
+        out = p | ReadManifestFiles([a, str(b)])
         assert_that(out["records"] | beam.Map(lambda e: e["key"]),
                     equal_to([f"{a}#{i}" for i in range(3)] + [f"{b}#0"]), label="records")
         assert_that(out["failures"] | beam.Map(lambda e: (e["key"], e["raw"])),

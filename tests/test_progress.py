@@ -29,7 +29,7 @@ from beam_caption.cli.progress import (
 from beam_caption.core.figures import FIELDS, figures_for, read_totals
 from beam_caption.core.manifest_reader import iter_manifest
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
-from beam_caption.transforms.manifests import ReadManifests
+from beam_caption.transforms.manifests import ReadManifestFiles
 
 FIGURES = {"captioned": 3, "failed": 1, "images": 5, "prompt_tokens": 100,
            "completion_tokens": 20, "throttled_ms": 1500}
@@ -202,7 +202,7 @@ def test_read_failures_count_as_failed(tmp_path):
     progress_dir = tmp_path / "progress"
     progress_dir.mkdir()
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
-        _ = pipeline | ReadManifests([str(manifest)], progress_dir=str(progress_dir))
+        _ = pipeline | ReadManifestFiles([str(manifest)], progress_dir=str(progress_dir))
     assert read_totals(str(progress_dir))["failed"] == 2
 
 

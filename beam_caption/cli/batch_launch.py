@@ -48,7 +48,7 @@ from beam_caption.core.ledger import (
 )
 from beam_caption.core.records import RECORDS
 from beam_caption.transforms.batch import SubmitBatches, result_file, result_lines
-from beam_caption.transforms.manifests import ReadManifests
+from beam_caption.transforms.manifests import ReadManifestFiles
 from beam_caption.transforms.skip_done import SkipDone
 from beam_caption.transforms.write import match_files
 
@@ -107,7 +107,7 @@ def _run_submit(pipeline: beam.Pipeline, files: list[str], config: WorkerConfig,
     ``only_keys`` in the retry pass of the batches ``retry_of``) through SubmitBatches, one
     record per fingerprint."""
     out = options.output
-    records = (pipeline | "ReadManifests" >> ReadManifests(files))[RECORDS]
+    records = (pipeline | "ReadManifests" >> ReadManifestFiles(files))[RECORDS]
     if resume:
         records = (records | "SkipDone" >> SkipDone(out, config.settings_digest))["todo"]
     if only_keys:

@@ -17,7 +17,7 @@ from beam_caption.core.outputs import CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASID
 from beam_caption.core.records import CAPTIONS, FAILURES, RECORDS, STATS
 from beam_caption.transforms.caption import CaptionImages
 from beam_caption.transforms.checkpoint import CheckpointCaptions
-from beam_caption.transforms.manifests import ReadManifests
+from beam_caption.transforms.manifests import ReadManifestFiles
 from beam_caption.transforms.skip_done import SET_ASIDE, SkipDone
 from beam_caption.transforms.write import WriteRecords, WriteSummary
 
@@ -76,7 +76,7 @@ class CaptionManifests(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection[dict]]:
         out = self._output_dir
         progress_dir = self._config.progress_dir
-        read = pbegin | "ReadManifests" >> ReadManifests(self._files, progress_dir=progress_dir)
+        read = pbegin | "ReadManifests" >> ReadManifestFiles(self._files, progress_dir=progress_dir)
         records = read[RECORDS]
         spent_before = None
         if self._reuse_checkpoints:

@@ -88,7 +88,7 @@ class ReadManifests(beam.PTransform):
                                       list(patterns))
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> ManifestRecords:
-        read = pbegin | "Read" >> manifests.ReadManifests(self._files)
+        read = pbegin | "Read" >> manifests.ReadManifestFiles(self._files)
         return ManifestRecords(read[RECORDS], read[FAILURES])
 
 

@@ -1,5 +1,6 @@
-"""ReadManifests: JSON-array and JSONL manifests in, one keyed element per record out (records
-and failures, read by core/manifest_reader.py), each file read by one worker.
+"""ReadManifestFiles: JSON-array and JSONL manifests in, one keyed element per record out
+(records and failures, read by core/manifest_reader.py), each file read by one worker. The CLI's
+job uses it; the public bc.ReadManifests (transforms/library.py) wraps it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class _ReadManifestFile(beam.DoFn):
         self._progress.flush()
 
 
-class ReadManifests(beam.PTransform):
+class ReadManifestFiles(beam.PTransform):
     """Read manifest files into keyed record elements, with a ``failures`` side output.
 
     ``files`` are already-matched file names or URLs (see :func:`match_manifests`). The
@@ -54,7 +55,7 @@ class ReadManifests(beam.PTransform):
     def __init__(self, files: list[str], progress_dir: str | None = None):
         super().__init__()
         if not files:
-            raise ValueError("ReadManifests needs at least one file")
+            raise ValueError("ReadManifestFiles needs at least one file")
         self._files = list(files)
         self._progress_dir = progress_dir
 

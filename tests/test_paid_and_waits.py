@@ -15,7 +15,7 @@ from conftest import TEST_RUNNER, make_dataset, run_cli, runtime_config
 
 from beam_caption.cli.main import main
 from beam_caption.core.client import ClientSettings, Completion, worst_case_usage
-from beam_caption.core.engine import CaptionRuntime, paid_by
+from beam_caption.core.engine import CaptionRuntime
 from beam_caption.core.errors import CaptionError, JobStopped
 from beam_caption.core.ratelimit import (
     DEFAULT_MAX_SERVER_WAIT_S,
@@ -24,6 +24,7 @@ from beam_caption.core.ratelimit import (
     retry_after_seconds,
     server_wait,
 )
+from beam_caption.core.records import paid_by
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 # $0.01 an answer: 100 prompt tokens at $100 per million, nothing for completions.

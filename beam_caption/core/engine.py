@@ -47,7 +47,6 @@ from beam_caption.core.messages import (
 )
 from beam_caption.core.prompts import PromptSpec
 from beam_caption.core.records import Outcome, failed_outcome, record_outcome
-from beam_caption.core.records import paid_by as paid_by  # tests import it from here
 from beam_caption.core.structured import answer_checker
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
 

@@ -3,6 +3,7 @@ summary, and Ctrl-C or SIGTERM ending a run with one line and its captions check
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,10 +15,12 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from conftest import TEST_RUNNER, make_dataset, read_jsonl, run_cli
 
+from beam_caption.cli import flag_table
 from beam_caption.cli.flags import CaptionOptions, check_flags, reported_options, validate_options
 from beam_caption.cli.main import main
 from beam_caption.core.api_keys import KeySource
 from beam_caption.core.errors import UsageError
+from beam_caption.core.settings import CaptionConfig
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 INTERRUPTED = ("beam_caption: interrupted. Captions finished so far are checkpointed in the "
@@ -131,6 +134,42 @@ def test_bad_option_values_are_refused(tmp_path, monkeypatch, flags, values, mes
     with pytest.raises(UsageError) as error:
         validate_options(caption_options(tmp_path, flags, **values))
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"prompt": "p", "prompts_file": "p.yaml"},
+     "give the prompt with --prompt or --prompts_file, not both"),
+    ({"prompts_file": "p.yaml", "output_key": "alt"},
+     "with --prompts_file each prompt names its output_key; leave out --output_key"),
+    ({"api_key_file": "k", "api_key_secret": "projects/p/secrets/s/versions/1"},
+     "give the key with one of --api_key_file and --api_key_secret"),
+    ({"api_key_secret": "projects/p/secrets/s"},
+     "--api_key_secret 'projects/p/secrets/s' is not a secret version name "
+     "(projects/PROJECT/secrets/NAME/versions/VERSION, e.g. versions/latest)"),
+    ({"max_cost": 5.0}, "--max_cost needs the model's prices: --price_per_million_input_tokens "
+                        "and --price_per_million_output_tokens"),
+])
+def test_contradictions_are_one_check_the_cli_words_with_flags(tmp_path, settings, message):
+    """The CLI refuses what CaptionConfig refuses, in the same words, naming flags."""
+    with pytest.raises(UsageError) as cli_error:
+        validate_options(caption_options(tmp_path, {k: str(v) for k, v in settings.items()}))
+    assert str(cli_error.value) == message
+    with pytest.raises(UsageError) as library_error:
+        CaptionConfig(api_url="http://h/v1", model="m", **settings)
+    assert str(library_error.value) == message.replace("--", "")
+
+
+def test_the_flag_table_takes_config_fields_defaults_from_caption_config(monkeypatch):
+    monkeypatch.setattr(CaptionConfig, "flag_defaults",
+                        classmethod(lambda cls: {"max_retries": 9, "image_key": "img"}))
+    parser = argparse.ArgumentParser()
+    flag_table.add_caption_flags(parser)
+    parsed = parser.parse_args([])
+    assert (parsed.max_retries, parsed.image_key, parsed.num_shards) == (9, "img", 0)
+    monkeypatch.setattr(flag_table, "FLAG_GROUPS", (
+        ("written twice", lambda group: group.add_argument("--max_retries", default=7)),))
+    with pytest.raises(TypeError, match="CaptionConfig.max_retries"):
+        flag_table.add_caption_flags(argparse.ArgumentParser())
 
 
 @pytest.mark.parametrize("output", ["file", "file/sub/dir"])

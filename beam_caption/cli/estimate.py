@@ -23,8 +23,8 @@ from beam_caption.core.errors import CaptionError
 from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.core.images import resolve_image_path
 from beam_caption.core.manifest_reader import iter_manifest, match_manifests
-from beam_caption.core.messages import PromptSettings, image_paths, prompt_turns
 from beam_caption.core.prompts import load_prompts_file
+from beam_caption.core.request import PromptSettings, image_paths, prompt_turns
 from beam_caption.core.tokens import (
     DEFAULT_COMPLETION_TOKENS,
     default_max_side,

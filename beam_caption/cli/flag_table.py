@@ -1,8 +1,10 @@
 """The flags of ``python -m beam_caption``, declared once as argparse argument groups (the
 groups ``--help`` shows), without Beam.
 
-``CaptionOptions`` (flags.py) adds every group to Beam's option parser; ``estimate`` adds the
-flags it shares with a job to its own parser, so it starts without importing Beam.
+A flag that is a ``CaptionConfig`` field (core/settings.py) takes that field's default: the
+table writes defaults only for the flags about the launch and the outputs. ``CaptionOptions``
+(flags.py) adds every group to Beam's option parser; ``estimate`` adds the flags it shares with
+a job to its own parser, so it starts without importing Beam.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
-from beam_caption import DEFAULT_SYSTEM_PROMPT
+from beam_caption.core.settings import CaptionConfig
 from beam_caption.core.tokens import DETAILS, FORMULAS
 
 OUTPUT_FORMATS = ("jsonl", "json", "parquet")
@@ -73,14 +75,14 @@ def _input_output_flags(io: FlagGroup) -> None:
                          "Repeat the flag or give a comma-separated list.")
     io.add_argument("--output", default=None,
                     help="Output directory (local path or URL such as gs://bucket/run1).")
-    io.add_argument("--image_root", default=None,
+    io.add_argument("--image_root",
                     help="Base for relative image paths (default: the launcher's current "
                          "directory).")
-    io.add_argument("--image_key", default="image",
+    io.add_argument("--image_key",
                     help="Record field holding the image path or list of paths.")
-    io.add_argument("--conversation_key", default="conversation",
+    io.add_argument("--conversation_key",
                     help="Record field holding the conversation turns.")
-    io.add_argument("--output_key", default="caption",
+    io.add_argument("--output_key",
                     help="Field the caption is written to.")
     io.add_argument("--num_shards", type=NON_NEGATIVE_INT, default=0,
                     help="Output shards per file set (0 = the runner decides).")
@@ -112,39 +114,38 @@ def _input_output_flags(io: FlagGroup) -> None:
 
 def _endpoint_flags(api: FlagGroup) -> None:
     """The model, its key and what is asked of it."""
-    api.add_argument("--api_url", default=None,
+    api.add_argument("--api_url",
                      help="OpenAI-compatible base URL ending in /v1, e.g. "
                           "https://api.openai.com/v1 or http://localhost:8000/v1.")
-    api.add_argument("--model", default=None, help="Model name sent in each request.")
-    api.add_argument("--api_key_env", default=None,
+    api.add_argument("--model", help="Model name sent in each request.")
+    api.add_argument("--api_key_env",
                      help="Environment variable holding the API key (default: DF_API_KEY, "
                           "then OPENAI_API_KEY). The key itself is never a flag.")
-    api.add_argument("--api_key_file", default=None,
+    api.add_argument("--api_key_file",
                      help="File holding the API key, read by every worker (a path or fsspec "
                           "URL the workers can read, e.g. a mounted Kubernetes secret); "
                           "used instead of the environment variables.")
-    api.add_argument("--api_key_secret", default=None,
+    api.add_argument("--api_key_secret",
                      help="GCP Secret Manager version holding the API key "
                           "(projects/P/secrets/S/versions/V), read by every worker with its "
                           "service account (needs the gcp extra); used instead of the "
                           "environment variables.")
-    api.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT,
+    api.add_argument("--system_prompt",
                      help="System prompt sent first in every request ('' sends none).")
-    api.add_argument("--prompt", default=None,
+    api.add_argument("--prompt",
                      help="User prompt for every image; by default the record's human turns "
                           "from --conversation_key are used.")
-    api.add_argument("--prompts_file", default=None,
+    api.add_argument("--prompts_file",
                      help="YAML or JSON file of several prompts asked of every image (name "
                           "-> prompt with {field} placeholders, system, output_key, "
                           "max_tokens, temperature, schema or response_format); each "
                           "answer goes under its own key. Read at launch.")
-    api.add_argument("--max_tokens", type=POSITIVE_INT, default=None,
+    api.add_argument("--max_tokens", type=POSITIVE_INT,
                      help="Upper bound on caption tokens per request (default: server's).")
-    api.add_argument("--temperature", type=NumberRange(float, 0), default=None,
+    api.add_argument("--temperature", type=NumberRange(float, 0),
                      help="Sampling temperature (default: server's). A model that refuses "
                           "it (reasoning models) runs without it, with one warning.")
-    api.add_argument("--reasoning_effort", default=None,
-                     choices=("minimal", "low", "medium", "high"),
+    api.add_argument("--reasoning_effort", choices=("minimal", "low", "medium", "high"),
                      help="Reasoning effort for reasoning models (gpt-5, o-series); "
                           "captioning rarely needs more than minimal.")
 
@@ -173,7 +174,7 @@ def _batch_flags(batch: FlagGroup) -> None:
                        default=2_000_000_000,
                        help="Bytes read of one result file (streamed to a temporary file); "
                             "requests past them fail as batch_result_too_large.")
-    batch.add_argument("--batch_discount", type=SHARE, default=0.5,
+    batch.add_argument("--batch_discount", type=SHARE,
                        help="Batch price as a share of the --price_per_million_* prices, "
                             "for --max_cost and the summary's cost.")
     batch.add_argument("--retry_failed", action="store_true", default=False,
@@ -187,48 +188,48 @@ def _batch_flags(batch: FlagGroup) -> None:
 
 def _request_flags(calls: FlagGroup) -> None:
     """How requests are sent: concurrency, retries, ceilings, job-wide limits, cost, cache."""
-    calls.add_argument("--max_concurrency", type=POSITIVE_INT, default=32,
+    calls.add_argument("--max_concurrency", type=POSITIVE_INT,
                        help="Requests in flight per worker process.")
-    calls.add_argument("--request_timeout", type=POSITIVE_FLOAT, default=120.0,
+    calls.add_argument("--request_timeout", type=POSITIVE_FLOAT,
                        help="Seconds per attempt.")
-    calls.add_argument("--max_retries", type=NON_NEGATIVE_INT, default=6,
+    calls.add_argument("--max_retries", type=NON_NEGATIVE_INT,
                        help="Attempts after the first for retryable errors.")
-    calls.add_argument("--max_backoff", type=POSITIVE_FLOAT, default=60.0,
+    calls.add_argument("--max_backoff", type=POSITIVE_FLOAT,
                        help="Longest wait of our own backoff between two attempts.")
-    calls.add_argument("--max_retry_wait", type=POSITIVE_FLOAT, default=300.0,
+    calls.add_argument("--max_retry_wait", type=POSITIVE_FLOAT,
                        help="Longest wait taken from a server (Retry-After, retry-after-ms, "
                             "x-ratelimit-* headers): a Retry-After asking for longer gets "
                             "the record failed as request/throttled, never retried early; "
                             "a rate-limit header asking for longer is ignored.")
-    calls.add_argument("--max_response_bytes", type=POSITIVE_INT, default=4 * 2**20,
+    calls.add_argument("--max_response_bytes", type=POSITIVE_INT,
                        help="Larger response bodies fail the record (response_too_large).")
-    calls.add_argument("--max_caption_chars", type=POSITIVE_INT, default=32_000,
+    calls.add_argument("--max_caption_chars", type=POSITIVE_INT,
                        help="Longer captions fail the record (caption_too_long).")
-    calls.add_argument("--max_bytes_in_flight", type=POSITIVE_INT, default=256 * 2**20,
+    calls.add_argument("--max_bytes_in_flight", type=POSITIVE_INT,
                        help="Image bytes (source files, then request bodies) held by the "
                             "records in flight per worker process; bounds memory at any "
                             "concurrency.")
-    calls.add_argument("--max_requests_per_minute", type=POSITIVE_FLOAT, default=None,
+    calls.add_argument("--max_requests_per_minute", type=POSITIVE_FLOAT,
                        help="Requests per minute for the whole job, all worker processes "
                             "together (retries included), e.g. the account's RPM. Answers' "
                             "x-ratelimit-* headers are honoured without it.")
-    calls.add_argument("--max_tokens_per_minute", type=POSITIVE_FLOAT, default=None,
+    calls.add_argument("--max_tokens_per_minute", type=POSITIVE_FLOAT,
                        help="Tokens per minute for the whole job (the account's TPM), "
                             "counted before sending: text, images as sent and --max_tokens.")
-    calls.add_argument("--max_cost", type=POSITIVE_FLOAT, default=None,
+    calls.add_argument("--max_cost", type=POSITIVE_FLOAT,
                        help="Budget in dollars for the whole job, at the --price_per_million_"
                             "* prices from the answers' usage: once spent, no new request "
                             "starts and the job stops; --resume continues.")
     calls.add_argument("--price_per_million_input_tokens", type=NumberRange(float, 0),
-                       default=0.0, help="Dollars per million prompt tokens (for --max_cost "
-                                         "and the summary's cost).")
+                       help="Dollars per million prompt tokens (for --max_cost and the "
+                            "summary's cost).")
     calls.add_argument("--price_per_million_output_tokens", type=NumberRange(float, 0),
-                       default=0.0, help="Dollars per million completion tokens.")
-    calls.add_argument("--worker_processes", type=POSITIVE_INT, default=None,
+                       help="Dollars per million completion tokens.")
+    calls.add_argument("--worker_processes", type=POSITIVE_INT,
                        help="How many worker processes share the job's per-minute limits "
                             "(default: from the runner's options where they say; needed "
                             "with a limit on Flink, Spark or Portable runners).")
-    calls.add_argument("--cache_dir", default=None,
+    calls.add_argument("--cache_dir",
                        help="Directory or URL (any fsspec filesystem) where answers are "
                             "stored by request content; later runs reuse them instead of "
                             "paying again. Duplicates within a run are always sent once.")
@@ -238,27 +239,27 @@ def _request_flags(calls: FlagGroup) -> None:
 
 def _image_flags(images: FlagGroup) -> None:
     """How images are read, shrunk and encoded, and which URLs may be fetched."""
-    images.add_argument("--max_image_side", type=NON_NEGATIVE_INT, default=None,
+    images.add_argument("--max_image_side", type=NON_NEGATIVE_INT,
                         help="Longest side sent to the model in pixels (0 keeps the size; "
                              "default 1024, or 512 with --image_detail low, where OpenAI "
                              "shrinks images to 512 itself).")
-    images.add_argument("--max_image_bytes", type=POSITIVE_INT, default=50 * 2**20,
+    images.add_argument("--max_image_bytes", type=POSITIVE_INT,
                         help="Refuse source images larger than this many bytes.")
-    images.add_argument("--jpeg_quality", type=NumberRange(int, 1, 100), default=85,
+    images.add_argument("--jpeg_quality", type=NumberRange(int, 1, 100),
                         help="JPEG quality of the re-encoded images.")
-    images.add_argument("--image_timeout", type=POSITIVE_FLOAT, default=60.0,
+    images.add_argument("--image_timeout", type=POSITIVE_FLOAT,
                         help="Seconds to read one record's images (connect and total).")
-    images.add_argument("--image_detail", default=None, choices=DETAILS,
+    images.add_argument("--image_detail", choices=DETAILS,
                         help="OpenAI's image detail sent with every image: low (85 tokens "
                              "an image, whatever its size), high or auto (default: not "
                              "sent, the server's choice).")
-    images.add_argument("--token_formula", default="openai", choices=FORMULAS,
+    images.add_argument("--token_formula", choices=FORMULAS,
                         help="How image tokens are counted for --max_tokens_per_minute and "
                              "estimates: openai (512-px tiles) or qwen (28-px patches).")
-    images.add_argument("--image_retries", type=NON_NEGATIVE_INT, default=3,
+    images.add_argument("--image_retries", type=NON_NEGATIVE_INT,
                         help="Reads after the first for transient image failures (HTTP 5xx "
                              "and 429, resets, timeouts, storage errors), with backoff.")
-    images.add_argument("--allow_private_urls", action="store_true", default=False,
+    images.add_argument("--allow_private_urls", action="store_true",
                         help="Fetch http(s) image URLs that resolve to loopback, private, "
                              "link-local or other non-public addresses (refused by "
                              "default: a manifest could make workers fetch internal "
@@ -276,28 +277,39 @@ FLAG_GROUPS: tuple[tuple[str, Callable[[FlagGroup], None]], ...] = (
 
 def add_caption_flags(parser: argparse.ArgumentParser,
                       only: Collection[str] | None = None) -> None:
-    """Add the flag table to ``parser``, one argument group per ``FLAG_GROUPS`` entry.
+    """Add the flag table to ``parser``, one argument group per ``FLAG_GROUPS`` entry, each
+    flag that is a ``CaptionConfig`` field with the field's default.
 
     Args:
         parser: any argparse parser (Beam's option parser, ``estimate``'s own).
         only: the flags to add, by name without dashes (all when None); a group left empty
             is not shown by ``--help``.
     """
+    defaults = CaptionConfig.flag_defaults()
     for title, add_flags in FLAG_GROUPS:
-        group = parser.add_argument_group(title)
-        add_flags(group if only is None else _Subset(group, only))
+        add_flags(_TableGroup(parser.add_argument_group(title), defaults, only))
 
 
-class _Subset:
-    """An argument group that takes only the flags named in ``names``."""
+class _TableGroup:
+    """An argument group that takes the flags named in ``only`` (all when None), giving those
+    named in ``defaults`` (CaptionConfig's fields) their default, which the table never writes."""
 
-    def __init__(self, group: FlagGroup, names: Collection[str]):
+    def __init__(self, group: FlagGroup, defaults: dict[str, Any],
+                 only: Collection[str] | None):
         self._group = group
-        self._names = names
+        self._defaults = defaults
+        self._only = only
 
     def add_argument(self, *names: str, **settings: Any) -> None:
-        if names[0].lstrip("-") in self._names:
-            self._group.add_argument(*names, **settings)
+        name = names[0].lstrip("-")
+        if self._only is not None and name not in self._only:
+            return
+        if name in self._defaults:
+            if "default" in settings:
+                raise TypeError(f"--{name} takes its default from CaptionConfig.{name}; "
+                                "the flag table writes none")
+            settings["default"] = self._defaults[name]
+        self._group.add_argument(*names, **settings)
 
 
 def split_inputs(inputs: list[str] | None) -> list[str]:

@@ -20,9 +20,9 @@ from apache_beam.options.pipeline_options import (
 )
 
 from beam_caption.cli.flag_table import NumberRange, add_caption_flags, split_inputs
-from beam_caption.core.api_keys import SECRET_VERSION
 from beam_caption.core.errors import UsageError
 from beam_caption.core.redact import clean_key, redact_url
+from beam_caption.core.settings import check_settings
 from beam_caption.core.tokens import default_max_side
 
 
@@ -102,7 +102,9 @@ def _caption_parser() -> argparse.ArgumentParser:
 
 
 def validate_options(options: CaptionOptions) -> None:
-    """Raise UsageError, before anything is read or sent, for options a job cannot run with."""
+    """Raise UsageError, before anything is read or sent, for options a job cannot run with:
+    what is about flags and the launch, and the captioning settings as CaptionConfig checks
+    them (core/settings.check_settings, its messages naming flags)."""
     missing = [f"--{name}" for name in REQUIRED_FLAGS if not getattr(options, name)]
     if missing:
         raise UsageError("missing required flag(s): " + ", ".join(missing))
@@ -113,32 +115,18 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError(out_of_range)
     if options.api_key_env and not clean_key(os.environ.get(options.api_key_env)):
         raise UsageError(f"--api_key_env names {options.api_key_env}, which is not set or empty")
-    if options.max_cost and not (options.price_per_million_input_tokens or
-                                 options.price_per_million_output_tokens):
-        raise UsageError("--max_cost needs the model's prices: --price_per_million_input_tokens "
-                         "and --price_per_million_output_tokens")
+    check_settings(options, name=lambda setting: f"--{setting}")
     if options.mode == "online" and (options.retry_failed or options.fallback != "none"):
         raise UsageError("--retry_failed and --fallback are for --mode batch")
     if options.mode == "batch" and options.max_cost and not options.max_tokens:
         raise UsageError("--max_cost in batch mode needs --max_tokens: a batch's cost is "
                          "capped before any answer comes, by the longest answer it allows")
-    if options.prompts_file and options.prompt:
-        raise UsageError("give the prompt with --prompt or --prompts_file, not both")
-    if options.prompts_file and options.output_key != "caption":
-        raise UsageError("with --prompts_file each prompt names its output_key; leave out "
-                         "--output_key")
     if options.output_format == "parquet" and _missing_module("pyarrow"):
         raise UsageError("--output_format parquet needs the parquet extra: pip install "
                          "'beam_caption[parquet]'")
     if options.output_format == "parquet" and options.output_compression != "none":
         raise UsageError("Parquet files are compressed inside (snappy); --output_compression is "
                          "for jsonl and json")
-    if options.api_key_file and options.api_key_secret:
-        raise UsageError("give the key with one of --api_key_file and --api_key_secret")
-    if options.api_key_secret and not SECRET_VERSION.fullmatch(options.api_key_secret):
-        raise UsageError(f"--api_key_secret {options.api_key_secret!r} is not a secret version "
-                         "name (projects/PROJECT/secrets/NAME/versions/VERSION, e.g. "
-                         "versions/latest)")
     _check_locations(options)
     _check_output_dir(options.output)
 

@@ -39,7 +39,7 @@ import aiohttp
 from beam_caption.core.errors import CaptionError, JobStopped, encodable
 from beam_caption.core.ratelimit import JobRateLimiter, Ticket, retry_after_seconds, server_wait
 from beam_caption.core.redact import redact_url, scrub
-from beam_caption.core.request_params import AcceptedParams, build_body, refused_param
+from beam_caption.core.request import AcceptedParams, build_body, refused_param
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -87,7 +87,7 @@ class ClientSettings:
     stop_after_refusals: int = 5
 
     def request_params(self) -> dict:
-        """The optional request parameters that are set (see request_params.py for spellings)."""
+        """The optional request parameters that are set (see request.py for spellings)."""
         return {k: v for k, v in (("max_completion_tokens", self.max_tokens),
                                   ("temperature", self.temperature),
                                   ("reasoning_effort", self.reasoning_effort)) if v is not None}

@@ -1,8 +1,10 @@
 """CaptionConfig: the public, flat configuration of captioning, with the CLI's defaults.
 
 Every field but ``prompts`` is a request-related flag of ``python -m beam_caption`` of the
-same name and default (tests/test_api.py checks it), so the CLI derives its configuration from
-its flags (cli/config.caption_config) and a library user writes the same names as keywords.
+same name, whose default is the field's (the flag table, cli/flag_table.py, takes it from here),
+so the CLI derives its configuration from its flags (cli/config.caption_config) and a library
+user writes the same names as keywords. ``check_settings`` refuses settings that contradict
+each other, for a CaptionConfig and for the CLI's flags alike (the CLI names them as flags).
 ``worker_config`` turns it into the engine's ``WorkerConfig`` (core/engine.py): nested as the
 engine's parts use it, with what is decided at launch (defaults that depend on other fields,
 the prompts file read, where workers find the API key) resolved. No Beam here.
@@ -12,20 +14,56 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from beam_caption.core.api_keys import KeySource
-from beam_caption.core.client import ClientSettings
-from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.api_keys import SECRET_VERSION, KeySource
 from beam_caption.core.errors import UsageError
-from beam_caption.core.images import ImageSettings
-from beam_caption.core.messages import DEFAULT_SYSTEM_PROMPT, PromptSettings
-from beam_caption.core.prompts import PromptSpec, load_prompts_file
+from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.redact import redact_url
+from beam_caption.core.request import DEFAULT_SYSTEM_PROMPT, PromptSettings
 from beam_caption.core.tokens import default_max_side
 
+if TYPE_CHECKING:
+    from beam_caption.core.engine import WorkerConfig
+    from beam_caption.core.prompts import PromptSpec
+
 NOT_A_FLAG = "library only"  # the metadata of the fields that are no CLI flag
+DEFAULT_OUTPUT_KEY = "caption"
 _LOCATIONS = ("api_url", "image_root", "cache_dir", "api_key_file", "prompts_file")
+_PROMPT_SOURCES = ("prompt", "prompts_file", "prompts")
+
+
+def check_settings(settings: Any, name: Callable[[str], str] = str) -> None:
+    """Raise UsageError for captioning settings that contradict each other or cannot be used:
+    two sources of the prompt, an ``output_key`` beside several prompts, two sources of the key,
+    a secret that is no version name, ``max_cost`` without prices.
+
+    Args:
+        settings: a CaptionConfig, or anything with its fields as attributes (the CLI's
+            parsed flags; ``prompts``, the library's own, may be missing).
+        name: how a message names a setting (the CLI: ``--`` and the name, as its flags).
+    """
+    if settings.max_cost and not (settings.price_per_million_input_tokens or
+                                  settings.price_per_million_output_tokens):
+        raise UsageError(f"{name('max_cost')} needs the model's prices: "
+                         f"{name('price_per_million_input_tokens')} and "
+                         f"{name('price_per_million_output_tokens')}")
+    asked = [source for source in _PROMPT_SOURCES if getattr(settings, source, None)]
+    if len(asked) > 1:
+        raise UsageError(f"give the prompt with {' or '.join(map(name, asked))}, "
+                         f"{'not both' if len(asked) == 2 else 'only one'}")
+    several = [source for source in asked if source != "prompt"]
+    if several and settings.output_key != DEFAULT_OUTPUT_KEY:
+        raise UsageError(f"with {name(several[0])} each prompt names its output_key; leave out "
+                         f"{name('output_key')}")
+    if settings.api_key_file and settings.api_key_secret:
+        raise UsageError(f"give the key with one of {name('api_key_file')} and "
+                         f"{name('api_key_secret')}")
+    if settings.api_key_secret and not SECRET_VERSION.fullmatch(settings.api_key_secret):
+        raise UsageError(f"{name('api_key_secret')} {settings.api_key_secret!r} is not a secret "
+                         "version name (projects/PROJECT/secrets/NAME/versions/VERSION, e.g. "
+                         "versions/latest)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +106,7 @@ class CaptionConfig:
                                                         metadata={NOT_A_FLAG: True})
     image_key: str = "image"
     conversation_key: str = "conversation"
-    output_key: str = "caption"
+    output_key: str = DEFAULT_OUTPUT_KEY
     image_root: str | None = None
     # where workers read the API key (never the key)
     api_key_env: str | None = None
@@ -110,18 +148,7 @@ class CaptionConfig:
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.api_url or not self.model:
             raise UsageError("CaptionConfig needs api_url and model")
-        asked = [name for name in ("prompt", "prompts_file", "prompts") if getattr(self, name)]
-        if len(asked) > 1:
-            raise UsageError(f"give the prompt with one of {' and '.join(asked)}")
-        if (self.prompts_file or self.prompts) and self.output_key != "caption":
-            raise UsageError("with several prompts each names its output_key; leave out "
-                             "output_key")
-        if self.api_key_file and self.api_key_secret:
-            raise UsageError("give the key with one of api_key_file and api_key_secret")
-        if self.max_cost and not (self.price_per_million_input_tokens or
-                                  self.price_per_million_output_tokens):
-            raise UsageError("max_cost needs the model's prices: price_per_million_input_tokens "
-                             "and price_per_million_output_tokens")
+        check_settings(self)
 
     @classmethod
     def flag_names(cls) -> list[str]:
@@ -129,11 +156,23 @@ class CaptionConfig:
         return [field.name for field in dataclasses.fields(cls)
                 if not field.metadata.get(NOT_A_FLAG)]
 
+    @classmethod
+    def flag_defaults(cls) -> dict[str, Any]:
+        """The default of each flag field that has one: the CLI's flag defaults."""
+        return {field.name: field.default for field in dataclasses.fields(cls)
+                if not field.metadata.get(NOT_A_FLAG) and field.default is not dataclasses.MISSING}
+
     def worker_config(self) -> WorkerConfig:
         """The engine's configuration, made where the pipeline is built: ``image_root`` by
         default the current directory, the default image side, the prompts file read,
         ``max_cost`` shared among ``worker_processes`` and where workers find the key (required
         of them when this machine has one)."""
+        # Imported here: the flag table (--help, estimate) reads this module without starting
+        # the HTTP client and the image libraries.
+        from beam_caption.core.client import ClientSettings
+        from beam_caption.core.engine import WorkerConfig
+        from beam_caption.core.images import ImageSettings
+
         processes = self.worker_processes or 1
         max_side = self.max_image_side
         if max_side is None:

@@ -2,9 +2,20 @@ import pytest
 
 from beam_caption import DEFAULT_SYSTEM_PROMPT
 from beam_caption.core.errors import CaptionError
-from beam_caption.core.messages import PromptSettings, build_messages, plan_request
+from beam_caption.core.request import (
+    PromptSettings,
+    RequestPlan,
+    build_messages,
+    image_paths,
+    prompt_turns,
+)
 
 SETTINGS = PromptSettings(system_prompt=DEFAULT_SYSTEM_PROMPT)
+
+
+def plan_request(record: dict, settings: PromptSettings) -> RequestPlan:
+    """What the engine plans for a record asked the flags' prompt."""
+    return RequestPlan(image_paths(record, settings.image_key), prompt_turns(record, settings))
 
 
 def seed_record(**extra):

@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_SYSTEM_PROMPT", "CaptionConfig", "CaptionModelHandler", "Cap
 
 # Each public name -> the module that defines it.
 _HOMES = {
-    "DEFAULT_SYSTEM_PROMPT": "beam_caption.core.messages",
+    "DEFAULT_SYSTEM_PROMPT": "beam_caption.core.request",
     "CaptionConfig": "beam_caption.core.settings",
     "parse_prompts": "beam_caption.core.prompts",
     "CaptionRecords": "beam_caption.transforms.library",
@@ -39,8 +39,8 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
-    from beam_caption.core.messages import DEFAULT_SYSTEM_PROMPT
     from beam_caption.core.prompts import parse_prompts
+    from beam_caption.core.request import DEFAULT_SYSTEM_PROMPT
     from beam_caption.core.settings import CaptionConfig
     from beam_caption.transforms.handler import CaptionModelHandler
     from beam_caption.transforms.library import (

@@ -3,16 +3,18 @@
 Each row becomes a record of the manifest shape (the row's columns, with its image path or URL
 from ``--image_column`` under ``image``), ``records | bc.CaptionRecords(config)`` captions them
 and ``bc.WriteCaptions`` writes the outputs the CLI writes (``captions-*``, ``failures-*``,
-``summary.json``). Replace ``ReadRows`` with any source (BigQuery, a DoFn of yours): the three
-lines after it stay. Run from the repository root, e.g. against the bundled fake server:
+``summary.json``); ``launch.caption_records`` and ``launch.write_captions`` make those two with
+the flags' checkpoints, ``--resume`` and output settings. Replace ``ReadRows`` with any source
+(BigQuery, a DoFn of yours): the lines after it stay. Run from the repository root, e.g.
+against the bundled fake server:
 
     python -m beam_caption.testing.fake_vlm --port 8011 &
     python pipelines/caption_rows.py --input 'photos/*.parquet' --image_column path \\
         --output out/ --api_url http://127.0.0.1:8011/v1 --model fake-vlm
 
 (``photos/*.parquet`` is a placeholder for your table.) It takes every flag of
-``python -m beam_caption --help`` but ``--resume``: a rerun into the same ``--output`` needs
-``--overwrite``.
+``python -m beam_caption --help``; ``--resume`` reuses the captions of an earlier run for the
+rows of the same content. It shows no live progress (that counts manifest records).
 """
 
 import json
@@ -20,7 +22,6 @@ import sys
 
 import apache_beam as beam
 
-import beam_caption as bc
 from beam_caption.cli.recipe import Recipe
 
 
@@ -40,17 +41,14 @@ def as_record(row: dict, image_column: str, image_key: str) -> dict:
     return record
 
 
-def build(pipeline, job):
-    flags, config = job.recipe_flags, job.config
+def build(pipeline, launch, recipe_flags):
+    config = launch.config  # the flags' bc.CaptionConfig
     records = (pipeline
-               | "Tables" >> beam.Create(job.files)
+               | "Tables" >> beam.Create(launch.files)
                | "ReadRows" >> beam.io.ReadAllFromParquet()
-               | "AsRecords" >> beam.Map(as_record, flags.image_column, config.image_key))
-    results = records | "Caption" >> bc.CaptionRecords(config, key_field=flags.key_column)
-    _ = results | "Write" >> bc.WriteCaptions(
-        job.options.output, config, num_shards=job.options.num_shards,
-        output_format=job.options.output_format, compression=job.options.output_compression,
-        started_at=job.started_at)
+               | "AsRecords" >> beam.Map(as_record, recipe_flags.image_column, config.image_key))
+    results = records | "Caption" >> launch.caption_records(key_field=recipe_flags.key_column)
+    _ = results | "Write" >> launch.write_captions()
 
 
 main = Recipe("caption_rows.py", __doc__.split("\n\n")[0], build=build, add_flags=add_flags,

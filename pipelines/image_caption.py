@@ -1,8 +1,9 @@
 """Caption images with an OpenAI-compatible VLM: the recipe to copy.
 
-It runs the CLI's job (read -> [skip done] -> caption -> write) with the CLI's launch: its flags
-checked, the endpoint preflighted, the output directory's rules (--resume, --overwrite), the
-summary line and exit status. Run from the repository root, e.g. against the bundled fake
+It runs the CLI's job (``bc.ReadManifests -> bc.CaptionRecords -> bc.WriteCaptions``, with
+checkpoints and --resume in the output directory) with the CLI's launch: its flags checked,
+the endpoint preflighted, the output directory's rules (--resume, --overwrite), the summary
+line and exit status. Run from the repository root, e.g. against the bundled fake
 server:
 
     python -m beam_caption.testing.fake_vlm --port 8011 &

@@ -29,11 +29,15 @@ PROMPTS = bc.parse_prompts({
 })
 
 
-def build(pipeline, job):
-    config = job.config  # a bc.CaptionConfig of the flags; --prompts_file's prompts if given
+def build(pipeline, launch, recipe_flags):
+    config = launch.config  # a bc.CaptionConfig of the flags; --prompts_file's prompts if given
     if not config.prompts_file:
         config = dataclasses.replace(config, prompts=PROMPTS)
-    _ = pipeline | "CaptionManifests" >> job.caption_manifests(config)
+    # bc.ReadManifests, bc.CaptionRecords and bc.WriteCaptions, with the launch's flags
+    # (checkpoints and --resume in --output, live progress, output format...)
+    records = pipeline | "ReadManifests" >> launch.read_manifests()
+    results = records | "Caption" >> launch.caption_records(config)
+    _ = results | "Write" >> launch.write_captions(config)
 
 
 main = Recipe("several_prompts.py", __doc__.split("\n\n")[0], build=build).main

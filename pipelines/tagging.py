@@ -21,7 +21,6 @@ from apache_beam.io.filesystems import FileSystems
 
 import beam_caption as bc
 from beam_caption.cli.recipe import Recipe
-from beam_caption.core.records import CAPTIONS
 
 TAGS_SCHEMA = {
     "type": "object",
@@ -54,14 +53,17 @@ def write_counts(counts: list[tuple[str, int]], output_dir: str) -> None:
         handle.write(json.dumps(ordered, indent=2).encode("utf-8"))
 
 
-def build(pipeline, job):
-    config = dataclasses.replace(job.config, prompts=PROMPTS)
-    outputs = pipeline | "CaptionManifests" >> job.caption_manifests(config)
-    _ = (outputs[CAPTIONS]
+def build(pipeline, launch, recipe_flags):
+    config = dataclasses.replace(launch.config, prompts=PROMPTS)
+    # bc.ReadManifests, bc.CaptionRecords and bc.WriteCaptions, with the launch's flags
+    records = pipeline | "ReadManifests" >> launch.read_manifests()
+    results = records | "Caption" >> launch.caption_records(config)
+    _ = results | "Write" >> launch.write_captions(config)
+    _ = (results.captions
          | "Tags" >> beam.FlatMap(tag_names)
          | "Count" >> beam.combiners.Count.PerElement()
          | "Gather" >> beam.combiners.ToList()
-         | "WriteCounts" >> beam.Map(write_counts, job.options.output))
+         | "WriteCounts" >> beam.Map(write_counts, launch.options.output))
 
 
 main = Recipe("tagging.py", __doc__.split("\n\n")[0], build=build).main

@@ -11,7 +11,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import make_dataset, read_jsonl
+from conftest import make_dataset, make_image, read_jsonl
 
 import beam_caption as bc
 from beam_caption.cli.config import caption_config
@@ -154,3 +154,56 @@ def test_the_model_handler_gives_each_record_its_caption_or_its_failure(tmp_path
             [(f"r{i}", f"r{i}", data.expected[f"r{i}"]) for i in range(3)]
             + [("missing", "missing", "image_not_found"),
                (None, content_key(no_id), "missing_key_field")]))
+
+
+def test_checkpoints_let_a_later_run_resume_without_asking_again(tmp_path, server):
+    data = make_dataset(tmp_path / "data", 5, files=1)
+    records = manifest_records(data)
+    config = bc.CaptionConfig(api_url=server.url, model="fake-vlm", image_root=str(data.root))
+    out = tmp_path / "out"
+    before = server.stats()["requests"]
+    with TestPipeline(runner="FnApiRunner") as p:
+        results = p | beam.Create(records) | bc.CaptionRecords(
+            config, key_field="id", checkpoint_dir=str(out))
+        _ = results | bc.WriteCaptions(str(out), config, prefix="caption",
+                                       summary_options={"run": "first"})
+    assert results.set_aside is None  # not resuming: nothing is set aside
+    assert server.stats()["requests"] == before + 5
+    # every finished caption was checkpointed; the prefix names the caption files
+    checkpointed = read_jsonl(str(out / ".checkpoint" / "part-*.jsonl"))
+    assert {c["id"]: c["caption"] for c in checkpointed} == data.expected
+    assert [p.name for p in sorted(out.glob("caption*"))] == ["caption-00000-of-00001.jsonl"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["file_name_prefix"] == "caption"
+    assert summary["options"]["run"] == "first"
+
+    # the second run drops r0 and adds r5: only r5 is asked; r0's caption is set aside
+    new_image, new_caption = make_image(data.root, 5)
+    added = {"id": "r5", "image": [new_image],
+             "conversation": [{"from": "human", "value": "Describe image 5."}]}
+    before = server.stats()["requests"]
+    with TestPipeline(runner="FnApiRunner") as p:
+        results = p | beam.Create([*records[1:], added]) | bc.CaptionRecords(
+            config, key_field="id", checkpoint_dir=str(out), resume=True)
+        _ = results | bc.WriteCaptions(str(out), config)
+        assert_that(results.captions | beam.Map(lambda c: (c["id"], c["caption"])),
+                    equal_to([*((f"r{i}", data.expected[f"r{i}"]) for i in range(1, 5)),
+                              ("r5", new_caption)]), label="captions")
+        assert_that(results.set_aside | beam.Map(lambda c: c["id"]), equal_to(["r0"]),
+                    label="set_aside")
+    assert server.stats()["requests"] == before + 1
+    earlier = {c["id"]: c["caption_meta"] for c in checkpointed}
+    for caption in read_jsonl(str(out / "captions-*.jsonl")):  # reused as they were made
+        assert caption["id"] == "r5" or caption["caption_meta"] == earlier[caption["id"]]
+    assert [c["id"] for c in read_jsonl(str(out / "set_aside-*.jsonl"))] == ["r0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["captioned"], summary["resumed"], summary["set_aside"]) == (5, 4, 1)
+
+
+def test_resume_needs_a_checkpoint_dir_and_a_prefix_a_plain_name():
+    config = bc.CaptionConfig(api_url="http://h/v1", model="m")
+    with pytest.raises(UsageError, match="checkpoint_dir"):
+        bc.CaptionRecords(config, resume=True)
+    for prefix in ("failures", "set_aside", "a/b", ""):
+        with pytest.raises(UsageError, match="prefix"):
+            bc.WriteCaptions("out", config, prefix=prefix)

@@ -159,6 +159,11 @@ def test_caption_rows_captions_a_parquet_tables_rows_without_a_manifest(server, 
     assert [f["key"] for f in failures] == ["99"]  # the row without an image: one failure
     assert "captioned 5 of 6 records (1 failed)" in stdout
     assert json.loads((out / "summary.json").read_text())["records"] == len(rows)
-    status, _, stderr = run_recipe("caption_rows", *argv, "--resume")
-    assert status == 2 and "does not resume" in stderr
+    before = server.stats()["requests"]
+    status, stdout, stderr = run_recipe("caption_rows", *argv, "--resume")
+    assert status == 0, stderr[-3000:]
+    assert server.stats()["requests"] == before  # every row's caption was reused
+    assert "5 captions were kept from the earlier run" in stdout
+    assert "captioned 5 of 6 records (1 failed)" in stdout
     assert run_recipe("caption_rows", *argv, "--overwrite")[0] == 0
+    assert server.stats()["requests"] == before + 5

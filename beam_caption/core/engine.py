@@ -38,15 +38,15 @@ from beam_caption.core.images import (
     read_image_bytes,
     resolve_image_path,
 )
-from beam_caption.core.messages import (
+from beam_caption.core.prompts import PromptSpec
+from beam_caption.core.records import Outcome, failed_outcome, record_outcome
+from beam_caption.core.request import (
     PromptSettings,
     RequestPlan,
     build_messages,
     image_paths,
     prompt_turns,
 )
-from beam_caption.core.prompts import PromptSpec
-from beam_caption.core.records import Outcome, failed_outcome, record_outcome
 from beam_caption.core.structured import answer_checker
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
 
@@ -74,7 +74,6 @@ class WorkerConfig:
     image_retries: int = 3  # reads after the first for retryable image failures
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     token_formula: str = "openai"  # how image tokens are counted (tokens.py)
-    progress_dir: str | None = None  # local runs: where workers leave figures for the launcher
     # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
     # Completion`` (see VLMClient.complete) and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.

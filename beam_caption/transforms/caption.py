@@ -43,9 +43,11 @@ _LOG = logging.getLogger(__name__)
 
 
 class _CaptionRecords(beam.DoFn):
-    def __init__(self, config: WorkerConfig, shared_handle: shared.Shared):
+    def __init__(self, config: WorkerConfig, shared_handle: shared.Shared,
+                 progress_dir: str | None = None):
         self._config = config
         self._shared = shared_handle
+        self._progress_dir = progress_dir
         self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
         self._images = Metrics.counter(METRICS_NAMESPACE, "images")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "failed")
@@ -61,7 +63,7 @@ class _CaptionRecords(beam.DoFn):
         self._runtime = self._shared.acquire(lambda: CaptionRuntime(config), tag=repr(config))
         self._window = 2 * config.client.max_concurrency + usable_cores()
         self._done = {"captioned": 0, "failed": 0, "retries": 0}
-        self._progress = figures_for(config.progress_dir)  # a local run's live figures
+        self._progress = figures_for(self._progress_dir)  # a local run's live figures
         self._image_key = config.prompts.image_key
         self._logged_at = time.monotonic()
         self._spent_before: float | None = None
@@ -209,17 +211,20 @@ class CaptionImages(beam.PTransform):
     PCollection[dict]}`` (see core/records.py).
     """
 
-    def __init__(self, config: WorkerConfig, spent_before: beam.PCollection | None = None):
+    def __init__(self, config: WorkerConfig, spent_before: beam.PCollection | None = None,
+                 progress_dir: str | None = None):
         """``spent_before``: a one-element PCollection, the dollars earlier runs spent (the cost
-        of the captions a --resume reuses), counted against --max_cost."""
+        of the captions a --resume reuses), counted against --max_cost. ``progress_dir``: where
+        a local run's workers leave their figures for the live progress (core/figures.py)."""
         super().__init__()
         self._config = config
         self._spent_before = spent_before
+        self._progress_dir = progress_dir
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
         side = ({"spent_before": beam.pvalue.AsSingleton(self._spent_before)}
                 if self._spent_before is not None else {})
-        results = records | "Caption" >> beam.ParDo(
-            _CaptionRecords(self._config, shared.Shared()), **side).with_outputs(
-                FAILURES, STATS, main=CAPTIONS)
+        captioner = _CaptionRecords(self._config, shared.Shared(), self._progress_dir)
+        results = records | "Caption" >> beam.ParDo(captioner, **side).with_outputs(
+            FAILURES, STATS, main=CAPTIONS)
         return {CAPTIONS: results[CAPTIONS], FAILURES: results[FAILURES], STATS: results[STATS]}

@@ -25,6 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.core.client import ClientSettings, token_count
 from beam_caption.core.figures import figures_for
 from beam_caption.core.identity import keyed_by_fingerprint
 from beam_caption.core.manifest_reader import JSON_DECODER, value_problem
@@ -85,6 +86,17 @@ def earlier_caption(text: str | None) -> tuple[str | None, dict]:
         for name, figures in prompts.items():
             _check_count(figures, "attempts", f"caption_meta.prompts.{name}", nullable=False)
     return fingerprint, caption
+
+
+def reused_cost(caption: dict, client: ClientSettings) -> float:
+    """What an earlier caption reused by resume cost when it was made, at this run's prices
+    (nothing for an answer from the cache; a Batch API answer at the discount): the budget
+    (``max_cost``) is the job's, across resumes."""
+    meta = caption.get("caption_meta")
+    if not isinstance(meta, dict) or meta.get("cached"):
+        return 0.0
+    return client.cost(token_count(meta.get("prompt_tokens")) or 0,
+                       token_count(meta.get("completion_tokens")) or 0, bool(meta.get("batch_id")))
 
 
 def _check_count(holder: dict, name: str, where: str, nullable: bool) -> None:

@@ -30,8 +30,9 @@ setup(
     extras_require={
         # the tests cover the Dataflow dry run, Secret Manager keys and jobs on gs:// and s3://
         # (against emulators on loopback): the gcp and s3 extras' packages and the emulators
-        "test": ["pytest>=8", "httpx2", "ruff==0.17.6", "mypy==2.4.1", "pyarrow>=14", *GCP, *S3,
-                 "gcp-storage-emulator>=2024.8", "moto[server]>=5"],
+        # (pytest-xdist: the suite in a test process per core, see pytest.ini)
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "httpx2", "ruff==0.17.6", "mypy==2.4.1",
+                 "pyarrow>=14", *GCP, *S3, "gcp-storage-emulator>=2024.8", "moto[server]>=5"],
         # Dataflow, --dry_run, and --api_key_secret (Secret Manager, read on the workers)
         "gcp": GCP,
         "s3": S3,

@@ -28,7 +28,7 @@ from PIL import Image
 from beam_caption.core.client import ClientSettings
 from beam_caption.core.engine import WorkerConfig
 from beam_caption.core.images import ImageSettings
-from beam_caption.core.messages import PromptSettings
+from beam_caption.core.request import PromptSettings
 from beam_caption.testing import caption_for_images
 
 LEVELS = (0, 51, 102, 153, 204, 255)
@@ -144,12 +144,33 @@ class _CountingPopen(subprocess.Popen):
 subprocess.Popen = _CountingPopen  # type: ignore[misc]
 
 
+TEST_PROCESS_LIMIT = 4  # pytest-xdist workers of `-n auto` (pytest.ini): one per core, at most
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a test process per core this process may use (2 on CI), at most
+    TEST_PROCESS_LIMIT; none but this one on a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 0 if (cores or 1) < 2 else min(cores, TEST_PROCESS_LIMIT)  # type: ignore[operator]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """Under pytest-xdist, the controller counts the CLI processes each worker started."""
+    CLI_PROCESSES.extend(getattr(node, "workeroutput", {}).get("cli_processes", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"real CLI processes (python -m beam_caption): "
                                 f"{len(CLI_PROCESSES)} of at most {CLI_PROCESS_LIMIT}")
 
 
 def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its controller counts and judges
+        workeroutput["cli_processes"] = CLI_PROCESSES
+        return
     if len(CLI_PROCESSES) > CLI_PROCESS_LIMIT:
         print(f"\n{len(CLI_PROCESSES)} real CLI processes, over CLI_PROCESS_LIMIT "
               f"{CLI_PROCESS_LIMIT}: run the CLI in this process (run_cli) unless the process "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import json
 
@@ -12,8 +13,10 @@ import pytest
 from conftest import TEST_RUNNER, make_image, run_cli
 from PIL import Image
 
+from beam_caption.cli import preflight as preflight_module
 from beam_caption.cli.preflight import _preflight_error
-from beam_caption.core.client import ClientSettings
+from beam_caption.core import client as client_module
+from beam_caption.core.client import ClientSettings, OverloadThrottle
 from beam_caption.testing import FakeVLMConfig, FakeVLMServer
 
 
@@ -111,7 +114,13 @@ def test_every_bad_input_is_a_typed_failure_and_the_rest_is_captioned(dataset_fa
     assert summary["failed_by_stage"]["image"] == 6
 
 
-def test_429_storm_is_throttled_client_side_and_reported(dataset_factory, tmp_path):
+def test_429_storm_is_throttled_client_side_and_reported(dataset_factory, tmp_path,
+                                                        monkeypatch):
+    # The throttle's window shrunk from 10 s to 1 s (and its waits with it): each retry waits
+    # for 429s to leave the window, so the job takes ~3 s instead of ~30 s, throttled alike.
+    monkeypatch.setattr(client_module, "OverloadThrottle",
+                        functools.partial(OverloadThrottle, window_ms=1000, bucket_ms=100))
+    monkeypatch.setattr(client_module, "THROTTLE_DELAY_S", 0.05)
     data = dataset_factory(8, files=1)
     with FakeVLMServer(FakeVLMConfig(rate_429=1.0)) as server:
         result = run_cli(base_args(data, server, "--max_retries", "3", "--max_backoff", "0.2",
@@ -164,7 +173,8 @@ def test_preflight_error_quotes_the_servers_message():
     assert message == "http://127.0.0.1:9/v1 answered HTTP 500: model registry is down"
 
 
-def test_preflight_connection_refused(dataset_factory, tmp_path):
+def test_preflight_connection_refused(dataset_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight_module, "PREFLIGHT_BACKOFF_S", 0.05)  # 3 retries: 7 s -> 0.35 s
     data = dataset_factory(1, files=1)
     with FakeVLMServer() as server:
         url = server.url  # the port is closed once the server stops

@@ -53,6 +53,7 @@ from beam_caption.cli.preflight import preflight
 from beam_caption.cli.progress import live_progress
 from beam_caption.cli.report import write_report
 from beam_caption.core.errors import JobStopped, StoppedError, UsageError
+from beam_caption.core.inputs import check_inputs
 from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.outputs import CAPTIONS_PREFIX
 from beam_caption.core.settings import CaptionConfig
@@ -109,7 +110,9 @@ class Launch:
         cannot work. ``write_input`` writes the job's manifests into the prepared output
         directory (a recipe's own input): they are matched after it, not first."""
         def matched() -> list[str]:
-            return match_manifests(split_inputs(options.input))
+            files = match_manifests(split_inputs(options.input))
+            check_inputs(files, options.image_key)  # tables without the image column
+            return files
 
         files = [] if write_input else matched()
         config = flags_config(options)
@@ -127,7 +130,9 @@ class Launch:
     def read_manifests(self) -> ReadManifests:
         """``bc.ReadManifests`` of the matched files (not matched again), counting unreadable
         lines in the live progress."""
-        return ReadManifests(self.files, match=False, progress_dir=self.progress_dir)
+        return ReadManifests(self.files, match=False, progress_dir=self.progress_dir,
+                             image_key=self.config.image_key,
+                             max_image_bytes=self.config.max_image_bytes)
 
     def caption_records(self, config: CaptionConfig | None = None, *,
                         key_field: str | None = None,

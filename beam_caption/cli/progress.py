@@ -11,7 +11,6 @@ counted (or when counting fails) there is no total and no ETA.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import sys
@@ -21,11 +20,11 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
-import fsspec
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from beam_caption.core.figures import read_totals
+from beam_caption.core.inputs import count_elements
 
 REFRESH_S = 0.5  # the bar is redrawn this often
 LOG_INTERVAL_S = 30.0  # without a terminal, a progress line this often
@@ -38,21 +37,9 @@ _LOG = logging.getLogger("beam_caption.progress")  # the name progress lines sho
 
 def count_records(files: list[str]) -> int:
     """How many elements ReadManifests makes of ``files`` (records and read failures): non-blank
-    lines of JSONL, items of JSON arrays. Raises what reading a file raises."""
-    return sum(_count_file_records(file) for file in files)
-
-
-def _count_file_records(file: str) -> int:
-    # Imported here: core/manifest_reader.py imports this module for its workers' figures.
-    from beam_caption.core.manifest_reader import _BOM, _is_json_array, _iter_json_array, _lines
-
-    with fsspec.open(file, "rb", compression="infer") as handle:
-        if _is_json_array(file, handle):
-            text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape")
-            return sum(1 for _ in _iter_json_array(file, text))
-        lines = (line.strip() for line, _ in _lines(handle))
-        first = next(lines, b"").removeprefix(_BOM)
-        return bool(first) + sum(1 for line in lines if line)
+    lines of JSONL, items of JSON arrays, samples of shards, rows of tables. Raises what
+    reading a file raises."""
+    return sum(count_elements(file) for file in files)
 
 
 def log_interval_s() -> float:

@@ -218,11 +218,11 @@ class CaptionRuntime:
     async def _caption(self, element: dict) -> Outcome:
         record, specs = element["record"], self._specs
         try:
-            paths = image_paths(record, self.config.prompts.image_key)
+            paths = self._paths(element)
             plans = [self._plan(record, paths, spec) for spec in specs]
             if all(isinstance(plan, CaptionError) for plan in plans):
                 raise plans[0]  # type: ignore[misc]
-            answers = await self._budgeted_answers(paths, plans)
+            answers = await self._budgeted_answers(element, plans)
         except CaptionError as error:
             return failed_outcome(element, error)
         except JobStopped:
@@ -233,6 +233,13 @@ class CaptionRuntime:
                               settings_digest=self.config.settings_digest,
                               finished_at=time.time())
 
+    def _paths(self, element: dict) -> tuple[str, ...]:
+        """The record's image paths; none when the element carries its images' bytes (a
+        WebDataset sample, a table row with image bytes: core/inputs.py)."""
+        if element.get("images"):
+            return ()
+        return image_paths(element["record"], self.config.prompts.image_key)
+
     def _plan(self, record: dict, paths: tuple[str, ...],
               spec: PromptSpec) -> RequestPlan | CaptionError:
         try:
@@ -240,12 +247,12 @@ class CaptionRuntime:
         except CaptionError as error:
             return error
 
-    async def _budgeted_answers(self, paths: tuple[str, ...],
+    async def _budgeted_answers(self, element: dict,
                                 plans: list[RequestPlan | CaptionError]
                                 ) -> list[Completion | CaptionError]:
         """Read and prepare the record's images once, then ask each prompt that has a plan,
         within the byte budget; each prompt's answer or error, in prompt order."""
-        requests, held = await self._built_requests(paths, plans)
+        requests, held = await self._built_requests(element, plans)
         try:
             return list(await asyncio.gather(*(
                 self._answer(spec, request) if request is not None else _plan_error(plan)
@@ -253,7 +260,7 @@ class CaptionRuntime:
         finally:
             await self._budget.resize(held, 0)
 
-    async def _built_requests(self, paths: tuple[str, ...],
+    async def _built_requests(self, element: dict,
                               plans: list[RequestPlan | CaptionError]
                               ) -> tuple[list[_Request | None], int]:
         """The record's requests and the budget bytes they hold (the caller gives them back).
@@ -264,7 +271,8 @@ class CaptionRuntime:
         held = max(self._recent_sizes)
         await self._budget.acquire(held)
         try:
-            sources = await self._read_retrying(paths)
+            sources = (self._embedded(element["images"]) if element.get("images")
+                       else await self._read_retrying(self._paths(element)))
             size = sum(map(len, sources))
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)
@@ -287,13 +295,13 @@ class CaptionRuntime:
     async def _prepare(self, element: dict) -> Prepared:
         record, specs = element["record"], self._specs
         try:
-            paths = image_paths(record, self.config.prompts.image_key)
+            paths = self._paths(element)
             plans = [self._plan(record, paths, spec) for spec in specs]
             for spec, plan in zip(specs, plans, strict=True):
                 if isinstance(plan, CaptionError):  # sent later or never: the record fails now
                     return Prepared([], failed_outcome(
                         element, plan, spec.name if len(specs) > 1 else None).failure)
-            requests, held = await self._built_requests(paths, plans)
+            requests, held = await self._built_requests(element, plans)
             await self._budget.resize(held, 0)  # the bodies leave the runtime
         except CaptionError as error:
             return Prepared([], failed_outcome(element, error).failure)
@@ -320,6 +328,19 @@ class CaptionRuntime:
             raise
         except Exception as exc:  # a bug must not lose the other prompts' answers
             return _internal_error(spec.name, exc)
+
+    def _embedded(self, images: list) -> list[bytes]:
+        """Image bytes the element carries, checked as a file read would be."""
+        max_bytes = self.config.images.max_bytes
+        for number, data in enumerate(images):
+            if not isinstance(data, bytes):
+                raise CaptionError("read", "bad_image_field",
+                                   f"image {number} is {type(data).__name__}, not bytes")
+            if len(data) > max_bytes:
+                raise CaptionError("image", "image_too_large",
+                                   f"image {number} is {len(data)} bytes, over the limit of "
+                                   f"{max_bytes} bytes")
+        return list(images)
 
     async def _read_retrying(self, paths: tuple[str, ...]) -> list[bytes]:
         """The record's images, read again after a retryable failure (up to

@@ -132,6 +132,18 @@ def iter_manifest(file: str) -> Iterator[dict]:
             + " ".join(scrub(str(exc).replace(url, file)).split()))  # one line
 
 
+def count_manifest_records(file: str) -> int:
+    """How many elements ``iter_manifest`` makes of ``file``: its non-blank JSONL lines, or
+    its JSON array's items (read, not decoded)."""
+    with fsspec.open(file, "rb", compression="infer") as handle:
+        if _is_json_array(file, handle):
+            text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape")
+            return sum(1 for _ in _iter_json_array(file, text))
+        lines = (line.strip() for line, _ in _lines(handle))
+        first = next(lines, b"").removeprefix(_BOM)
+        return bool(first) + sum(1 for line in lines if line)
+
+
 def _is_json_array(file: str, handle) -> bool:
     """JSONL by name (.jsonl, .ndjson), else a JSON array when the first character is '['."""
     name = (urllib.parse.urlsplit(file).path if "://" in file else file).lower()

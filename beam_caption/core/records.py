@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from beam_caption.core.errors import CaptionError
-from beam_caption.core.identity import record_fingerprint
+from beam_caption.core.identity import element_fingerprint, record_fingerprint
 
 if TYPE_CHECKING:
     from beam_caption.core.client import Completion
@@ -55,7 +55,8 @@ def record_element(file: str, index: int, record: dict) -> dict:
 
 def _is_record_element(value: object) -> bool:
     """Whether ``value`` is a keyed record (``record_element``'s shape, exactly)."""
-    return (isinstance(value, dict) and value.keys() == {"key", "source", "record"}
+    return (isinstance(value, dict)
+            and value.keys() - {"images"} == {"key", "source", "record"}
             and isinstance(value["key"], str) and isinstance(value["source"], dict)
             and isinstance(value["record"], dict))
 
@@ -223,7 +224,7 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
         outcome = failed_outcome(element, error, spec.name if len(specs) > 1 else None, done)
         return outcome._replace(attempts=attempts, throttled_s=throttled)
     meta = answers_meta(model, element["key"],
-                        record_fingerprint(element["record"], settings_digest),
+                        element_fingerprint(element, settings_digest),
                         {spec.name: answer for spec, answer in zip(specs, answers, strict=True)},
                         finished_at, batch_id)
     return Outcome(captioned_record(element["record"], done, meta), None, attempts, throttled)

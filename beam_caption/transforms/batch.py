@@ -47,7 +47,7 @@ from beam_caption.core.client import (
 )
 from beam_caption.core.engine import CaptionRuntime, Prepared, WorkerConfig, usable_cores
 from beam_caption.core.errors import CaptionError, JobStopped
-from beam_caption.core.identity import keyed_by_fingerprint, record_fingerprint
+from beam_caption.core.identity import element_fingerprint, keyed_by_fingerprint
 from beam_caption.core.ledger import (
     FAILED_ENDS,
     UNSENT_PREFIX,
@@ -119,7 +119,7 @@ class _PrepareRequests(beam.DoFn):
         if prepared.failure is not None:
             yield beam.pvalue.TaggedOutput(FAILURES, prepared.failure)
             return
-        fingerprint = record_fingerprint(element["record"], self._config.settings_digest)
+        fingerprint = element_fingerprint(element, self._config.settings_digest)
         requests = []
         for name, body, input_tokens, output_tokens in prepared.requests:
             cid = custom_id(element["key"], name if self._several else None)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import apache_beam as beam
 
 from beam_caption.core.errors import UsageError
+from beam_caption.core.inputs import DEFAULT_IMAGE_KEY
 from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.outputs import CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX
 from beam_caption.core.records import CAPTIONS, FAILURES, RECORDS, STATS, keyed_record
@@ -76,20 +77,24 @@ class CaptionResults(NamedTuple):
 
 
 class ReadManifests(beam.PTransform):
-    """Read JSONL and JSON-array manifests (``.gz`` too) into keyed records.
+    """Read JSONL and JSON-array manifests (``.gz`` too), WebDataset tar shards (``.tar``,
+    ``.tar.gz``) and Parquet tables (``.parquet``) into keyed records.
 
     Example::
 
         read = p | bc.ReadManifests(["data/*.jsonl", "gs://bucket/more.json"])
         results = read | bc.CaptionRecords(config)
 
-    A record's key is ``FILE#INDEX`` (INDEX: its line or array item, from 0). A line or item
+    A record's key is ``FILE#INDEX`` (INDEX: its line, array item or table row, from 0), or
+    ``SHARD#KEY`` for a WebDataset sample (its record: ``__key__``, ``__url__`` and its
+    text members by extension; the image bytes travel beside it, never in it). A line or item
     that cannot be read is a failure record, and reading goes on. The records are reshuffled,
     so that one big manifest is captioned by every worker.
     """
 
     def __init__(self, patterns: str | Iterable[str], *, match: bool = True,
-                 progress_dir: str | None = None):
+                 progress_dir: str | None = None, image_key: str = DEFAULT_IMAGE_KEY,
+                 max_image_bytes: int = 50 * 2**20):
         """Match the manifests now, at pipeline construction.
 
         Args:
@@ -99,6 +104,11 @@ class ReadManifests(beam.PTransform):
                 now (a dry run touches no storage).
             progress_dir: See ``CaptionRecords``: lines that cannot be read count as failed
                 there.
+            image_key: In WebDataset shards, the image member's extension (``jpg``; the
+                default ``image``: the first of jpg/jpeg/png/webp); in Parquet tables, the
+                image column (give the config's ``image_key``).
+            max_image_bytes: A shard's image member over this fails its sample unread (give
+                the config's ``max_image_bytes``).
 
         Raises:
             UsageError: A pattern matches no file.
@@ -107,9 +117,12 @@ class ReadManifests(beam.PTransform):
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         self._files = match_manifests(patterns) if match else patterns
         self._progress_dir = progress_dir
+        self._image_key = image_key
+        self._max_image_bytes = max_image_bytes
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> ManifestRecords:
-        read = pbegin | "Read" >> manifests.ReadManifestFiles(self._files, self._progress_dir)
+        read = pbegin | "Read" >> manifests.ReadManifestFiles(
+            self._files, self._progress_dir, self._image_key, self._max_image_bytes)
         return ManifestRecords(read[RECORDS], read[FAILURES])
 
 

@@ -1,5 +1,6 @@
-"""ReadManifestFiles: JSON-array and JSONL manifests in, one keyed element per record out
-(records and failures, read by core/manifest_reader.py), each file read by one worker. The CLI's
+"""ReadManifestFiles: JSON-array and JSONL manifests, WebDataset shards and Parquet tables in,
+one keyed element per record out (records and failures, read by core/inputs.py), each manifest
+or shard read by one worker, each table row group by one. The CLI's
 job uses it; the public bc.ReadManifests (transforms/library.py) wraps it.
 """
 
@@ -11,7 +12,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_caption.core.figures import figures_for
-from beam_caption.core.manifest_reader import iter_manifest
+from beam_caption.core.inputs import DEFAULT_IMAGE_KEY, ReadUnit, iter_unit, read_units
 from beam_caption.core.records import (
     FAILURES,
     METRICS_NAMESPACE,
@@ -21,17 +22,19 @@ from beam_caption.core.records import (
 _LOG = logging.getLogger(__name__)
 
 
-class _ReadManifestFile(beam.DoFn):
-    def __init__(self, progress_dir: str | None = None):
+class _ReadUnit(beam.DoFn):
+    def __init__(self, progress_dir: str | None, image_key: str, max_image_bytes: int):
         self._progress_dir = progress_dir
+        self._image_key = image_key
+        self._max_image_bytes = max_image_bytes
         self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
         self._unreadable = Metrics.counter(METRICS_NAMESPACE, "records_unreadable")
 
     def setup(self):
         self._progress = figures_for(self._progress_dir)  # a local run's live figures
 
-    def process(self, file: str):
-        for element in iter_manifest(file):
+    def process(self, unit: ReadUnit):
+        for element in iter_unit(unit, self._image_key, self._max_image_bytes):
             if "error" in element:
                 self._unreadable.inc()
                 self._progress.add(failed=1)
@@ -52,8 +55,11 @@ class ReadManifestFiles(beam.PTransform):
     count as failed in ``progress_dir``'s live figures (see core/figures.py) when one is given.
     """
 
-    def __init__(self, files: list[str], progress_dir: str | None = None):
+    def __init__(self, files: list[str], progress_dir: str | None = None,
+                 image_key: str = DEFAULT_IMAGE_KEY, max_image_bytes: int = 50 * 2**20):
         super().__init__()
+        self._image_key = image_key
+        self._max_image_bytes = max_image_bytes
         if not files:
             raise ValueError("ReadManifestFiles needs at least one file")
         self._files = list(files)
@@ -64,7 +70,10 @@ class ReadManifestFiles(beam.PTransform):
             pbegin
             | "ManifestFiles" >> beam.Create(self._files)
             | "ReshuffleFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadManifestFile(self._progress_dir)).with_outputs(
-                FAILURES, main=RECORDS))
+            | "Units" >> beam.FlatMap(read_units)  # a table's row groups: from its footer
+            | "ReshuffleUnits" >> beam.Reshuffle()
+            | "ReadFiles" >> beam.ParDo(_ReadUnit(
+                self._progress_dir, self._image_key, self._max_image_bytes)).with_outputs(
+                    FAILURES, main=RECORDS))
         records = read[RECORDS] | "ReshuffleRecords" >> beam.Reshuffle()
         return {RECORDS: records, FAILURES: read[FAILURES]}

@@ -103,15 +103,19 @@ class Launch:
     @classmethod
     def prepare(cls, options: CaptionOptions, started_at: float, *,
                 captions_prefix: str = CAPTIONS_PREFIX,
-                write_input: Callable[[], None] | None = None) -> Launch:
+                write_input: Callable[[], None] | None = None,
+                check_images: bool = True) -> Launch:
         """Match the manifests, read the API key (an unreadable key stops the launch),
         preflight the endpoint (not with ``--skip_preflight``) and apply the output
         directory's rules; UsageError (or PreflightError) before anything runs when the job
         cannot work. ``write_input`` writes the job's manifests into the prepared output
-        directory (a recipe's own input): they are matched after it, not first."""
+        directory (a recipe's own input): they are matched after it, not first.
+        ``check_images``: refuse tables without the ``--image_key`` column (not for a recipe
+        that reads its ``--input`` itself)."""
         def matched() -> list[str]:
             files = match_manifests(split_inputs(options.input))
-            check_inputs(files, options.image_key)  # tables without the image column
+            if check_images:
+                check_inputs(files, options.image_key)  # tables without the image column
             return files
 
         files = [] if write_input else matched()

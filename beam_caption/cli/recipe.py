@@ -109,7 +109,8 @@ class Recipe:
         prepare = self.prepare
         write_input = None if prepare is None else lambda: prepare(recipe_flags, options)
         launch = Launch.prepare(options, started_at, write_input=write_input,
-                                captions_prefix=_captions_prefix(recipe_flags, options))
+                                captions_prefix=_captions_prefix(recipe_flags, options),
+                                check_images=self.manifests)
         run_pipeline(launch, lambda pipeline, job: self.build(pipeline, job, recipe_flags),
                      progress=self.manifests)
         return finish(launch)

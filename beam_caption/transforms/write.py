@@ -189,13 +189,14 @@ class WriteSummary(beam.PTransform):
         for name in ("resumed", "set_aside"):
             if name in outputs:
                 counts.append(outputs[name] | f"{name.title()}Counts" >> beam.Map(
-                    lambda _, name=name: {name: 1}))
+                    lambda _, name=name: {name: 1}).with_output_types(dict))
         if "stats" in outputs:
             counts.append(outputs["stats"])
         return (
             counts
             | "AllCounts" >> beam.Flatten()
-            | "Combine" >> beam.CombineGlobally(_SummaryFn())
+            # declared, not inferred: Beam's inference of these nested dicts can recurse
+            | "Combine" >> beam.CombineGlobally(_SummaryFn()).with_output_types(dict)
             | "Write" >> beam.Map(lambda counts: write_summary(summary_from_counts(
                 counts, options, None if started_at is None else time.time() - started_at,
-                output_keys), output_dir)))
+                output_keys), output_dir)).with_output_types(str))

@@ -3,10 +3,10 @@
 ``CheckpointCaptions`` is its own step right after captioning (it fuses into the same stage):
 it passes captions through and appends them to ``OUTDIR/.checkpoint/`` in small files, a new
 file per flush (every ``--checkpoint_interval`` seconds, every CHECKPOINT_MAX_LINES captions,
-at the end of each bundle, and on the way out of a stopped process). ``--resume`` moves the
-earlier final files there too (``final_name``) and reads them all back (skip_done.py); the launcher
-removes them once the final outputs are complete. Only files with these names are read or
-deleted (``checkpoint_files``).
+at the end of each bundle, when the step is torn down (after a failed bundle: a stop), and on
+the way out of a process). ``--resume`` moves the earlier final files there too (``final_name``)
+and reads them all back (skip_done.py); the launcher removes them once the final outputs are
+complete. Only files with these names are read or deleted (``checkpoint_files``).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class _CheckpointCaptions(beam.DoFn):
         self._output_dir = output_dir
         self._interval_s = interval_s
 
-    def start_bundle(self):
+    def setup(self):
         self._writer = CheckpointWriter(self._output_dir, self._interval_s)
 
     def process(self, caption: dict):
@@ -127,6 +127,12 @@ class _CheckpointCaptions(beam.DoFn):
         yield caption
 
     def finish_bundle(self):
+        self._writer.flush()
+
+    def teardown(self):
+        """A bundle that failed (a stop: JobStopped, after the captioning step emitted its
+        answers in flight) gets no finish_bundle, but Beam tears its DoFns down before it
+        reports the failure: write what is buffered now, not when the writer is collected."""
         self._writer.flush()
 
 

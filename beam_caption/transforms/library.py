@@ -229,8 +229,10 @@ class CaptionRecords(beam.PTransform):
         if isinstance(records, ManifestRecords):  # keyed already
             failures, keyed = [records.failures], records.records
         else:
-            split = records | "KeyRecords" >> beam.ParDo(
-                _KeyRecords(self._key_field)).with_outputs(FAILURES, main=RECORDS)
+            # declared, not inferred: Beam's inference unions the input's dict type with the
+            # keyed dict that holds it, and its Union can make that type contain itself
+            split = records | "KeyRecords" >> beam.ParDo(_KeyRecords(
+                self._key_field)).with_output_types(dict).with_outputs(FAILURES, main=RECORDS)
             failures, keyed = [split[FAILURES]], split[RECORDS]
         if not self._resume:
             captioned = keyed | "Caption" >> self._caption_step(None)

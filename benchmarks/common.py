@@ -21,8 +21,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
@@ -317,10 +319,12 @@ def tree_rss_bytes(pid: int) -> int:
 
 class PeakRss:
     """Peak resident memory of a process tree, polled every 50 ms in a background thread:
-    ``with PeakRss(pid) as rss: ...`` then ``rss.peak`` (bytes)."""
+    ``with PeakRss(pid) as rss: ...`` then ``rss.peak`` (bytes); ``measure`` polls another
+    figure of ``pid`` (whatever it takes) instead."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid, measure: Callable[[Any], int] = tree_rss_bytes):
         self._pid = pid
+        self._measure = measure
         self._stop = threading.Event()
         self.peak = 0
 
@@ -335,7 +339,7 @@ class PeakRss:
 
     def _poll(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_rss_bytes(self._pid))
+            self.peak = max(self.peak, self._measure(self._pid))
             if self._stop.wait(SAMPLE_INTERVAL_S):
                 return
 

@@ -28,7 +28,7 @@ LAUNCH_FLAGS = {
     "input", "output", "num_shards", "output_format", "output_compression", "report",
     "max_failure_rate", "no_progress", "resume", "overwrite", "checkpoint_interval", "mode",
     "batch_max_requests", "batch_max_bytes", "batch_poll_interval", "batch_max_wait_hours",
-    "batch_max_result_bytes", "retry_failed", "fallback", "skip_preflight"}
+    "batch_max_result_bytes", "retry_failed", "fallback", "skip_preflight", "copy_images"}
 
 
 def manifest_records(data) -> list[dict]:

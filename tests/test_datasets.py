@@ -15,6 +15,7 @@ import pytest
 from conftest import SIZES, TEST_RUNNER, colour, run_cli
 from PIL import Image
 
+from beam_caption.core.inputs import SAMPLE_PROMPT
 from beam_caption.testing import FakeVLMServer
 from beam_caption.testing.fake_vlm import caption_for_images
 
@@ -94,6 +95,16 @@ def test_webdataset_shards_are_captioned_from_their_members_and_resumed(server, 
     assert server.stats()["requests"] == before + 8  # the fingerprint covers the bytes
     captions = {c["__key__"]: c["caption"] for c in rerun.captions}
     assert captions["000000000"] == replaced["000000000"] != expected["000000000"]
+
+
+def test_shards_without_a_prompt_are_asked_the_sample_prompt(server, tmp_path):
+    expected = write_shard(tmp_path / "00000.tar", {"a": 1, "b": 2})
+    argv = [a for a in args(server, str(tmp_path / "*.tar")) if a not in (
+        "--prompt", "Describe the image.")]
+    result = run_cli(argv, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert {c["__key__"]: c["caption"] for c in result.captions} == expected
+    assert result.summary["options"]["prompt"] == SAMPLE_PROMPT
 
 
 def test_parquet_rows_with_image_bytes_structs_and_paths(server, tmp_path):

@@ -18,7 +18,8 @@ from beam_caption.testing import FakeVLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "image_caption" / "sample_data.json"
-RECIPES = ("image_caption", "several_prompts", "tagging", "recaption_failures", "caption_rows")
+RECIPES = ("image_caption", "several_prompts", "tagging", "recaption_failures", "caption_rows",
+           "recaption_img2dataset")
 
 
 def load_recipe(name: str):
@@ -122,6 +123,7 @@ def test_a_bad_model_is_one_line_exit_2_and_leaves_no_temp_files(server, tmp_pat
     ("tagging", []),
     ("recaption_failures", ["--from_output", "--all"]),
     ("caption_rows", ["--image_column"]),
+    ("recaption_img2dataset", ["--img2dataset_folder", "--no_copy_images", "--alt_text_hint"]),
 ])
 def test_help_lists_the_recipes_flags_and_the_clis(name, own_flags):
     status, stdout, _ = run_recipe(name, "--help")
@@ -167,3 +169,43 @@ def test_caption_rows_captions_a_parquet_tables_rows_without_a_manifest(server, 
     assert "captioned 5 of 6 records (1 failed)" in stdout
     assert run_recipe("caption_rows", *argv, "--overwrite")[0] == 0
     assert server.stats()["requests"] == before + 5
+
+
+def test_recaption_img2dataset_writes_captioned_shards_with_their_images(server, tmp_path):
+    from test_datasets import write_shard
+
+    from beam_caption.core.inputs import SAMPLE_PROMPT
+    from beam_caption.core.webdataset import iter_samples
+
+    folder = tmp_path / "laion_part"  # img2dataset's layout: shards beside .parquet and stats
+    folder.mkdir()
+    expected = {**write_shard(folder / "00000.tar", {f"{i:09d}": i for i in range(3)}),
+                **write_shard(folder / "00001.tar", {f"{i:09d}": i for i in range(10000, 10002)})}
+    (folder / "00000.parquet").write_bytes(b"PAR1 not read")
+    (folder / "00000_stats.json").write_text("{}")
+    out = tmp_path / "recaptioned"
+    status, stdout, stderr = run_recipe(
+        "recaption_img2dataset", "--img2dataset_folder", str(folder), "--output", str(out),
+        "--api_url", server.url, "--model", "fake-vlm", "--alt_text_hint", "--num_shards", "1")
+    assert status == 0, stderr[-3000:]
+    assert "captioned 5 of 5 records" in stdout
+    [shard] = lines_of(f"{out}/captions-*.tar")
+    samples = {element["record"]["__key__"]: element for element in iter_samples(shard)}
+    assert sorted(samples) == sorted(expected)
+    for key, element in samples.items():
+        record = element["record"]["json"]
+        assert record["caption"] == element["record"]["txt"] == expected[key]
+        assert record["json"] == {"key": key, "width": 8}  # the sample's own .json, kept
+        hint = record["conversation"][0]["value"]
+        assert hint.startswith(SAMPLE_PROMPT)  # the CLI's prompt for shards
+        assert f"alt text of {key}" in hint
+        source = folder / f"{record['__url__'].rsplit('/', 1)[-1]}"
+        [original] = [e for e in iter_samples(str(source)) if e["record"]["__key__"] == key]
+        assert element["images"] == original["images"]  # the image copied byte for byte
+    assert lines_of(f"{out}/failures-*.jsonl")
+
+
+def test_recaption_img2dataset_needs_its_folder(server, tmp_path):
+    status, stdout, stderr = run_recipe("recaption_img2dataset", "--output", str(tmp_path / "o"),
+                                        "--api_url", server.url, "--model", "fake-vlm")
+    assert status == 2 and "--img2dataset_folder" in stderr and not stdout

@@ -5,124 +5,14 @@ failures, one that has none, and --resume. The emulators run on 127.0.0.1, logs 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import fsspec
 import pytest
-from conftest import TEST_RUNNER, read_jsonl, run_cli
+from conftest import BUCKET, TEST_RUNNER, read_jsonl, run_cli
 
 from beam_caption.testing import FakeVLMServer
-
-BUCKET = "captions-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(command: list[str], log_path: Path, port: int) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-    """gcp-storage-emulator on 127.0.0.1 with a bucket, one for the session; the environment
-    that points gcsfs and Beam's GCS filesystem at it. Beam asks google-auth for credentials
-    (and retries for ~30 s when there are none): a user credentials file with an unexpired
-    token answers at once and is never refreshed, so nothing leaves the machine."""
-    emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
-    if emulator is None:
-        pytest.skip("gcp-storage-emulator is not installed (the test extra has it)")
-    root = tmp_path_factory.mktemp("gcs")
-    port = _free_port()
-    process = _start([emulator, "start", "--host", "127.0.0.1", "--port", str(port),
-                      "--in-memory", "--default-bucket", BUCKET],
-                     root / "gcp-storage-emulator.log", port)
-    credentials = root / "credentials.json"
-    credentials.write_text(json.dumps({
-        "type": "authorized_user", "client_id": "test", "client_secret": "test",
-        "refresh_token": "test", "token": "test-token", "expiry": "2099-01-01T00:00:00Z"}))
-    try:
-        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-               "GOOGLE_APPLICATION_CREDENTIALS": str(credentials),
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_TOKEN": "anon"}
-    finally:
-        _stop(process)
-
-
-@pytest.fixture
-def gcs(gcs_emulator, monkeypatch):
-    """The session's GCS emulator: ("gs", its environment, a gcsfs filesystem on it)."""
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # this process's gcsfs too
-    yield "gs", gcs_emulator, fsspec.filesystem(
-        "gcs", endpoint_url=gcs_emulator["STORAGE_EMULATOR_HOST"], token="anon")
-
-
-@pytest.fixture(scope="session")
-def s3_emulator(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 with a bucket, one for the session; AWS_ENDPOINT_URL
-    points s3fs and Beam's S3 filesystem at it.
-
-    Beam's S3 filesystem makes a boto3 session per operation, and each parses botocore's
-    JSON models again (~0.3 s, ~80 times a job): the sessions share one model loader here,
-    as one session's clients do, so the job takes seconds, with the same requests."""
-    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if server is None:
-        pytest.skip("moto[server] is not installed (the test extra has it)")
-    import botocore.loaders
-    import botocore.session
-
-    port = _free_port()
-    process = _start([server, "-H", "127.0.0.1", "-p", str(port)],
-                     tmp_path_factory.mktemp("s3") / "moto.log", port)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(botocore.session, "create_loader",
-                      functools.cache(botocore.loaders.create_loader))
-        try:
-            fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"], key="test",
-                              secret="test").mkdir(BUCKET)
-            yield env
-        finally:
-            _stop(process)
-
-
-@pytest.fixture
-def s3(s3_emulator):
-    """The session's S3 emulator: ("s3", its environment, an s3fs filesystem on it)."""
-    return "s3", s3_emulator, fsspec.filesystem(
-        "s3", endpoint_url=s3_emulator["AWS_ENDPOINT_URL"], key="test", secret="test")
 
 
 def _read_remote(fs, pattern: str) -> list[dict]:

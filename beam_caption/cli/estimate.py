@@ -1,18 +1,26 @@
-"""``python -m beam_caption estimate``: what a job would send and cost, from its manifests and
+"""``python -m beam_caption estimate``: what a job would send and cost, from its inputs and
 its images' headers alone (no pixel is decoded, no request is sent).
 
-Each record is planned as the job would plan it (its prompt turns, the system prompt); each
-image's size is read from its header, shrunk as ``--max_image_side`` would, and counted with
-the chosen token formula (core/tokens.py). Answers are counted at ``--expected_output_tokens``, or
-``--max_tokens`` (the most a job can pay), or 256.
+The inputs are read as the job reads them (core/inputs.py): manifests, WebDataset shards
+(streamed, each sample's image bytes in hand) and Parquet tables (row group by row group); a
+read failure the job would have (a bad line, ``not_a_tar``, a sample without an image...) is
+listed as "not counted", by stage and type. Each record is planned as the job would plan it
+(its prompt turns, the system prompt); each image's size is read from its header (in the
+bytes a shard or table carries, else in the file or URL its path names), shrunk as
+``--max_image_side`` would, and counted with the chosen token formula (core/tokens.py).
+Answers are counted at ``--expected_output_tokens``, or ``--max_tokens`` (the most a job can
+pay), or 256.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import functools
 import io
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -21,8 +29,9 @@ from PIL import Image
 from beam_caption.cli.flag_table import NON_NEGATIVE_INT, add_caption_flags, split_inputs
 from beam_caption.core.errors import CaptionError
 from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
-from beam_caption.core.images import resolve_image_path
-from beam_caption.core.manifest_reader import iter_manifest, match_manifests
+from beam_caption.core.images import ImageSettings, resolve_image_path
+from beam_caption.core.inputs import check_inputs, iter_unit, read_units
+from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.request import PromptSettings, image_paths, prompt_turns
 from beam_caption.core.tokens import (
@@ -82,8 +91,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def estimate(args: argparse.Namespace) -> Estimate:
-    """Read every manifest and image header named by ``args`` (``parser()``'s flags)."""
+    """Read every input record and image header named by ``args`` (``parser()``'s flags);
+    UsageError, as the job's launch, for a table without the ``--image_key`` column."""
     files = match_manifests(split_inputs(args.input))
+    check_inputs(files, args.image_key)
     prompts = PromptSettings(
         system_prompt=args.system_prompt or None, prompt=args.prompt, image_key=args.image_key,
         conversation_key=args.conversation_key,
@@ -96,48 +107,61 @@ def estimate(args: argparse.Namespace) -> Estimate:
     max_side = _max_side(args)
     totals = Estimate()
 
-    def count(element: dict) -> tuple[int, int, int]:
-        """(images, image tokens, text tokens) of one record's requests (one per prompt);
-        CaptionError when unreadable."""
-        record = element["record"]
-        paths = image_paths(record, prompts.image_key)
+    def count(record: dict, images: list[bytes] | None) -> tuple[int, int, int]:
+        """(images, image tokens, text tokens) of one record's requests (one per prompt), its
+        images the bytes it carries when not None, else its paths; CaptionError when
+        unreadable."""
         text = 0
         for spec in specs:
             turns = prompt_turns(record, prompts, spec)
             system = spec.system_prompt or prompts.system_prompt
             text += sum(len(t) for _, t in turns) + (
                 len(system or "") if not any(r == "system" for r, _ in turns) else 0)
-        sizes = [_sent_size(_header_size(resolve_image_path(path, root), guard), max_side)
-                 for path in paths]
+        if images is None:
+            sizes = [_header_size(resolve_image_path(path, root), guard)
+                     for path in image_paths(record, prompts.image_key)]
+        else:
+            sizes = [_bytes_size(data, f"image {i} of the record") for i, data in
+                     enumerate(images)]
+        sizes = [_sent_size(size, max_side) for size in sizes]
         tokens = sum(image_tokens(w, h, args.token_formula, args.image_detail) for w, h in sizes)
         return len(sizes), tokens * len(specs), text_tokens(text)
 
-    def add(futures: list[concurrent.futures.Future]) -> None:
-        for future in futures:
-            try:
-                images, image_cost, text_cost = future.result()
-            except CaptionError as exc:
-                _problem(totals, exc.stage, exc.type)
-                continue
-            totals.images += images
-            totals.image_tokens += image_cost
-            totals.text_tokens += text_cost
-            totals.output_tokens += output_each
+    def add(result: Callable[[], tuple[int, int, int]]) -> None:
+        try:
+            images, image_cost, text_cost = result()
+        except CaptionError as exc:
+            _problem(totals, exc.stage, exc.type)
+            return
+        totals.images += images
+        totals.image_tokens += image_cost
+        totals.text_tokens += text_cost
+        totals.output_tokens += output_each
 
     with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
         pending: list[concurrent.futures.Future] = []
-        for file in files:
-            for element in iter_manifest(file):  # streamed: memory stays flat
-                totals.records += 1
-                if "error" in element:  # a line the job would fail at once
-                    _problem(totals, element["error"]["stage"], element["error"]["type"])
-                    continue
-                pending.append(pool.submit(count, element))
+        for element in _elements(files, prompts.image_key):  # streamed: memory stays flat
+            totals.records += 1
+            if "error" in element:  # a line, sample or row the job would fail at once
+                _problem(totals, element["error"]["stage"], element["error"]["type"])
+            elif "images" in element:  # bytes in hand: their headers read here, not held
+                add(functools.partial(count, element["record"], element["images"]))
+            else:
+                pending.append(pool.submit(count, element["record"], None))
                 if len(pending) >= BATCH:
-                    add(pending)
+                    for future in pending:
+                        add(future.result)
                     pending = []
-        add(pending)
+        for future in pending:
+            add(future.result)
     return totals
+
+
+def _elements(files: list[str], image_key: str) -> Iterator[dict]:
+    """The keyed elements (records and read failures) of ``files``, as the job reads them."""
+    for file in files:
+        for unit in read_units(file):
+            yield from iter_unit(unit, image_key, ImageSettings().max_bytes)
 
 
 def _problem(totals: Estimate, stage: str, type_: str) -> None:
@@ -148,17 +172,30 @@ def _problem(totals: Estimate, stage: str, type_: str) -> None:
 
 def _header_size(url: str, guard: UrlGuard) -> tuple[int, int]:
     """An image's (width, height) from its header; CaptionError when it cannot be read."""
-    try:
+    with _header_errors(url):
         if is_http_url(url):
-            return Image.open(io.BytesIO(fetch(url, MAX_HEADER_BYTES, 60.0, guard))).size
+            return _bytes_size(fetch(url, MAX_HEADER_BYTES, 60.0, guard), url)
         with fsspec.open(url, "rb") as handle:
             return Image.open(handle).size  # reads the header, decodes nothing
+
+
+def _bytes_size(data: bytes, shown: str) -> tuple[int, int]:
+    """The (width, height) in the header of image bytes; CaptionError when it is none."""
+    with _header_errors(shown):
+        return Image.open(io.BytesIO(data)).size  # reads the header, decodes nothing
+
+
+@contextlib.contextmanager
+def _header_errors(shown: str) -> Iterator[None]:
+    """Reading an image header's errors as the CaptionError the job would fail with."""
+    try:
+        yield
     except FileNotFoundError:
-        raise CaptionError("image", "image_not_found", url) from None
+        raise CaptionError("image", "image_not_found", shown) from None
     except Image.DecompressionBombError as exc:
-        raise CaptionError("image", "decompression_bomb", f"{url}: {exc}") from None
+        raise CaptionError("image", "decompression_bomb", f"{shown}: {exc}") from None
     except (OSError, ValueError) as exc:
-        raise CaptionError("image", "not_an_image", f"{url}: {type(exc).__name__}") from None
+        raise CaptionError("image", "not_an_image", f"{shown}: {type(exc).__name__}") from None
 
 
 def _max_side(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from beam_caption.core.settings import CaptionConfig
 from beam_caption.core.tokens import DETAILS, FORMULAS
 
-OUTPUT_FORMATS = ("jsonl", "json", "parquet")
+OUTPUT_FORMATS = ("jsonl", "json", "parquet", "webdataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,12 @@ def _input_output_flags(io: FlagGroup) -> None:
     io.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS,
                     help="Captions and failures as JSON lines (default), a JSON array per "
                          "shard, or Parquet (needs pyarrow; a fixed schema, each record "
-                         "as JSON in a column).")
+                         "as JSON in a column); webdataset: captions as tar shards of "
+                         "KEY.json and KEY.txt samples (failures as JSON lines).")
+    io.add_argument("--copy_images", action="store_true", default=False,
+                    help="With --output_format webdataset, put each caption's image into its "
+                         "sample too (KEY.jpg, .png...), so a training loader reads the "
+                         "captioned set directly.")
     io.add_argument("--output_compression", default="none", choices=("none", "gzip"),
                     help="Compress the jsonl and json outputs (files end in .gz).")
     io.add_argument("--report", action="store_true", default=False,

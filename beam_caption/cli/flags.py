@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import logging
 import os
 import re
 from typing import Any
@@ -21,9 +22,11 @@ from apache_beam.options.pipeline_options import (
 
 from beam_caption.cli.flag_table import NumberRange, add_caption_flags, split_inputs
 from beam_caption.core.errors import UsageError
+from beam_caption.core.inputs import SAMPLE_PROMPT, WEBDATASET, input_kind
 from beam_caption.core.redact import clean_key, redact_url
 from beam_caption.core.settings import check_settings
 from beam_caption.core.tokens import default_max_side
+from beam_caption.transforms.library import webdataset_problem
 
 
 class CaptionOptions(PipelineOptions):
@@ -127,6 +130,13 @@ def validate_options(options: CaptionOptions) -> None:
     if options.output_format == "parquet" and options.output_compression != "none":
         raise UsageError("Parquet files are compressed inside (snappy); --output_compression is "
                          "for jsonl and json")
+    problem = webdataset_problem(options.output_format, options.output_compression,
+                                 options.copy_images)
+    if problem:
+        raise UsageError(problem)
+    if options.copy_images and options.mode == "batch":
+        raise UsageError("--copy_images carries the image bytes the online requests read: "
+                         "not with --mode batch")
     _check_locations(options)
     _check_output_dir(options.output)
 
@@ -144,6 +154,11 @@ def prepare_launch(options: PipelineOptions) -> None:
             setattr(flags, name, os.path.abspath(os.path.expanduser(value)))
     if flags.max_image_side is None:
         flags.max_image_side = default_max_side(flags.token_formula, flags.image_detail)
+    inputs = split_inputs(flags.input)
+    if inputs and not (flags.prompt or flags.prompts_file) and all(
+            input_kind(pattern) == WEBDATASET for pattern in inputs):
+        flags.prompt = SAMPLE_PROMPT  # a WebDataset sample holds no conversation
+        logging.getLogger(__name__).info("no --prompt: each sample is asked %r", SAMPLE_PROMPT)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER

@@ -143,22 +143,22 @@ class Launch:
                         captioner: beam.PTransform | None = None) -> CaptionRecords:
         """``bc.CaptionRecords`` of ``config`` (by default the flags') with the launch's
         checkpoints in ``--output`` (every ``--checkpoint_interval``), ``--resume`` and live
-        progress (``key_field``, ``captioner``: see CaptionRecords)."""
+        progress and ``--copy_images`` (``key_field``, ``captioner``: see CaptionRecords)."""
         return CaptionRecords(config or self.config, key_field=key_field,
                               checkpoint_dir=self.options.output,
                               checkpoint_interval=self.options.checkpoint_interval,
                               resume=self.resume, progress_dir=self.progress_dir,
-                              captioner=captioner)
+                              captioner=captioner, copy_images=self.options.copy_images)
 
     def write_captions(self, config: CaptionConfig | None = None) -> WriteCaptions:
         """``bc.WriteCaptions`` into ``--output`` as the flags say (prefix, shards, format,
-        compression), summary.json showing the flags."""
+        compression, --copy_images), summary.json showing the flags."""
         options = self.options
         return WriteCaptions(options.output, config or self.config,
                              prefix=self.captions_prefix, num_shards=options.num_shards,
                              output_format=options.output_format,
                              compression=options.output_compression,
-                             started_at=self.started_at,
+                             copy_images=options.copy_images, started_at=self.started_at,
                              summary_options=reported_options(options))
 
     def caption_manifests(self, config: CaptionConfig | None = None,

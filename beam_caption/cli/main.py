@@ -35,6 +35,7 @@ from beam_caption.core.errors import JobStopped, UsageError  # noqa: E402
 from beam_caption.core.outputs import (  # noqa: E402
     CAPTIONS_PREFIX,
     REPORT_FILE,
+    failures_format,
     file_suffix,
     read_output_records,
 )
@@ -62,14 +63,16 @@ def print_summary(summary: dict) -> None:
     for kind, count in summary["failed_by_type"].items():
         print(f"  failed {kind}: {count}")
     options = summary["options"]
-    suffix = file_suffix(options.get("output_format") or "jsonl",
-                         options.get("output_compression") or "none")
+    output_format = options.get("output_format") or "jsonl"
+    compression = options.get("output_compression") or "none"
+    suffix = file_suffix(output_format, compression)
+    failures = f"{output}/failures-*{file_suffix(failures_format(output_format), compression)}"
     report = f", {output}/{REPORT_FILE}" if options.get("report") else ""
     captions = options.get("file_name_prefix") or CAPTIONS_PREFIX
-    print(f"outputs: {output}/{captions}-*{suffix}, {output}/failures-*{suffix}, "
+    print(f"outputs: {output}/{captions}-*{suffix}, {failures}, "
           f"{output}/summary.json{report}")
     if summary["failed"] and options.get("max_failure_rate") is None:
-        print(f"  the failed records are in {output}/failures-*{suffix}; they leave the exit "
+        print(f"  the failed records are in {failures}; they leave the exit "
               "status 0 (--max_failure_rate SHARE makes the run exit 3 past that share)")
 
 

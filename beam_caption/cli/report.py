@@ -3,6 +3,10 @@
 The page shows summary.json's counts, the failures by stage and type with one example each,
 histograms of latency and tokens, captions over time, and a contact sheet: a seeded sample of
 captioned records with a thumbnail of their first image and their answers.
+The image of a record from a WebDataset shard or from a Parquet table's image bytes is read
+back from its source (core/dataset_images.py): each file once, a shard only up to the last
+sample shown, a table only in the row groups shown; a source that cannot be read, or is over
+http(s), gets the box a missing image gets.
 
 It is self-contained (charts are inline SVG, thumbnails data URLs, no script) and its
 Content-Security-Policy forbids scripts and every outside address. Records and answers are
@@ -30,6 +34,7 @@ from html import escape
 
 import fsspec
 
+from beam_caption.core.dataset_images import SourceImage, image_source, read_source_images
 from beam_caption.core.errors import CaptionError, UsageError
 from beam_caption.core.http_images import UrlGuard
 from beam_caption.core.images import (
@@ -186,10 +191,11 @@ class _Stats:
 
     def _shown(self, line: dict) -> dict:
         """What the contact sheet shows of a caption line: its image paths, key and answers,
-        each cut to its length (a line may hold megabytes)."""
-        key = _object(line.get("caption_meta")).get("key", "")
+        each cut to its length (a line may hold megabytes), and the shard or table its image
+        bytes are read back from (None for a manifest's record)."""
+        key = str(_object(line.get("caption_meta")).get("key", ""))
         paths = _image_paths(line, self.job.image_key)
-        return {"key": _cut(str(key), MAX_KEY_CHARS),
+        return {"key": _cut(key, MAX_KEY_CHARS), "source": image_source(line, key),
                 "paths": [_cut(paths[0], MAX_KEY_CHARS)] if paths else [],
                 "more": max(len(paths) - 1, 0),
                 "answers": {_cut(name, MAX_LABEL_CHARS): _answer_text(line[name])
@@ -236,19 +242,23 @@ class _Images:
                    options.get("image_timeout") or DEFAULT_HTTP_TIMEOUT_S,
                    UrlGuard(bool(options.get("allow_private_urls"))))
 
-    def thumbnail(self, path: str) -> str:
-        """A data URL of the image at ``path`` prepared as the job sends images (upright,
+    def thumbnail(self, data: bytes) -> str:
+        """A data URL of the image ``data`` prepared as the job sends images (upright,
         transparency on white, 16-bit scaled), 192 pixels at most a side."""
-        data = read_image_bytes(resolve_image_path(path, self.root), self.max_bytes,
-                                self.timeout, self.guard)
         return prepare_image_bytes(data, THUMBNAIL_SETTINGS).data_url
 
-    def html(self, path: str | None) -> str:
-        """The thumbnail's <img>, or a box saying why there is none."""
-        if path is None:
-            return '<div class="noimage">no image path in the record</div>'
+    def html(self, path: str | None, data: SourceImage = None) -> str:
+        """The thumbnail's <img> of the image bytes read back from a shard or table (``data``,
+        when not None), else of the image at ``path``; or a box saying why there is none."""
         try:
-            return f'<img src="{self.thumbnail(path)}" alt="">'
+            if isinstance(data, CaptionError):
+                raise data
+            if data is None:
+                if path is None:
+                    return '<div class="noimage">no image path in the record</div>'
+                data = read_image_bytes(resolve_image_path(path, self.root), self.max_bytes,
+                                        self.timeout, self.guard)
+            return f'<img src="{self.thumbnail(data)}" alt="">'
         except Exception as exc:  # any failure on untrusted data costs one thumbnail only
             reason = str(exc) if isinstance(exc, CaptionError) else f"{type(exc).__name__}: {exc}"
             return f'<div class="noimage">{escape(reason)}</div>'
@@ -398,16 +408,23 @@ def _card_html(shown: dict, thumbnail: str) -> str:
     more = f" (+{shown['more']:,} more)" if shown["more"] else ""
     answers = "".join(f"<dt>{escape(key)}</dt><dd>{_answer_html(answer)}</dd>"
                       for key, answer in shown["answers"].items())
-    path = shown["paths"][0] if shown["paths"] else ""
+    path = shown["paths"][0] if shown["paths"] else shown["key"] if shown["source"] else ""
     return (f'<figure>{thumbnail}<figcaption><div class="path" title="{escape(shown["key"])}">'
             f"{escape(path)}{more}</div><dl>{answers}</dl></figcaption></figure>")
 
 
 def _sheet_html(stats: _Stats) -> str:
-    """The contact sheet of the sampled records, their thumbnails read a few at a time."""
+    """The contact sheet of the sampled records, their thumbnails read a few at a time (the
+    images of records from shards and tables read back from them, each file once)."""
+    images = _Images.of(stats.job.options)
+    sources = [shown["source"] for shown in stats.sample if shown["source"]]
+    read_back = read_source_images(sources, stats.job.image_key, images.max_bytes,
+                                   THUMBNAIL_THREADS)
     with ThreadPoolExecutor(THUMBNAIL_THREADS) as pool:
-        thumbnails = pool.map(_Images.of(stats.job.options).html,
+        thumbnails = pool.map(images.html,
                               [shown["paths"][0] if shown["paths"] else None
+                               for shown in stats.sample],
+                              [read_back.get(shown["source"].key) if shown["source"] else None
                                for shown in stats.sample])
         cards = "".join(_card_html(shown, thumbnail)
                         for shown, thumbnail in zip(stats.sample, thumbnails, strict=True))

@@ -39,7 +39,7 @@ from beam_caption.core.images import (
     resolve_image_path,
 )
 from beam_caption.core.prompts import PromptSpec
-from beam_caption.core.records import Outcome, failed_outcome, record_outcome
+from beam_caption.core.records import IMAGE_BYTES, Outcome, failed_outcome, record_outcome
 from beam_caption.core.request import (
     PromptSettings,
     RequestPlan,
@@ -273,6 +273,8 @@ class CaptionRuntime:
         try:
             sources = (self._embedded(element["images"]) if element.get("images")
                        else await self._read_retrying(self._paths(element)))
+            if IMAGE_BYTES in element:  # kept for the caption (records.keeping_images)
+                element[IMAGE_BYTES] = sources
             size = sum(map(len, sources))
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)

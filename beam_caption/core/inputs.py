@@ -26,6 +26,8 @@ from beam_caption.core.webdataset import count_samples, iter_samples
 MANIFEST, WEBDATASET, PARQUET = "manifest", "webdataset", "parquet"
 DEFAULT_IMAGE_KEY = "image"  # the default --image_key: in a shard, the first image member
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# What a job of shards asks when no prompt is given: a sample holds no conversation.
+SAMPLE_PROMPT = "Generate detailed captions based on image content."
 
 
 class ReadUnit(NamedTuple):

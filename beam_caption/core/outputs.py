@@ -5,15 +5,21 @@ Captions, failures and set-aside captions are written (transforms/write.py) as
 - ``jsonl``: one JSON object per line (the default);
 - ``json``: a JSON array per shard, one element per line (``[``, ``{...},``, ..., ``]``), so
   the files stay line-readable (``--resume`` reads them as text);
-- ``parquet``: a fixed schema (``PARQUET_COLUMNS``): the main fields as typed columns and the
-  whole output line as JSON in ``line``, so no record field is lost whatever its shape;
+- ``parquet``: a fixed schema (``PARQUET_COLUMNS``): the main fields as typed columns (a
+  WebDataset sample's ``__key__`` and ``__url__`` among them, so a caption joins back to its
+  sample) and the whole output line as JSON in ``line``, so no record field is lost whatever
+  its shape;
+- ``webdataset``: captions (and set-aside captions) as tar shards of samples ``KEY.json`` (the
+  jsonl line), ``KEY.txt`` (the caption) and, with ``--copy_images``, the image
+  (core/caption_shards.py); failures stay JSON lines (``failures_format``), as a loader of the
+  captioned set wants only captions.
 
 ``jsonl`` and ``json`` may be gzip-compressed (``.gz``). Shards are named
 ``PREFIX-SSSSS-of-NNNNN`` + the format's suffix (``is_shard_name``): only such files are read,
 moved or deleted, never another file that merely looks alike (``captions-notes-of-bob.txt``).
 Reading is bounded and tolerant (``element_texts``): a line that is not text costs that line,
-a damaged file (corrupt gzip, truncated Parquet) is read up to the damage. This module needs no
-Beam, so the report and user scripts read outputs without it.
+a damaged file (corrupt gzip, truncated Parquet or tar) is read up to the damage. This module
+needs no Beam, so the report and user scripts read outputs without it.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ import dataclasses
 import gzip
 import json
 import re
+import tarfile
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
 import fsspec
+
+from beam_caption.core.caption_shards import caption_samples
+from beam_caption.core.records import without_image_bytes
 
 CAPTIONS_PREFIX = "captions"
 FAILURES_PREFIX = "failures"
@@ -34,18 +44,20 @@ SET_ASIDE_PREFIX = "set_aside"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 SHARDS = "-*-of-*"  # matches a prefix's shard files in any format
-SUFFIXES = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet"}
+SUFFIXES = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet", "webdataset": ".tar"}
 DAMAGED_DIR = "damaged"  # earlier files --resume could not read whole (transforms/skip_done.py)
 MAX_LINE_BYTES = 1 << 26  # longer lines of an output file are skipped unread (a record is 16 MiB)
 # What reading a damaged file raises: corrupt gzip (BadGzipFile is an OSError, zlib.error, a
 # stream cut short: EOFError), Parquet that is truncated or foreign (ArrowInvalid: ValueError)
-# or holds corrupt pages (OSError).
-DAMAGE_ERRORS = (OSError, EOFError, zlib.error, ValueError)
-_SHARD_SUFFIX = re.compile(r"-\d{5,}-of-\d{5,}(\.jsonl(\.gz)?|\.json(\.gz)?|\.parquet)")
+# or holds corrupt pages (OSError), a tar that is truncated or corrupt (TarError, EOFError).
+DAMAGE_ERRORS = (OSError, EOFError, zlib.error, ValueError, tarfile.TarError)
+_SHARD_SUFFIX = re.compile(r"-\d{5,}-of-\d{5,}(\.jsonl(\.gz)?|\.json(\.gz)?|\.parquet|\.tar)")
 # One column per main field; answers (each output key) are JSON text, as their values may be
-# structured. The whole output line is in ``line``.
+# structured; ``__key__`` and ``__url__`` are a WebDataset sample's (null for other records).
+# The whole output line is in ``line``.
 PARQUET_COLUMNS = (
-    ("key", "string"), ("image", "list<string>"), ("answers", "string"),
+    ("key", "string"), ("__key__", "string"), ("__url__", "string"),
+    ("image", "list<string>"), ("answers", "string"),
     ("model", "string"), ("attempts", "int64"), ("latency_ms", "double"),
     ("prompt_tokens", "int64"), ("completion_tokens", "int64"), ("finish_reason", "string"),
     ("error_stage", "string"), ("error_type", "string"), ("error_message", "string"),
@@ -56,6 +68,12 @@ PARQUET_COLUMNS = (
 def file_suffix(output_format: str, compression: str = "none") -> str:
     """The file name ending of an output format (``.jsonl``, ``.json.gz``, ``.parquet``...)."""
     return SUFFIXES[output_format] + (".gz" if compression == "gzip" else "")
+
+
+def failures_format(output_format: str) -> str:
+    """The format failure files are written in: ``output_format``'s, but JSON lines beside
+    WebDataset caption shards."""
+    return "jsonl" if output_format == "webdataset" else output_format
 
 
 def is_shard_name(name: str, prefix: str) -> bool:
@@ -80,6 +98,8 @@ def parquet_row(element: dict, image_key: str, output_keys: list[str]) -> dict:
         else element.get("answers", {})
     return {
         "key": meta.get("key") or element.get("key"),
+        **{name: _text(record.get(name)) if isinstance(record, dict) else None
+           for name in ("__key__", "__url__")},
         "image": [images] if isinstance(images, str) else
         [str(i) for i in images] if isinstance(images, list) else None,
         "answers": json.dumps(answers, ensure_ascii=False) if answers else None,
@@ -88,8 +108,16 @@ def parquet_row(element: dict, image_key: str, output_keys: list[str]) -> dict:
         "completion_tokens": meta.get("completion_tokens"),
         "finish_reason": meta.get("finish_reason"), "error_stage": error.get("stage"),
         "error_type": error.get("type"), "error_message": error.get("message"),
-        "line": json.dumps(element, ensure_ascii=False, separators=(",", ":")),
+        "line": json.dumps(without_image_bytes(element), ensure_ascii=False,
+                           separators=(",", ":")),
     }
+
+
+def _text(value: object) -> str | None:
+    """A record's key or URL field as a string column: text, or an integer as text."""
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def parquet_schema():
@@ -131,14 +159,18 @@ def read_output_records(output_dir: str, prefix: str,
 
 def element_texts(handle: BinaryIO, path: str) -> Iterator[str | None]:
     """The JSON text of each element of an output file (``path``'s name says its format): a
-    jsonl or json line (the array's brackets left out), a Parquet row's ``line``; None for a line
-    that is not UTF-8 or longer than MAX_LINE_BYTES (skipped, never held whole) or a null row.
+    jsonl or json line (the array's brackets left out), a Parquet row's ``line``, a tar
+    sample's ``.json`` member; None for a line that is not UTF-8 or longer than MAX_LINE_BYTES
+    (skipped, never held whole), a null row or a sample without ``.json``.
 
     Raises one of DAMAGE_ERRORS where the file cannot be read on (the elements before the
     damage were yielded); ``handle`` is binary, seekable for Parquet.
     """
     if path.endswith(".parquet"):
         yield from _parquet_texts(handle)
+        return
+    if path.endswith(".tar"):
+        yield from (text for text, _ in caption_samples(handle, False, MAX_LINE_BYTES))
         return
     stream = gzip.GzipFile(fileobj=handle, mode="rb") if path.endswith(".gz") else handle
     while line := stream.readline(MAX_LINE_BYTES + 1):

@@ -104,7 +104,7 @@ def check_image_column(file: str, image_key: str) -> None:
         raise UsageError(f"--image_key {image_key}: {name} has no such column (columns: "
                          f"{', '.join(schema.names)})")
     column_type = schema.field(image_key).type
-    if not _can_hold_image(column_type):
+    if not image_forms(column_type):
         raise UsageError(f"--image_key {image_key}: the column of {name} is {column_type}, "
                          f"which holds no image ({_IMAGE_FORMS})")
 
@@ -117,19 +117,23 @@ def _parquet_file(file: str, handle) -> pq.ParquetFile:
                          f"{scrub(str(exc))}") from None
 
 
-def _can_hold_image(column_type: pa.DataType, in_list: bool = False) -> bool:
+def image_forms(column_type: pa.DataType, in_list: bool = False) -> set[str]:
+    """What a Parquet column of this type can hold as an image: ``path`` (strings, a struct's
+    ``path``), ``bytes`` (binary, a struct's ``bytes``), for a list also of its items; empty
+    for a column that cannot hold an image."""
     if pa.types.is_dictionary(column_type):
         column_type = column_type.value_type
-    if (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-            or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+    if pa.types.is_string(column_type) or pa.types.is_large_string(column_type):
+        return {"path"}
+    if (pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
             or pa.types.is_fixed_size_binary(column_type)):
-        return True
+        return {"bytes"}
     if pa.types.is_struct(column_type):
-        return any(field.name in ("bytes", "path") for field in column_type)
+        return {field.name for field in column_type} & {"bytes", "path"}
     if (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)
             or pa.types.is_fixed_size_list(column_type)) and not in_list:
-        return _can_hold_image(column_type.value_type, in_list=True)
-    return False
+        return image_forms(column_type.value_type, in_list=True)
+    return set()
 
 
 def iter_rows(file: str, group: int, first_row: int, image_key: str) -> Iterator[dict]:

@@ -20,6 +20,12 @@ A record that comes from no manifest (a library user's own PCollection) is keyed
 
 The output tags and the metrics namespace are named here too; ``STATS`` elements are
 ``{"throttled_ms": N}``, one per bundle of the caption step, summed into summary.json.
+
+Asked to (``--copy_images``, for ``--output_format webdataset``), a captioned record carries its
+images' bytes to the sink in the private field ``IMAGE_BYTES`` (a list of bytes): the caption
+step marks the element it submits (``keeping_images``), the runtime fills the mark with the
+bytes it read or was given, and ``record_outcome`` moves them onto the caption. No output line
+holds them (``without_image_bytes``), and a failure never carries them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ FAILURES = "failures"
 RECORDS = "records"
 STATS = "stats"  # per-bundle figures of the caption step for summary.json (not an output file)
 METRICS_NAMESPACE = "beam_caption"
+IMAGE_BYTES = "__image_bytes__"  # a caption's carried image bytes (--copy_images), never written
 
 
 def record_key(file: str, index: int) -> str:
@@ -91,6 +98,28 @@ def keyed_record(value: object, key_field: str | None = None) -> dict:
             "read", "missing_key_field", f"record has no {key_field!r} field (key_field)"),
             record=value)
     return {"key": str(value[key_field]), "source": source, "record": value}
+
+
+def keeping_images(element: dict) -> dict:
+    """A keyed record marked for its image bytes to travel with its caption: a copy (the
+    input element is left as it was) whose ``IMAGE_BYTES`` the runtime fills."""
+    return {**element, IMAGE_BYTES: []}
+
+
+def carried_images(element: dict) -> list[bytes]:
+    """The image bytes ``element`` carries (none: an empty list; a field of that name that is
+    not a list of bytes, as JSON could hold, carries none)."""
+    images = element.get(IMAGE_BYTES)
+    if isinstance(images, list) and all(isinstance(data, bytes) for data in images):
+        return images
+    return []
+
+
+def without_image_bytes(element: dict) -> dict:
+    """``element`` without carried image bytes: what an output line holds."""
+    if IMAGE_BYTES not in element:
+        return element
+    return {name: value for name, value in element.items() if name != IMAGE_BYTES}
 
 
 def failure_element(key: str, source: dict, error: CaptionError, *, record: dict | None = None,
@@ -227,7 +256,10 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
                         element_fingerprint(element, settings_digest),
                         {spec.name: answer for spec, answer in zip(specs, answers, strict=True)},
                         finished_at, batch_id)
-    return Outcome(captioned_record(element["record"], done, meta), None, attempts, throttled)
+    caption = captioned_record(element["record"], done, meta)
+    if element.get(IMAGE_BYTES):  # filled by the runtime for a record marked keeping_images
+        caption[IMAGE_BYTES] = element[IMAGE_BYTES]
+    return Outcome(caption, None, attempts, throttled)
 
 
 def paid_by(answers: Sequence[Completion | CaptionError]) -> dict | None:

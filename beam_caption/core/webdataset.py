@@ -177,6 +177,26 @@ def _members(tar: tarfile.TarFile, headers: _Headers) -> Iterator[_Member]:
                          "blocks")
 
 
+class UniqueKeys:
+    """The keys given in one shard: ``unique`` appends ``SEP2``, ``SEP3``... to a key given
+    already (about 100 bytes a key)."""
+
+    def __init__(self, separator: str) -> None:
+        self._separator = separator
+        self._next: dict[str, int] = {}  # each key given -> the next suffix to try after it
+
+    def unique(self, key: str) -> str:
+        if key not in self._next:
+            self._next[key] = 2
+            return key
+        suffix = self._next[key]
+        while (candidate := f"{key}{self._separator}{suffix}") in self._next:
+            suffix += 1
+        self._next[key] = suffix + 1
+        self._next[candidate] = 2
+        return candidate
+
+
 @dataclasses.dataclass
 class _Sample:
     """A sample being read: its record so far, its best image yet, its first problem."""
@@ -203,7 +223,7 @@ class _SampleReader:
         self.max_member_bytes = max_member_bytes
         self.sample: _Sample | None = None  # the sample being read
         self._count = 0
-        self._suffixes: dict[str, int] = {}  # each key given -> the last #N tried after it
+        self._keys = UniqueKeys("#")
 
     def where(self, sample: _Sample) -> str:
         return f"sample {sample.key!r} (#{sample.index}) of {self.shard}"
@@ -225,7 +245,7 @@ class _SampleReader:
         sample, self.sample = self.sample, None
         if sample is None:
             return None
-        key = f"{self.shard}#{self._unique(sample.key)}"
+        key = f"{self.shard}#{self._keys.unique(sample.key)}"
         source = {"file": self.shard, "sample": sample.key, "index": sample.index}
         if sample.error is None and sample.image is None:
             sample.error = CaptionError("read", "wds_no_image", f"{self.where(sample)} has no "
@@ -233,18 +253,6 @@ class _SampleReader:
         if sample.error is not None:
             return failure_element(key, source, sample.error, record=sample.record)
         return {"key": key, "source": source, "record": sample.record, "images": [sample.image]}
-
-    def _unique(self, key: str) -> str:
-        """``key``, or ``key#N`` (N = 2, 3...) when an earlier sample of the shard had it."""
-        if key not in self._suffixes:
-            self._suffixes[key] = 1
-            return key
-        suffix = self._suffixes[key]
-        while (unique := f"{key}#{suffix + 1}") in self._suffixes:
-            suffix += 1
-        self._suffixes[key] = suffix + 1
-        self._suffixes[unique] = 1
-        return unique
 
     def add(self, tar: tarfile.TarFile, member: _Member) -> None:
         """Read one member into the sample being read, or leave its data to be skipped."""

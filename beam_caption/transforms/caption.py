@@ -2,8 +2,9 @@
 
 The DoFn hands each record to its worker's ``CaptionRuntime`` (core/engine.py) and keeps up to a
 window of records in flight across the bundle, so a slow request never holds up the others
-and free slots are refilled at once. Outputs and metrics are emitted from the bundle thread
-only (Beam drops metrics updated from other threads).
+and free slots are refilled at once. With ``copy_images`` each record is marked so that its
+caption carries its images' bytes (core/records.keeping_images). Outputs and metrics are
+emitted from the bundle thread only (Beam drops metrics updated from other threads).
 
 When the job must stop (``JobStopped``: --max_cost spent, the endpoint refusing), nothing new
 is sent, but the records whose requests are on the wire are waited for (each within
@@ -34,6 +35,7 @@ from beam_caption.core.records import (
     STATS,
     Outcome,
     caption_retries,
+    keeping_images,
 )
 
 PROGRESS_LOG_S = 60.0  # a worker logs its counts at info level at most this often
@@ -44,8 +46,9 @@ _LOG = logging.getLogger(__name__)
 
 class _CaptionRecords(beam.DoFn):
     def __init__(self, config: WorkerConfig, shared_handle: shared.Shared,
-                 progress_dir: str | None = None):
+                 progress_dir: str | None = None, copy_images: bool = False):
         self._config = config
+        self._copy_images = copy_images
         self._shared = shared_handle
         self._progress_dir = progress_dir
         self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
@@ -78,7 +81,7 @@ class _CaptionRecords(beam.DoFn):
         if spent_before is not None and spent_before != self._spent_before:
             self._spent_before = spent_before  # before this bundle's first request is sent
             self._runtime.count_spent_before(spent_before)
-        future = self._runtime.submit(element)
+        future = self._runtime.submit(keeping_images(element) if self._copy_images else element)
         self._pending[future] = (timestamp, window)
         future.add_done_callback(self._finished.put)
         if len(self._pending) >= self._window:
@@ -212,19 +215,22 @@ class CaptionImages(beam.PTransform):
     """
 
     def __init__(self, config: WorkerConfig, spent_before: beam.PCollection | None = None,
-                 progress_dir: str | None = None):
+                 progress_dir: str | None = None, copy_images: bool = False):
         """``spent_before``: a one-element PCollection, the dollars earlier runs spent (the cost
         of the captions a --resume reuses), counted against --max_cost. ``progress_dir``: where
-        a local run's workers leave their figures for the live progress (core/figures.py)."""
+        a local run's workers leave their figures for the live progress (core/figures.py).
+        ``copy_images``: each caption carries its images' bytes (records.IMAGE_BYTES)."""
         super().__init__()
         self._config = config
         self._spent_before = spent_before
         self._progress_dir = progress_dir
+        self._copy_images = copy_images
 
     def expand(self, records: beam.PCollection[dict]) -> dict[str, beam.PCollection[dict]]:
         side = ({"spent_before": beam.pvalue.AsSingleton(self._spent_before)}
                 if self._spent_before is not None else {})
-        captioner = _CaptionRecords(self._config, shared.Shared(), self._progress_dir)
+        captioner = _CaptionRecords(self._config, shared.Shared(), self._progress_dir,
+                                    self._copy_images)
         results = records | "Caption" >> beam.ParDo(captioner, **side).with_outputs(
             FAILURES, STATS, main=CAPTIONS)
         return {CAPTIONS: results[CAPTIONS], FAILURES: results[FAILURES], STATS: results[STATS]}

@@ -26,14 +26,24 @@ import apache_beam as beam
 from beam_caption.core.errors import UsageError
 from beam_caption.core.inputs import DEFAULT_IMAGE_KEY
 from beam_caption.core.manifest_reader import match_manifests
-from beam_caption.core.outputs import CAPTIONS_PREFIX, FAILURES_PREFIX, SET_ASIDE_PREFIX
+from beam_caption.core.outputs import (
+    CAPTIONS_PREFIX,
+    FAILURES_PREFIX,
+    SET_ASIDE_PREFIX,
+    failures_format,
+)
 from beam_caption.core.records import CAPTIONS, FAILURES, RECORDS, STATS, keyed_record
 from beam_caption.core.redact import redact_url
 from beam_caption.core.settings import CaptionConfig
 from beam_caption.transforms import manifests
 from beam_caption.transforms.caption import CaptionImages
 from beam_caption.transforms.checkpoint import CheckpointCaptions
-from beam_caption.transforms.skip_done import SET_ASIDE, SkipDone, reused_cost
+from beam_caption.transforms.skip_done import (
+    SET_ASIDE,
+    SkipDone,
+    read_missing_images,
+    reused_cost,
+)
 from beam_caption.transforms.write import WriteRecords, WriteSummary
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -88,8 +98,10 @@ class ReadManifests(beam.PTransform):
     A record's key is ``FILE#INDEX`` (INDEX: its line, array item or table row, from 0), or
     ``SHARD#KEY`` for a WebDataset sample (its record: ``__key__``, ``__url__`` and its
     text members by extension; the image bytes travel beside it, never in it). A line or item
-    that cannot be read is a failure record, and reading goes on. The records are reshuffled,
-    so that one big manifest is captioned by every worker.
+    that cannot be read is a failure record, and reading goes on. Manifest records are
+    reshuffled, so that one big manifest is captioned by every worker; samples and rows that
+    carry their image bytes are spread by shard and row group instead (no shuffle of the
+    bytes).
     """
 
     def __init__(self, patterns: str | Iterable[str], *, match: bool = True,
@@ -183,7 +195,7 @@ class CaptionRecords(beam.PTransform):
     def __init__(self, config: CaptionConfig, *, key_field: str | None = None,
                  checkpoint_dir: str | None = None, checkpoint_interval: float = 10.0,
                  resume: bool = False, progress_dir: str | None = None,
-                 captioner: beam.PTransform | None = None):
+                 captioner: beam.PTransform | None = None, copy_images: bool = False):
         """Make the workers' configuration now, at pipeline construction.
 
         Args:
@@ -210,13 +222,24 @@ class CaptionRecords(beam.PTransform):
                 in, ``{"captions", "failures", "stats"}`` PCollections out (the CLI's batch
                 mode passes CollectBatchResults, which collects Batch API answers and keeps
                 its own budget). None: online requests to ``config.api_url``.
+            copy_images: Each caption carries its images' bytes, for
+                ``WriteCaptions(output_format="webdataset", copy_images=True)``: the bytes the
+                caption step read (or the record carried) in the private field
+                ``__image_bytes__``, which no output line holds; when resuming, the reused
+                captions take theirs from the earlier WebDataset shards, else from the record
+                (its bytes, or its image paths read again). Failures never carry them.
+                Memory: each caption holds its images until it is written.
 
         Raises:
-            UsageError: ``resume`` without a ``checkpoint_dir``.
+            UsageError: ``resume`` without a ``checkpoint_dir``; ``copy_images`` with a
+                ``captioner`` (it reads no image bytes to carry).
         """
         super().__init__()
         if resume and checkpoint_dir is None:
             raise UsageError("resume reuses the captions in checkpoint_dir: give one")
+        if copy_images and captioner is not None:
+            raise UsageError("copy_images carries the bytes the online caption step reads: "
+                             "not with a captioner (the CLI's --mode batch)")
         self._config = config.worker_config()
         self._key_field = key_field
         self._checkpoint_dir = checkpoint_dir
@@ -224,6 +247,7 @@ class CaptionRecords(beam.PTransform):
         self._resume = resume
         self._progress_dir = progress_dir
         self._captioner = captioner
+        self._copy_images = copy_images
 
     def expand(self, records: beam.PCollection[dict] | ManifestRecords) -> CaptionResults:
         if isinstance(records, ManifestRecords):  # keyed already
@@ -241,14 +265,18 @@ class CaptionRecords(beam.PTransform):
                                   stats, None)
         assert self._checkpoint_dir is not None  # __init__ refuses resume without one
         split = keyed | "SkipDone" >> SkipDone(self._checkpoint_dir,
-                                               self._config.settings_digest, self._progress_dir)
+                                               self._config.settings_digest, self._progress_dir,
+                                               self._copy_images)
         spent_before = None
         if self._captioner is None and self._config.client.max_cost:  # the job's budget
             spent_before = (split["done"]
                             | "SpentBefore" >> beam.Map(reused_cost, self._config.client)
                             | "Total" >> beam.CombineGlobally(sum))
         captioned = split["todo"] | "Caption" >> self._caption_step(spent_before)
-        captions = ((self._checkpointed(captioned[CAPTIONS]), split["done"])
+        done = split["done"]
+        if self._copy_images:
+            done = done | "ImagesOfDone" >> beam.Map(read_missing_images, self._config)
+        captions = ((self._checkpointed(captioned[CAPTIONS]), done)
                     | "WithDone" >> beam.Flatten())
         stats = ((captioned[STATS], split["done"] | "ResumedCounts" >> beam.Map(_resumed))
                  | "AllStats" >> beam.Flatten())
@@ -256,7 +284,8 @@ class CaptionRecords(beam.PTransform):
                               split[SET_ASIDE])
 
     def _caption_step(self, spent_before: beam.PCollection | None) -> beam.PTransform:
-        return self._captioner or CaptionImages(self._config, spent_before, self._progress_dir)
+        return self._captioner or CaptionImages(self._config, spent_before, self._progress_dir,
+                                                self._copy_images)
 
     def _checkpointed(self, captions: beam.PCollection[dict]) -> beam.PCollection[dict]:
         if self._checkpoint_dir is None:
@@ -277,6 +306,18 @@ def prefix_problem(prefix: str) -> str | None:
             f"{SET_ASIDE_PREFIX!r})")
 
 
+def webdataset_problem(output_format: str, compression: str, copy_images: bool) -> str | None:
+    """What is wrong with these output settings for WebDataset shards, or None (in the flags'
+    words)."""
+    if copy_images and output_format != "webdataset":
+        return ("--copy_images writes the images into WebDataset shards: add --output_format "
+                "webdataset")
+    if output_format == "webdataset" and compression != "none":
+        return ("WebDataset shards are written as plain tar (their images are compressed "
+                "already); --output_compression is for jsonl and json")
+    return None
+
+
 class WriteCaptions(beam.PTransform):
     """Write ``CaptionResults`` as the CLI writes its outputs, into ``output_dir``.
 
@@ -285,16 +326,27 @@ class WriteCaptions(beam.PTransform):
         results | bc.WriteCaptions("gs://bucket/run1", config)
 
     Writes ``captions-SSSSS-of-NNNNN.jsonl`` and ``failures-SSSSS-of-NNNNN.jsonl`` (or
-    ``.json``, ``.parquet``, ``.gz``: see ``output_format``, ``compression``), exactly once
-    each, ``set_aside-*`` when the results hold set-aside captions (resume), then
+    ``.json``, ``.parquet``, ``.tar``, ``.gz``: see ``output_format``, ``compression``),
+    exactly once each, ``set_aside-*`` when the results hold set-aside captions (resume), then
     ``summary.json`` after the last record. Files of the same names are replaced; an output
     directory holding another run's shards should be emptied first. Returns the names of the
     files written.
+
+    With ``output_format="webdataset"`` the captions (and set-aside captions) are WebDataset
+    tar shards, ``captions-SSSSS-of-NNNNN.tar``, that a training data loader reads as they are:
+    a sample per caption, ``KEY.json`` (the output line, as jsonl holds it), ``KEY.txt`` (the
+    answer under the first output key, as text; JSON text for a structured answer) and, with
+    ``copy_images``, its images (``KEY.jpg``, ``.png``, ``.webp``...: the format read from the
+    bytes; a second image is ``KEY.1.EXT``). ``KEY`` is the record's ``__key__`` (characters
+    other than letters, digits, ``_`` and ``-`` made ``_``), else 16 hex digits of the SHA-256
+    of its record key; ``_2``, ``_3``... make a key met again in a shard unique. Failures stay
+    JSON lines (``failures-*.jsonl``): a loader of the captioned set wants only captions.
     """
 
     def __init__(self, output_dir: str, config: CaptionConfig, *, prefix: str = CAPTIONS_PREFIX,
                  num_shards: int = 0, output_format: str = "jsonl", compression: str = "none",
-                 started_at: float | None = None, summary_options: dict | None = None):
+                 started_at: float | None = None, summary_options: dict | None = None,
+                 copy_images: bool = False):
         """Say where and how to write.
 
         Args:
@@ -304,20 +356,28 @@ class WriteCaptions(beam.PTransform):
             prefix: The caption files' name: ``PREFIX-SSSSS-of-NNNNN.jsonl`` (summary.json
                 shows it as ``file_name_prefix`` when not ``captions``).
             num_shards: Shards per file set (0: the runner decides).
-            output_format: ``jsonl``, ``json`` (an array per shard) or ``parquet``.
+            output_format: ``jsonl``, ``json`` (an array per shard), ``parquet`` or
+                ``webdataset`` (tar shards of captions, failures as jsonl).
             compression: ``none`` or ``gzip`` (jsonl and json).
             started_at: ``time.time()`` when the job started, for summary.json's wall time
                 and images per second (default: when this transform is made).
             summary_options: Entries added to summary.json's ``options``, over the config's
                 settings and the ones above (the CLI adds its flags).
+            copy_images: Write the image bytes each caption carries into its sample
+                (``webdataset`` only; the captions of ``CaptionRecords(copy_images=True)``
+                carry them; a caption without them is written without an image).
 
         Raises:
-            UsageError: A ``prefix`` that is not a plain file name, or names other outputs.
+            UsageError: A ``prefix`` that is not a plain file name, or names other outputs;
+                ``copy_images`` without ``webdataset``; ``webdataset`` with ``gzip``.
         """
         super().__init__()
         problem = prefix_problem(prefix)
         if problem:
             raise UsageError(f"prefix {problem}")
+        problem = webdataset_problem(output_format, compression, copy_images)
+        if problem:
+            raise UsageError(problem)
         worker = config.worker_config()
         self._output_dir = output_dir
         self._prefix = prefix
@@ -326,6 +386,7 @@ class WriteCaptions(beam.PTransform):
         self._num_shards = num_shards
         self._output_format = output_format
         self._compression = compression
+        self._copy_images = copy_images
         self._started_at = time.time() if started_at is None else started_at
         reported = {**config.reported(), "output": redact_url(output_dir),
                     "num_shards": num_shards, "output_format": output_format,
@@ -335,9 +396,11 @@ class WriteCaptions(beam.PTransform):
         self._reported = {**reported, **(summary_options or {})}
 
     def _write(self, prefix: str, skip_if_empty: bool = False) -> WriteRecords:
+        output_format = (failures_format(self._output_format) if prefix == FAILURES_PREFIX
+                         else self._output_format)
         return WriteRecords(self._output_dir, prefix, self._num_shards, skip_if_empty,
-                            self._output_format, self._compression, self._image_key,
-                            self._output_keys)
+                            output_format, self._compression, self._image_key,
+                            self._output_keys, self._copy_images)
 
     def _extract_input_pvalues(self, pvalueish):
         """Beam's hook for a transform of several inputs: the results' PCollections, without

@@ -50,8 +50,11 @@ class _ReadUnit(beam.DoFn):
 class ReadManifestFiles(beam.PTransform):
     """Read manifest files into keyed record elements, with a ``failures`` side output.
 
-    ``files`` are already-matched file names or URLs (see :func:`match_manifests`). The
-    records are reshuffled so that one big manifest is captioned by every worker. Read failures
+    ``files`` are already-matched file names or URLs (see :func:`match_manifests`). Records
+    naming their images are reshuffled so that one big manifest is captioned by every worker;
+    records carrying their image bytes (WebDataset samples, table rows) are not: their unit
+    (a shard, a row group) is already spread, and a shuffle would hold every image's bytes
+    (the local runner keeps a shuffle's elements in memory). Read failures
     count as failed in ``progress_dir``'s live figures (see core/figures.py) when one is given.
     """
 
@@ -75,5 +78,16 @@ class ReadManifestFiles(beam.PTransform):
             | "ReadFiles" >> beam.ParDo(_ReadUnit(
                 self._progress_dir, self._image_key, self._max_image_bytes)).with_outputs(
                     FAILURES, main=RECORDS))
-        records = read[RECORDS] | "ReshuffleRecords" >> beam.Reshuffle()
+        carried, named = read[RECORDS] | "ByImageSource" >> beam.Partition(
+            _ByImageSource(), 2)
+        records = ((carried, named | "ReshuffleRecords" >> beam.Reshuffle())
+                   | "Records" >> beam.Flatten())
         return {RECORDS: records, FAILURES: read[FAILURES]}
+
+
+class _ByImageSource(beam.PartitionFn):
+    """0 for a record carrying its image bytes (a shard's sample, a table row), 1 for one
+    naming its images (a manifest line)."""
+
+    def partition_for(self, element, num_partitions, *args, **kwargs):
+        return 0 if "images" in element else 1

@@ -12,6 +12,12 @@ of that shape), and a file is read as far as it can be (``earlier_captions``). A
 what could not be read: those records are captioned again, the file is named in one warning
 and copied to ``OUTDIR/damaged/``, which nothing deletes. So no earlier file can make
 ``--resume`` fail, now or on a later try.
+
+With ``keep_images`` (``--copy_images``) a reused or set-aside caption carries its images'
+bytes (records.IMAGE_BYTES): the image members of the earlier WebDataset shard it was read
+from, else the bytes its record carries (a WebDataset sample, a table row with image bytes).
+A reused caption with neither (a manifest record's, from a checkpoint part) has its record's
+image paths read again (``read_missing_images``); a set-aside one is written without them.
 """
 
 from __future__ import annotations
@@ -25,16 +31,24 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.core.caption_shards import caption_samples
 from beam_caption.core.client import ClientSettings, token_count
+from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.errors import CaptionError
 from beam_caption.core.figures import figures_for
+from beam_caption.core.http_images import UrlGuard
 from beam_caption.core.identity import keyed_by_fingerprint
+from beam_caption.core.images import read_image_bytes, resolve_image_path
 from beam_caption.core.manifest_reader import JSON_DECODER, value_problem
 from beam_caption.core.outputs import (
     DAMAGE_ERRORS,
     DAMAGED_DIR,
+    MAX_LINE_BYTES,
     damage_reason,
     element_texts,
 )
+from beam_caption.core.records import IMAGE_BYTES, carried_images
+from beam_caption.core.request import image_paths
 from beam_caption.transforms.checkpoint import (
     checkpoint_files,
 )
@@ -122,9 +136,11 @@ def _kind(value: object) -> str:
             else "a string")
 
 
-def earlier_captions(path: str, output_dir: str) -> Iterator[tuple[str | None, dict]]:
+def earlier_captions(path: str, output_dir: str,
+                     with_images: bool = False) -> Iterator[tuple[str | None, dict]]:
     """(fingerprint, caption) of each caption of the earlier file ``path`` (a checkpoint part
-    or a final shard in any format), read as far as it can be.
+    or a final shard in any format), read as far as it can be; ``with_images``: a caption of
+    a WebDataset shard carries the sample's image members (records.IMAGE_BYTES).
 
     A file with damage or with elements that are not such captions (``earlier_caption``) is
     copied to ``OUTDIR/damaged/`` and named in one warning; the records of what could not be
@@ -134,15 +150,17 @@ def earlier_captions(path: str, output_dir: str) -> Iterator[tuple[str | None, d
     read, skipped, first_skipped, damage = 0, 0, "", ""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         try:
-            for number, text in enumerate(element_texts(handle, path), 1):
+            for number, (text, images) in enumerate(_elements(handle, path, with_images), 1):
                 try:
-                    found = earlier_caption(text)
+                    fingerprint, caption = earlier_caption(text)
                 except ValueError as exc:
                     skipped += 1
                     first_skipped = first_skipped or f"element {number}: {str(exc)[:200]}"
                     continue
                 read += 1
-                yield found
+                if images:
+                    caption[IMAGE_BYTES] = images
+                yield fingerprint, caption
         except DAMAGE_ERRORS as exc:
             damage = f"unreadable after element {read + skipped:,}: {damage_reason(exc)}"
     if not (skipped or damage):
@@ -153,6 +171,14 @@ def earlier_captions(path: str, output_dir: str) -> Iterator[tuple[str | None, d
                  "rest are captioned again; a copy is kept as %s", path,
                  "; ".join(filter(None, [damage, skips])), f"{read:,}",
                  _keep_damaged(path, output_dir))
+
+
+def _elements(handle, path: str, with_images: bool
+              ) -> Iterator[tuple[str | None, list[bytes] | None]]:
+    """(JSON text, image bytes or None) of each element of an earlier file."""
+    if with_images and path.endswith(".tar"):
+        return caption_samples(handle, True, MAX_LINE_BYTES)
+    return ((text, None) for text in element_texts(handle, path))
 
 
 def _keep_damaged(path: str, output_dir: str) -> str:
@@ -166,9 +192,10 @@ def _keep_damaged(path: str, output_dir: str) -> str:
     return kept
 
 
-def _split(grouped, todo_tag: str, set_aside_tag: str):
+def _split(grouped, todo_tag: str, set_aside_tag: str, keep_images: bool = False):
     """Each record gets an earlier caption of the same fingerprint (its own key's first) or goes
-    to ``todo``; earlier captions left over go to ``set_aside``, one per earlier key."""
+    to ``todo``; earlier captions left over go to ``set_aside``, one per earlier key. With
+    ``keep_images``, a reused caption without image bytes takes those its record carries."""
     _, groups = grouped
     done = list({caption["caption_meta"]["key"]: caption for caption in groups["done"]}.values())
     records = sorted(groups["records"], key=lambda element: element["key"])
@@ -178,26 +205,54 @@ def _split(grouped, todo_tag: str, set_aside_tag: str):
     spare = [caption for key, caption in by_key.items() if key not in used]
     for record in records:
         if record["key"] in used:
-            yield by_key[record["key"]]
+            yield _with_record_images(by_key[record["key"]], record, keep_images)
     for record, caption in zip(unmatched, spare, strict=False):  # the shorter one is used up
-        yield {**caption, "caption_meta": {**caption["caption_meta"], "key": record["key"]}}
+        yield _with_record_images(
+            {**caption, "caption_meta": {**caption["caption_meta"], "key": record["key"]}},
+            record, keep_images)
     for record in unmatched[len(spare):]:
         yield beam.pvalue.TaggedOutput(todo_tag, record)
     for caption in spare[len(unmatched):]:
         yield beam.pvalue.TaggedOutput(set_aside_tag, caption)
 
 
+def _with_record_images(caption: dict, record: dict, keep_images: bool) -> dict:
+    """``caption``, with the image bytes ``record`` carries when it has none and should."""
+    if not keep_images or carried_images(caption) or not record.get("images"):
+        return caption
+    return {**caption, IMAGE_BYTES: list(record["images"])}
+
+
+def read_missing_images(caption: dict, config: WorkerConfig) -> dict:
+    """A reused caption that carries no image bytes, with its record's image paths read (as
+    the caption step reads them, once, no retry); as it is, logged, when they cannot be."""
+    if carried_images(caption):
+        return caption
+    try:
+        guard = UrlGuard(config.allow_private_urls)
+        images = [read_image_bytes(resolve_image_path(path, config.image_root),
+                                   config.images.max_bytes, config.image_timeout, guard)
+                  for path in image_paths(caption, config.prompts.image_key)]
+    except CaptionError as error:
+        _LOG.warning("resume: the images of %s could not be read again for --copy_images; "
+                     "its caption is written without them: %s",
+                     caption["caption_meta"]["key"], error.message)
+        return caption
+    return {**caption, IMAGE_BYTES: images}
+
+
 class _Split(beam.DoFn):
     """``_split`` in a DoFn that counts the records it finds done in the live progress."""
 
-    def __init__(self, progress_dir: str | None):
+    def __init__(self, progress_dir: str | None, keep_images: bool):
         self._progress_dir = progress_dir
+        self._keep_images = keep_images
 
     def setup(self):
         self._figures = figures_for(self._progress_dir)
 
     def process(self, grouped):
-        for output in _split(grouped, "todo", SET_ASIDE):
+        for output in _split(grouped, "todo", SET_ASIDE, self._keep_images):
             if not isinstance(output, beam.pvalue.TaggedOutput):
                 self._figures.add(resumed=1)
             yield output
@@ -213,33 +268,38 @@ class SkipDone(beam.PTransform):
     Returns ``{"done": PCollection[caption dict], "todo": PCollection[record element],
     "set_aside": PCollection[caption dict]}``: set_aside holds the earlier captions that no
     record of this run may reuse (other content or settings, or a manifest left out).
+    ``keep_images``: the done and set-aside captions carry their images' bytes where they can
+    be found (see the module).
     """
 
-    def __init__(self, output_dir: str, settings_digest: str, progress_dir: str | None = None):
+    def __init__(self, output_dir: str, settings_digest: str, progress_dir: str | None = None,
+                 keep_images: bool = False):
         super().__init__()
         self._output_dir = output_dir
         self._settings_digest = settings_digest
         self._progress_dir = progress_dir
+        self._keep_images = keep_images
 
     def expand(self, records):
         digest = self._settings_digest
-        done = _read_done(records.pipeline, self._output_dir)
+        done = _read_done(records.pipeline, self._output_dir, self._keep_images)
         keyed = records | "KeyRecords" >> beam.Map(keyed_by_fingerprint, digest)
         split = ({"records": keyed, "done": done}
                  | "Join" >> beam.CoGroupByKey()
-                 | "Split" >> beam.ParDo(_Split(self._progress_dir)).with_outputs(
-                     "todo", SET_ASIDE, main="done"))
+                 | "Split" >> beam.ParDo(_Split(self._progress_dir, self._keep_images))
+                 .with_outputs("todo", SET_ASIDE, main="done"))
         return {"done": split.done, "todo": split.todo, "set_aside": split.set_aside}
 
 
-def _read_done(pipeline: beam.Pipeline, output_dir: str) -> beam.PCollection:
+def _read_done(pipeline: beam.Pipeline, output_dir: str,
+               keep_images: bool) -> beam.PCollection:
     """(fingerprint, caption) of the checkpointed captions: checkpoint parts and earlier final
     files in any output format (listed when the graph is built, at launch; read a file per
-    worker call, as far as each can be)."""
+    worker call, as far as each can be), with their images' bytes when ``keep_images``."""
     files = checkpoint_files(output_dir)
     if not files:
         return pipeline | "NothingDone" >> beam.Create([])
     return (pipeline
             | "EarlierFiles" >> beam.Create(files)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadDone" >> beam.FlatMap(earlier_captions, output_dir))
+            | "ReadDone" >> beam.FlatMap(earlier_captions, output_dir, keep_images))

@@ -5,6 +5,7 @@ summary.json, written once, complete (figures in core/summary.py).
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 from collections import Counter
 
@@ -15,7 +16,9 @@ from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_caption.core.caption_shards import shard_keys, write_caption
 from beam_caption.core.outputs import SUMMARY_FILE, file_suffix, parquet_row, parquet_schema
+from beam_caption.core.records import without_image_bytes
 from beam_caption.core.summary import caption_counts, failure_counts, summary_from_counts
 
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
@@ -32,24 +35,28 @@ def match_files(pattern: str) -> list[str]:
 
 
 def to_json_line(element: dict) -> str:
-    return json.dumps(element, ensure_ascii=False, separators=(",", ":"))
+    """An element as one line of JSON; image bytes it carries are left out (never written)."""
+    return json.dumps(without_image_bytes(element), ensure_ascii=False, separators=(",", ":"))
 
 
 class WriteRecords(beam.PTransform):
     """Write dicts as ``OUTDIR/PREFIX-SSSSS-of-NNNNN`` + the format's suffix (core/outputs.py):
-    JSON lines, a JSON array per shard, or Parquet; returns the final file names.
+    JSON lines, a JSON array per shard, Parquet, or WebDataset tar shards (captions only);
+    returns the final file names.
 
     Files are exactly-once (Beam's temp files renamed at finalize). An empty set is one file
     of no records (``PREFIX-00000-of-00001...``) unless ``skip_if_empty``. On S3, where Beam
     would upload an empty file as a multipart upload of no parts (which S3 refuses, failing the
     job at its very end), an empty JSON-lines file is written with one plain PUT instead.
-    ``image_key`` and ``output_keys`` fill Parquet's image and answers columns.
+    ``image_key`` and ``output_keys`` fill Parquet's image and answers columns; the first
+    output key is a WebDataset sample's ``.txt``, and ``copy_images`` adds the image bytes a
+    caption carries as its image members (core/caption_shards.py).
     """
 
     def __init__(self, output_dir: str, prefix: str, num_shards: int = 0,
                  skip_if_empty: bool = False, output_format: str = "jsonl",
                  compression: str = "none", image_key: str = "image",
-                 output_keys: list[str] | None = None):
+                 output_keys: list[str] | None = None, copy_images: bool = False):
         super().__init__()
         self._path = output_path(output_dir, prefix)
         self._num_shards = num_shards
@@ -58,6 +65,7 @@ class WriteRecords(beam.PTransform):
         self._compression = compression
         self._image_key = image_key
         self._output_keys = output_keys or ["caption"]
+        self._copy_images = copy_images
 
     def expand(self, elements: beam.PCollection[dict]) -> beam.PCollection[str]:
         suffix = file_suffix(self._format, self._compression)
@@ -68,6 +76,10 @@ class WriteRecords(beam.PTransform):
                         self._path, parquet_schema(), file_name_suffix=suffix,
                         num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE,
                         codec="snappy"))
+        if self._format == "webdataset":
+            return elements | "Write" >> beam.io.Write(_WebDatasetSink(
+                self._path, suffix, self._num_shards, self._output_keys, self._copy_images,
+                self._skip_if_empty))
         empty_by_hand = (self._format == "jsonl" and self._compression == "none"
                          and not self._skip_if_empty and self._path.startswith(_NO_EMPTY_UPLOADS))
         sink = _JsonArraySink if self._format == "json" else _JsonLinesSink
@@ -121,6 +133,40 @@ class _JsonArraySink(_JsonLinesSink):
 
     def close(self, file_handle: _ArrayFile) -> None:
         file_handle.handle.write(b"\n]\n")
+        super().close(file_handle.handle)
+
+
+class _TarShard:
+    """A shard file being written as a tar stream, and the sample keys it holds."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.tar = tarfile.open(fileobj=handle, mode="w|")
+        self.keys = shard_keys()
+
+
+class _WebDatasetSink(filebasedsink.FileBasedSink):
+    """A tar stream per shard, a sample per caption (core/caption_shards.py): the caption's
+    JSON line, its text and, with ``copy_images``, the image bytes it carries."""
+
+    def __init__(self, path: str, suffix: str, num_shards: int, output_keys: list[str],
+                 copy_images: bool, skip_if_empty: bool):
+        super().__init__(path, coder=coders.PickleCoder(), file_name_suffix=suffix,
+                         num_shards=num_shards, shard_name_template=SHARD_TEMPLATE,
+                         mime_type="application/x-tar", skip_if_empty=skip_if_empty,
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+        self._output_keys = output_keys
+        self._copy_images = copy_images
+
+    def open(self, temp_path: str):
+        return _TarShard(super().open(temp_path))
+
+    def write_record(self, file_handle: _TarShard, value: dict) -> None:
+        write_caption(file_handle.tar, file_handle.keys, value, to_json_line(value),
+                      self._output_keys, self._copy_images)
+
+    def close(self, file_handle: _TarShard) -> None:
+        file_handle.tar.close()  # the end-of-archive blocks; the handle stays open
         super().close(file_handle.handle)
 
 

@@ -210,6 +210,23 @@ def _request_flags(calls: FlagGroup) -> None:
                        help="Larger response bodies fail the record (response_too_large).")
     calls.add_argument("--max_caption_chars", type=POSITIVE_INT,
                        help="Longer captions fail the record (caption_too_long).")
+    calls.add_argument("--answer_checks",
+                       help="Checks a text answer must pass to be kept, comma-separated: "
+                            "repetition (a loop: response/degenerate), refusal (a refusal "
+                            "written as the answer: response/refusal), short (under "
+                            "--min_caption_chars: response/too_short); none turns them off. "
+                            "A failed check is retried with a new seed, then fails the "
+                            "record. Answers with a JSON schema are checked by it instead.")
+    calls.add_argument("--min_caption_chars", type=NON_NEGATIVE_INT,
+                       help="With the short check, answers with fewer characters fail "
+                            "(0: none; prompts that may rightly answer '3' or 'No' need 0).")
+    calls.add_argument("--refusal_phrases_file",
+                       help="UTF-8 file of refusal phrases, one a line (# comments), that "
+                            "replaces the built-in list (English, Chinese, Japanese, Korean, "
+                            "Spanish, French, German, Portuguese, Italian, Russian): an "
+                            "answer starting with one fails the refusal check, compared "
+                            "without case, punctuation or apostrophe differences. Read at "
+                            "launch.")
     calls.add_argument("--max_bytes_in_flight", type=POSITIVE_INT,
                        help="Image bytes (source files, then request bodies) held by the "
                             "records in flight per worker process; bounds memory at any "

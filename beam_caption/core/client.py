@@ -39,7 +39,7 @@ import aiohttp
 from beam_caption.core.errors import CaptionError, JobStopped, encodable
 from beam_caption.core.ratelimit import JobRateLimiter, Ticket, retry_after_seconds, server_wait
 from beam_caption.core.redact import redact_url, scrub
-from beam_caption.core.request import AcceptedParams, build_body, refused_param
+from beam_caption.core.request import AcceptedParams, build_body, params_head, refused_param
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -56,6 +56,7 @@ NO_KEY = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) take any key
 # records fail), not a server that lacks the parameter; dropping it would turn structured
 # output off for every prompt.
 KEPT_PARAMS = frozenset({"response_format"})
+TEMPERATURE_NUDGE = 0.2  # a temperature under 1 is raised by this per answer a check refused
 
 _LOG = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class Completion:
     cached: bool = False
     reasoning_tokens: int | None = None
     usage_estimated: bool = False  # some token counts are the worst case (no usable usage)
+    # the types of the answers a check refused before this one (degenerate, refusal,
+    # too_short, schema), one per refused attempt
+    rejected_answers: tuple[str, ...] = ()
 
 
 class Paid(NamedTuple):
@@ -390,6 +394,30 @@ def request_body(settings: ClientSettings, messages: list[dict],
                       messages)
 
 
+def nudged(body: bytes, params: dict, model: str, rejections: int) -> tuple[bytes, dict]:
+    """A request body built with ``params`` (``request_body``) and its parameters, changed to
+    ask for another answer after ``rejections`` answers a check refused: ``seed`` set to
+    ``rejections``, and a temperature under 1 (greedy decoding loops the same way whatever the
+    seed) raised by TEMPERATURE_NUDGE each, up to 1. A server that refuses ``seed`` gets it
+    dropped for the run (``AcceptedParams``). Unchanged when ``rejections`` is 0."""
+    if not rejections:
+        return body, params
+    changed = {**params, "seed": rejections}
+    temperature = params.get("temperature")
+    if isinstance(temperature, (int, float)) and temperature < 1:
+        changed["temperature"] = round(min(1.0, temperature + TEMPERATURE_NUDGE * rejections), 3)
+    return params_head(model, changed) + body[len(params_head(model, params)):], changed
+
+
+def _checked(check: Callable[[str], Any], text: str, rejected: list[str]) -> Any:
+    """``check(text)``; the type of a CaptionError it raises is added to ``rejected``."""
+    try:
+        return check(text)
+    except CaptionError as error:
+        rejected.append(error.type)
+        raise
+
+
 def scrub_answer(answer: Any, secrets: tuple[str, ...]) -> Any:
     """An answer (text, or a structured answer's JSON value) with the key scrubbed from its
     text."""
@@ -463,25 +491,29 @@ class VLMClient:
 
         ``params``: the parameters the body was built with (default: the settings'). ``check``
         turns an answer's text into the value kept, or raises a CaptionError (retried when
-        retryable, e.g. an answer that does not conform to its schema).
+        retryable, e.g. an answer that does not conform to its schema, a repetition loop: the
+        retry asks for another answer, ``nudged``).
         """
         params = self._params if params is None else params
         throttled = 0.0
         started = time.monotonic()
         attempt = 0
         paid = Paid()  # what the record's answered attempts cost
+        rejected: list[str] = []  # the types of the answers ``check`` refused
         while True:
             self._may_send()
             attempt += 1
             ticket, waited = await self._wait_for_turn(tokens)
             throttled += waited
-            sent_body, sent_params = self._accepted.body(body, params)
+            sent_body, sent_params = self._accepted.body(
+                *nudged(body, params, self.settings.model, len(rejected)))
             try:
                 read = read_completion(await self._attempt(sent_body, ticket))
                 paid = paid.plus(self._pay(ticket, read.usage, tokens, params))
                 parsed = judge_completion(read, self.settings.max_caption_chars,
                                           self.settings.max_tokens)
-                answer = parsed.caption if check is None else check(parsed.caption)
+                answer = parsed.caption if check is None else _checked(check, parsed.caption,
+                                                                       rejected)
             except JobStopped:
                 raise
             except Exception as exc:  # every failure becomes a typed error below
@@ -512,7 +544,8 @@ class VLMClient:
                               paid.completion_tokens, attempt,
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
                               reasoning_tokens=paid.reasoning_tokens,
-                              usage_estimated=paid.estimated)
+                              usage_estimated=paid.estimated,
+                              rejected_answers=tuple(rejected))
 
     def _pay(self, ticket: Ticket, usage: ParsedCompletion, tokens: int, params: dict) -> Paid:
         """Count an answer's tokens against the rate limits and its price against the budget;

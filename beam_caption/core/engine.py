@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from beam_caption.core.answer_checks import AnswerChecks
 from beam_caption.core.api_keys import KeySource
 from beam_caption.core.cache import RequestCache, request_digest
 from beam_caption.core.client import ClientSettings, Completion, VLMClient, request_body
@@ -74,6 +75,7 @@ class WorkerConfig:
     image_retries: int = 3  # reads after the first for retryable image failures
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     token_formula: str = "openai"  # how image tokens are counted (tokens.py)
+    answer_checks: AnswerChecks = AnswerChecks()  # what a text answer must pass to be kept
     # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
     # Completion`` (see VLMClient.complete) and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
@@ -181,7 +183,8 @@ class CaptionRuntime:
         self._specs = config.prompt_specs
         self._params = {spec.name: {**config.client.request_params(), **spec.request_params()}
                         for spec in self._specs}
-        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema)
+        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema,
+                                                  config.answer_checks.checker())
                         for spec in self._specs}
         self._rng = random.Random()
         self._recent_sizes: collections.deque[int] = collections.deque(

@@ -31,6 +31,7 @@ holds them (``without_image_bytes``), and a failure never carries them.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -155,10 +156,12 @@ class CaptionMeta:
     # True when some token counts are the worst case charged for answers without usable usage
     # (client.worst_case_usage); the token counts cover every answered attempt (schema retries)
     usage_estimated: bool | None = None
+    # answers an answer check refused before the kept ones, by type (degenerate, refusal...)
+    rejected: dict[str, int] | None = None
 
     def to_json(self) -> dict:
         meta = dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
-        for optional in ("prompts", "batch_id", "usage_estimated"):
+        for optional in ("prompts", "batch_id", "usage_estimated", "rejected"):
             if not meta[optional]:
                 del meta[optional]
         return meta
@@ -177,6 +180,8 @@ def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any]
         return None if all(v is None for v in values) else sum(v or 0 for v in values)
 
     reasons = {answer.finish_reason for answer in given}
+    rejected = Counter(kind for answer in given
+                       for kind in getattr(answer, "rejected_answers", ()))
     prompts = None if len(given) == 1 else {name: {
         "attempts": answer.attempts, "latency_ms": answer.latency_ms,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
@@ -191,7 +196,7 @@ def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any]
         cached=all(answer.cached for answer in given), key=key, fingerprint=fingerprint,
         finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id,
         usage_estimated=any(getattr(answer, "usage_estimated", False) for answer in given)
-        or None)
+        or None, rejected=dict(sorted(rejected.items())) or None)
 
 
 class Outcome(NamedTuple):

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from beam_caption.core.answer_checks import DEFAULT_CHECKS, AnswerChecks, parse_checks
 from beam_caption.core.api_keys import SECRET_VERSION, KeySource
 from beam_caption.core.errors import UsageError
 from beam_caption.core.prompts import load_prompts_file
@@ -30,14 +31,16 @@ if TYPE_CHECKING:
 
 NOT_A_FLAG = "library only"  # the metadata of the fields that are no CLI flag
 DEFAULT_OUTPUT_KEY = "caption"
-_LOCATIONS = ("api_url", "image_root", "cache_dir", "api_key_file", "prompts_file")
+_LOCATIONS = ("api_url", "image_root", "cache_dir", "api_key_file", "prompts_file",
+              "refusal_phrases_file")
 _PROMPT_SOURCES = ("prompt", "prompts_file", "prompts")
 
 
 def check_settings(settings: Any, name: Callable[[str], str] = str) -> None:
     """Raise UsageError for captioning settings that contradict each other or cannot be used:
     two sources of the prompt, an ``output_key`` beside several prompts, two sources of the key,
-    a secret that is no version name, ``max_cost`` without prices.
+    a secret that is no version name, ``max_cost`` without prices, an ``answer_checks`` that
+    names no check.
 
     Args:
         settings: a CaptionConfig, or anything with its fields as attributes (the CLI's
@@ -60,6 +63,7 @@ def check_settings(settings: Any, name: Callable[[str], str] = str) -> None:
     if settings.api_key_file and settings.api_key_secret:
         raise UsageError(f"give the key with one of {name('api_key_file')} and "
                          f"{name('api_key_secret')}")
+    parse_checks(settings.answer_checks, name("answer_checks"))
     if settings.api_key_secret and not SECRET_VERSION.fullmatch(settings.api_key_secret):
         raise UsageError(f"{name('api_key_secret')} {settings.api_key_secret!r} is not a secret "
                          "version name (projects/PROJECT/secrets/NAME/versions/VERSION, e.g. "
@@ -124,6 +128,10 @@ class CaptionConfig:
     max_retry_wait: float = 300.0
     max_response_bytes: int = 4 * 2**20
     max_caption_chars: int = 32_000
+    # what a text answer must pass to be kept (core/answer_checks.py)
+    answer_checks: str = DEFAULT_CHECKS
+    min_caption_chars: int = 0
+    refusal_phrases_file: str | None = None
     max_bytes_in_flight: int = 256 * 2**20
     max_requests_per_minute: float | None = None
     max_tokens_per_minute: float | None = None
@@ -209,6 +217,8 @@ class CaptionConfig:
             image_retries=self.image_retries,
             allow_private_urls=self.allow_private_urls,
             token_formula=self.token_formula,
+            answer_checks=AnswerChecks.from_settings(self.answer_checks, self.min_caption_chars,
+                                                     self.refusal_phrases_file),
         )
 
     def reported(self) -> dict[str, Any]:

@@ -78,13 +78,16 @@ def check_schema(schema: dict) -> str | None:
     return _unusable_part(schema)
 
 
-def answer_checker(json_answer: bool, schema: dict | None) -> Callable[[str], Any] | None:
+def answer_checker(json_answer: bool, schema: dict | None,
+                   text_check: Callable[[str], Any] | None = None
+                   ) -> Callable[[str], Any] | None:
     """A function that turns an answer's text into the value kept (the parsed JSON), raising a
     retryable CaptionError(response/schema) for one that is not JSON or does not conform, and
     a final CaptionError(response/schema_check_limit) for one too long or costly to check;
-    None for text answers."""
+    for text answers ``text_check`` (the answer checks, core/answer_checks.py: a JSON answer is
+    checked by its schema instead)."""
     if not json_answer:
-        return None
+        return text_check
     validator = None
     if schema is not None:
         validator = _bounded_class(jsonschema.validators.validator_for(schema))(

@@ -15,6 +15,10 @@ def caption_counts(element: dict, image_key: str) -> dict:
     tokens = (meta["prompt_tokens"] or 0) + (meta["completion_tokens"] or 0)
     counts = {"captioned": 1, "images": len(images) if isinstance(images, list) else 1,
               "attempts": meta["attempts"], "retries": caption_retries(meta)}
+    rejected = meta.get("rejected")
+    if isinstance(rejected, dict):
+        counts.update({f"rejected:{kind}": number for kind, number in rejected.items()
+                       if isinstance(number, int)})
     if meta.get("cached"):
         counts.update(cache_hits=1, tokens_saved=tokens)
     else:
@@ -62,6 +66,9 @@ def summary_from_counts(counts: dict, options: dict, wall_time_s: float | None =
         "set_aside": counts.get("set_aside", 0),
         "failed_by_stage": {k[6:]: v for k, v in sorted(counts.items()) if k.startswith("stage:")},
         "failed_by_type": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("type:")},
+        # answers an answer check refused and a retry replaced, by check (response/TYPE)
+        "answers_rejected": {k[9:]: v for k, v in sorted(counts.items())
+                             if k.startswith("rejected:")},
         "cache_hits": counts.get("cache_hits", 0),
         "tokens_saved_by_cache": counts.get("tokens_saved", 0),
         "attempts": counts.get("attempts", 0),

@@ -52,6 +52,11 @@ _ENDLESS_CHUNK = b" " * 65536
 REASONING_TOKENS = {"minimal": 0, "low": 64, "medium": 192, "high": 768}
 DEFAULT_EFFORT = "medium"
 _REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+DEGENERATE = ("loop", "text_refusal", "short")  # answers that are not captions (see FakeVLMConfig)
+TEXT_REFUSAL = "I'm sorry, but I can't help with describing this image."
+SHORT_ANSWER = "Red."
+LOOP_PHRASE = " and a wall"
+LOOP_CHARS = 2000
 _REFUSALS = {401: ("Incorrect API key provided.", "invalid_api_key"),
              403: ("You do not have access to this model.", "permission_denied"),
              404: ("The model does not exist or you do not have access to it.",
@@ -97,6 +102,20 @@ class FakeVLMConfig:
     reasoning_ms_per_token: float = 0.5  # extra latency per reasoning token
     legacy_params: bool = False  # refuses max_completion_tokens (older servers know max_tokens)
     refusal_marker: str | None = "REFUSE_ME"  # a prompt holding it gets a refusal answer
+    # Answers that are not captions, with finish_reason "stop" as small models give them
+    # (DEGENERATE): a repetition loop (the caption, then LOOP_PHRASE repeated to LOOP_CHARS), a
+    # refusal written as the answer text (TEXT_REFUSAL, the refusal field empty), a short
+    # answer (SHORT_ANSWER). A prompt holding a marker always gets one; the rates pick requests
+    # by their messages' content (images and prompts: the same request, the same draw), which
+    # get one for their first answer only, or with ``degenerate_always`` for every answer.
+    # Structured answers are filled from the degenerate text.
+    loop_marker: str | None = "LOOP_ME"
+    text_refusal_marker: str | None = "REFUSE_IN_TEXT"
+    short_marker: str | None = "ANSWER_SHORT"
+    rate_loop: float = 0
+    rate_text_refusal: float = 0
+    rate_short: float = 0
+    degenerate_always: bool = False
     # Structured output (response_format json_schema): answers fill the schema from the caption
     # (structured_answer); these give answers that do not conform instead:
     schema_marker: str | None = "BREAK_SCHEMA"  # a prompt holding it, always
@@ -120,6 +139,9 @@ class FakeVLMConfig:
         rates = [self.fault_rate(kind) for kind in FAULTS]
         if any(not 0 <= rate <= 1 for rate in rates) or sum(rates) > 1 + 1e-9:
             raise ValueError("fault rates must be in [0, 1] and sum to at most 1")
+        rates = [self.degenerate_rate(kind) for kind in DEGENERATE]
+        if any(not 0 <= rate <= 1 for rate in rates) or sum(rates) > 1 + 1e-9:
+            raise ValueError("degenerate answer rates must be in [0, 1] and sum to at most 1")
         if self.latency_ms < 0 or self.hang_seconds < 0 or self.fail_first < 0:
             raise ValueError("latency_ms, hang_seconds and fail_first must be >= 0")
         if self.token_patch_px < 1:
@@ -132,6 +154,14 @@ class FakeVLMConfig:
     def fault_rate(self, kind: str) -> float:
         """The configured rate of fault ``kind`` (one of FAULTS)."""
         return getattr(self, f"rate_{kind}")
+
+    def degenerate_rate(self, kind: str) -> float:
+        """The configured rate of degenerate answer ``kind`` (one of DEGENERATE)."""
+        return getattr(self, f"rate_{kind}")
+
+    def degenerate_marker(self, kind: str) -> str | None:
+        """The prompt marker of degenerate answer ``kind`` (one of DEGENERATE)."""
+        return getattr(self, f"{kind}_marker")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +189,14 @@ def caption_for_images(images: list[Image.Image]) -> str:
 
 def _caption(descriptions: list[str]) -> str:
     return "A fake caption: " + ("; ".join(descriptions) if descriptions else "no image")
+
+
+def degenerate_text(kind: str, caption: str) -> str:
+    """The answer of degenerate ``kind`` (one of DEGENERATE) for a request whose caption is
+    ``caption``."""
+    if kind == "loop":
+        return caption + LOOP_PHRASE * max(1, (LOOP_CHARS - len(caption)) // len(LOOP_PHRASE))
+    return TEXT_REFUSAL if kind == "text_refusal" else SHORT_ANSWER
 
 
 def _mean_colour_hex(img: Image.Image) -> str:
@@ -357,6 +395,17 @@ def _parse_message(message: object, param: str) -> _Message:
         else:
             raise _APIError(400, f"{part_param} must be a text or image_url part", param=part_param)
     return _Message(message["role"], texts, image_urls)
+
+
+def _content_digest(chat: _Chat) -> str:
+    """A digest of a request's messages (images and prompts, not its parameters)."""
+    return hashlib.sha256(json.dumps(chat.raw_messages, sort_keys=True).encode()).hexdigest()
+
+
+def _holds(chat: _Chat, marker: str | None) -> bool:
+    """Whether a text of the request holds ``marker``."""
+    return marker is not None and marker != "" and any(marker in text for m in chat.messages
+                                                       for text in m.texts)
 
 
 def _is_number(value: object) -> bool:
@@ -770,8 +819,7 @@ class FakeVLMServer:
         raise AssertionError(f"unknown fault {fault!r}")
 
     def _check_reject_marker(self, chat: _Chat) -> None:
-        marker = self.config.reject_400_marker
-        if marker and any(marker in text for m in chat.messages for text in m.texts):
+        if _holds(chat, self.config.reject_400_marker):
             raise _APIError(400, "Your request was rejected by the content policy (fake).",
                             code="content_policy_violation")
 
@@ -779,8 +827,7 @@ class FakeVLMServer:
         """Fail the first ``fail_first`` requests with the same messages."""
         if not self.config.fail_first:
             return
-        messages = json.dumps(chat.raw_messages, sort_keys=True)
-        digest = hashlib.sha256(messages.encode()).hexdigest()
+        digest = _content_digest(chat)
         seen = self._fail_counts.get(digest, 0)
         if seen < self.config.fail_first:
             self._fail_counts[digest] = seen + 1
@@ -809,14 +856,14 @@ class FakeVLMServer:
         Reasoning tokens count against the completion limit first: a limit they use up gives
         empty content and finish_reason "length", as OpenAI's reasoning models do.
         """
-        text = _caption([image.description for imgs in images for image in imgs])
+        text = self._degenerate(chat, _caption([image.description for imgs in images
+                                                for image in imgs]))
         if chat.response_format and chat.response_format["type"] != "text":
             text = self._structured_text(chat, text)
         caption: str | None = (text.ljust(self.config.caption_chars, ".")
                                + self.config.caption_suffix)
         refusal = None
-        marker = self.config.refusal_marker
-        if marker and any(marker in text for m in chat.messages for text in m.texts):
+        if _holds(chat, self.config.refusal_marker):
             caption, refusal = None, _REFUSAL_TEXT
         text_tokens = math.ceil(len(caption) / 4) if caption else 0
         finish_reason = "stop"
@@ -849,16 +896,36 @@ class FakeVLMServer:
                {"usage": usage if self.config.usage is None else self.config.usage}),
         }
 
+    def _degenerate(self, chat: _Chat, caption: str) -> str:
+        """``caption``, or the degenerate answer the request's marker or draw asks for."""
+        kind = next((kind for kind in DEGENERATE if _holds(chat, self.config.degenerate_marker(
+            kind))), None)
+        if kind is None and any(map(self.config.degenerate_rate, DEGENERATE)):
+            digest = _content_digest(chat)
+            draw = int(hashlib.sha256(f"{self.config.seed}:{digest}".encode()).hexdigest()[:13],
+                       16) / 16 ** 13
+            for candidate in DEGENERATE:
+                if draw < self.config.degenerate_rate(candidate):
+                    kind = candidate
+                    break
+                draw -= self.config.degenerate_rate(candidate)
+            if kind is not None and not self.config.degenerate_always:
+                first = "degenerate:" + digest
+                if self._fail_counts.get(first):
+                    return caption
+                self._fail_counts[first] = 1
+        if kind is None:
+            return caption
+        self._stats.fault(kind)
+        return degenerate_text(kind, caption)
+
     def _structured_text(self, chat: _Chat, caption: str) -> str:
         """A JSON answer for the request's response_format: conforming, unless the prompt
         holds ``schema_marker`` or it is one of the first ``schema_break_first`` for its
         request."""
-        marker = self.config.schema_marker
-        broken = marker is not None and any(marker in text for m in chat.messages
-                                            for text in m.texts)
+        broken = _holds(chat, self.config.schema_marker)
         if self.config.schema_break_first and not broken:
-            digest = "schema:" + hashlib.sha256(json.dumps(
-                chat.raw_messages, sort_keys=True).encode()).hexdigest()
+            digest = "schema:" + _content_digest(chat)
             seen = self._fail_counts.get(digest, 0)
             if seen < self.config.schema_break_first:
                 self._fail_counts[digest] = seen + 1
@@ -964,6 +1031,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--account_tpm", type=float, help="account tokens per minute (429s)")
     parser.add_argument("--account_burst_s", type=float, default=defaults.account_burst_s,
                         help="seconds of the account limits a full bucket holds")
+    for kind in DEGENERATE:
+        parser.add_argument(f"--rate_{kind}", type=float, default=0.0,
+                            help=f"share of request contents answered with a {kind} answer")
+    parser.add_argument("--degenerate_always", action="store_true",
+                        help="a content drawn for a degenerate answer gets it every time, not "
+                             "only the first")
     parser.add_argument("--schema_break_first", type=int, default=0,
                         help="the first N structured answers per request do not conform")
     parser.add_argument("--batch_delay_s", type=float, default=0.0,

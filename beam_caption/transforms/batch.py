@@ -407,7 +407,8 @@ class _Assemble(beam.DoFn):
     def setup(self):
         config = self._config
         self._specs = config.prompt_specs
-        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema)
+        self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema,
+                                                  config.answer_checks.checker())
                         for spec in self._specs}
         api_key = config.api_key.resolve()
         self._secrets = (api_key,) if api_key else ()
@@ -480,9 +481,9 @@ class _Assemble(beam.DoFn):
                 parsed = judge_completion(answer, self._config.client.max_caption_chars)
                 check = self._checks[spec.name]
                 value = parsed.caption if check is None else check(parsed.caption)
-            except CaptionError as exc:
-                error = CaptionError(exc.stage, exc.type, exc.message, exc.retryable, 1,
-                                     paid=paid)
+            except CaptionError as exc:  # a check's message quotes the answer: scrubbed
+                error = CaptionError(exc.stage, exc.type, scrub(exc.message, self._secrets),
+                                     exc.retryable, 1, paid=paid)
                 continue
             return Completion(scrub_answer(value, self._secrets), parsed.finish_reason,
                               parsed.prompt_tokens, parsed.completion_tokens,

@@ -21,6 +21,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from beam_caption.core.errors import CaptionError
 from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
+from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.redact import redact_url
 
 # Formats Image.open may try. MPO (multi-picture JPEG) needs no entry: the JPEG plugin opens it,
@@ -55,7 +56,7 @@ class ImageSettings:
     """
 
     max_side: int = 1024
-    max_bytes: int = 50 * 2**20
+    max_bytes: int = MAX_IMAGE_BYTES
     jpeg_quality: int = 85
     max_pixels: int | None = None
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from beam_caption.core.errors import UsageError
+from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.manifest_reader import count_manifest_records, iter_manifest
 from beam_caption.core.redact import redact_url
 from beam_caption.core.webdataset import count_samples, iter_samples
@@ -63,7 +64,7 @@ def read_units(file: str) -> list[ReadUnit]:
 
 
 def iter_unit(unit: ReadUnit, image_key: str = DEFAULT_IMAGE_KEY,
-              max_image_bytes: int = 50 * 2**20) -> Iterator[dict]:
+              max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[dict]:
     """The keyed elements (records and read failures) of one unit, streamed."""
     if unit.kind == WEBDATASET:
         image_ext = None if image_key == DEFAULT_IMAGE_KEY else image_key

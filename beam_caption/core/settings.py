@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from beam_caption.core.answer_checks import DEFAULT_CHECKS, AnswerChecks, parse_checks
 from beam_caption.core.api_keys import SECRET_VERSION, KeySource
 from beam_caption.core.errors import UsageError
+from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.redact import redact_url
 from beam_caption.core.request import DEFAULT_SYSTEM_PROMPT, PromptSettings
@@ -144,7 +145,7 @@ class CaptionConfig:
     batch_discount: float = 0.5
     # images
     max_image_side: int | None = None  # None: 1024, or 512 for OpenAI's low detail
-    max_image_bytes: int = 50 * 2**20
+    max_image_bytes: int = MAX_IMAGE_BYTES
     jpeg_quality: int = 85
     image_timeout: float = 60.0
     image_detail: str | None = None

@@ -25,6 +25,7 @@ import apache_beam as beam
 
 from beam_caption.core.errors import UsageError
 from beam_caption.core.inputs import DEFAULT_IMAGE_KEY
+from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.outputs import (
     CAPTIONS_PREFIX,
@@ -106,7 +107,7 @@ class ReadManifests(beam.PTransform):
 
     def __init__(self, patterns: str | Iterable[str], *, match: bool = True,
                  progress_dir: str | None = None, image_key: str = DEFAULT_IMAGE_KEY,
-                 max_image_bytes: int = 50 * 2**20):
+                 max_image_bytes: int = MAX_IMAGE_BYTES):
         """Match the manifests now, at pipeline construction.
 
         Args:

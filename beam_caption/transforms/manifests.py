@@ -13,6 +13,7 @@ from apache_beam.metrics import Metrics
 
 from beam_caption.core.figures import figures_for
 from beam_caption.core.inputs import DEFAULT_IMAGE_KEY, ReadUnit, iter_unit, read_units
+from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.records import (
     FAILURES,
     METRICS_NAMESPACE,
@@ -59,7 +60,7 @@ class ReadManifestFiles(beam.PTransform):
     """
 
     def __init__(self, files: list[str], progress_dir: str | None = None,
-                 image_key: str = DEFAULT_IMAGE_KEY, max_image_bytes: int = 50 * 2**20):
+                 image_key: str = DEFAULT_IMAGE_KEY, max_image_bytes: int = MAX_IMAGE_BYTES):
         super().__init__()
         self._image_key = image_key
         self._max_image_bytes = max_image_bytes

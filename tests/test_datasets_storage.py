@@ -190,3 +190,45 @@ def test_shards_on_storage_through_the_batch_api_each_sample_once(
     check_every_sample_once(result, layout)
     assert all(c["caption_meta"]["batch_id"] for c in result.captions)
     check_streamed(reads, layout, fs, temp)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_webdataset_output_with_images_on_storage_reads_back_and_resumes(
+        store, request, server, tmp_path):
+    from beam_caption.core.webdataset import iter_samples
+
+    scheme, env, fs = request.getfixturevalue(store)
+    layout = Layout(tmp_path / "data", fs, f"{scheme}://{BUCKET}/wdsout-{tmp_path.name}",
+                    with_table=False)
+    output = f"{layout.root}/out"
+    flags = ["--output_format", "webdataset", "--copy_images", "--num_shards", "2"]
+    first = run_cli(args(server, layout.inputs, *flags), output, env=env)  # type: ignore[arg-type]
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def written(copy: str) -> dict[str, dict]:
+        """The output shards' samples by record key (the shards fetched into ``copy``)."""
+        shards = sorted(fs.glob(f"{layout.prefix}/out/captions-*-of-00002.tar"))
+        assert len(shards) == 2, shards
+        fs.get(shards, f"{tmp_path / copy}/")
+        return {sample["record"]["json"]["caption_meta"]["key"]: sample
+                for shard in sorted((tmp_path / copy).iterdir())
+                for sample in iter_samples(str(shard))}
+
+    samples = written("first")
+    assert {key: s["record"]["txt"] for key, s in samples.items()} == layout.captions
+    for key, sample in samples.items():  # the image of the input sample, byte for byte
+        url, _, sample_key = key.partition("#")
+        local = tmp_path / "data" / "shards" / url.rsplit("/", 1)[1]
+        [original] = [e for e in iter_samples(str(local)) if e["record"]["__key__"] == sample_key]
+        assert sample["images"] == original["images"]
+    failures = fs.glob(f"{layout.prefix}/out/failures-*.jsonl")
+    assert failures and not fs.glob(f"{layout.prefix}/out/failures-*.tar")
+
+    sent = server.stats()["requests"]
+    again = run_cli(args(server, layout.inputs, *flags, "--resume"), output,
+                    env=env)  # type: ignore[arg-type]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert server.stats()["requests"] == sent  # every caption reused, none asked again
+    resumed = written("resumed")
+    assert {key: s["images"] for key, s in resumed.items()} == {
+        key: s["images"] for key, s in samples.items()}  # reused captions keep their images

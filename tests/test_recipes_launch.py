@@ -19,7 +19,7 @@ from beam_caption.testing import FakeVLMServer
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "image_caption" / "sample_data.json"
 RECIPES = ("image_caption", "several_prompts", "tagging", "recaption_failures", "caption_rows",
-           "recaption_img2dataset")
+           "recaption_img2dataset", "recaption_low_scores")
 
 
 def load_recipe(name: str):
@@ -122,6 +122,7 @@ def test_a_bad_model_is_one_line_exit_2_and_leaves_no_temp_files(server, tmp_pat
     ("several_prompts", []),
     ("tagging", []),
     ("recaption_failures", ["--from_output", "--all"]),
+    ("recaption_low_scores", ["--from_output", "--below"]),
     ("caption_rows", ["--image_column"]),
     ("recaption_img2dataset", ["--img2dataset_folder", "--no_copy_images", "--alt_text_hint"]),
 ])

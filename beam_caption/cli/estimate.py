@@ -10,6 +10,12 @@ bytes a shard or table carries, else in the file or URL its path names), shrunk 
 ``--max_image_side`` would, and counted with the chosen token formula (core/tokens.py).
 Answers are counted at ``--expected_output_tokens``, or ``--max_tokens`` (the most a job can
 pay), or 256.
+
+Stages (core/stages.py) count at their own model's prices, a prompt with ``image: false``
+without images, another prompt's answer in a prompt's text as long as that answer is
+expected to be. How many records a judge sends to its re-caption model is known only once
+the run has judged them: the estimate counts the worst case, every record asked again of the
+re-caption model and judged again, and prints what each tenth of the records costs there.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.core.images import ImageSettings, resolve_image_path
 from beam_caption.core.inputs import check_inputs, iter_unit, read_units
 from beam_caption.core.manifest_reader import match_manifests
-from beam_caption.core.prompts import load_prompts_file
+from beam_caption.core.prompts import PromptSpec, load_prompts_file
 from beam_caption.core.request import PromptSettings, image_paths, prompt_turns
+from beam_caption.core.stages import model_prices
 from beam_caption.core.tokens import (
+    CHARS_PER_TOKEN,
     DEFAULT_COMPLETION_TOKENS,
     default_max_side,
     image_tokens,
@@ -57,15 +65,28 @@ class Estimate:
     text_tokens: int = 0
     output_tokens: int = 0
     problems: dict[str, int] = field(default_factory=dict)  # "stage/type" -> records
+    # with prompts of other models: model (None: --model) -> [input, output] tokens
+    by_model: dict[str | None, list[int]] = field(default_factory=dict)
+    # the worst case counted for re-captions: model -> [input, output] tokens (all records)
+    recaptions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def input_tokens(self) -> int:
         return self.image_tokens + self.text_tokens
 
-    def cost(self, input_per_million: float, output_per_million: float) -> tuple[float, float]:
-        """(input, output) cost at these prices per million tokens."""
-        return (self.input_tokens * input_per_million / 1e6,
-                self.output_tokens * output_per_million / 1e6)
+    def cost(self, input_per_million: float, output_per_million: float,
+             prices: dict[str, list[float]] | None = None) -> tuple[float, float]:
+        """(input, output) cost at these prices per million tokens, the tokens of other models
+        at theirs (``prices``: model -> [input, output])."""
+        input_cost = self.input_tokens * input_per_million / 1e6
+        output_cost = self.output_tokens * output_per_million / 1e6
+        for model, (input_tokens, output_tokens) in self.by_model.items():
+            if model is not None:
+                model_in, model_out = (prices or {}).get(model, (input_per_million,
+                                                                  output_per_million))
+                input_cost += input_tokens * (model_in - input_per_million) / 1e6
+                output_cost += output_tokens * (model_out - output_per_million) / 1e6
+        return input_cost, output_cost
 
 
 # The job's flags estimate takes too (declared once, in the flag table).
@@ -102,21 +123,25 @@ def estimate(args: argparse.Namespace) -> Estimate:
     specs = prompts.prompt_specs("caption")
     root = args.image_root or os.getcwd()
     guard = UrlGuard(args.allow_private_urls)
-    output_each = sum(args.expected_output_tokens or spec.max_tokens or args.max_tokens
-                      or DEFAULT_COMPLETION_TOKENS for spec in specs)
+    def answer_tokens(spec: PromptSpec, max_tokens: int | None = None) -> int:
+        return (args.expected_output_tokens or max_tokens or spec.max_tokens or args.max_tokens
+                or DEFAULT_COMPLETION_TOKENS)
+
+    # another prompt's answer in a prompt's text: as long as that answer is expected to be
+    answers = {spec.name: "x" * (answer_tokens(spec) * CHARS_PER_TOKEN) for spec in specs}
     max_side = _max_side(args)
     totals = Estimate()
 
-    def count(record: dict, images: list[bytes] | None) -> tuple[int, int, int]:
-        """(images, image tokens, text tokens) of one record's requests (one per prompt), its
-        images the bytes it carries when not None, else its paths; CaptionError when
-        unreadable."""
-        text = 0
+    def count(record: dict, images: list[bytes] | None) -> tuple[int, int, int, dict]:
+        """(images, image tokens, text tokens, tokens by model) of one record's requests (one
+        per prompt, with the worst case of re-captions), its images the bytes it carries when
+        not None, else its paths; CaptionError when unreadable."""
+        texts = {}
         for spec in specs:
-            turns = prompt_turns(record, prompts, spec)
+            turns = prompt_turns(record, prompts, spec, answers)
             system = spec.system_prompt or prompts.system_prompt
-            text += sum(len(t) for _, t in turns) + (
-                len(system or "") if not any(r == "system" for r, _ in turns) else 0)
+            texts[spec.name] = text_tokens(sum(len(t) for _, t in turns) + (
+                len(system or "") if not any(r == "system" for r, _ in turns) else 0))
         if images is None:
             sizes = [_header_size(resolve_image_path(path, root), guard)
                      for path in image_paths(record, prompts.image_key)]
@@ -125,18 +150,51 @@ def estimate(args: argparse.Namespace) -> Estimate:
                      enumerate(images)]
         sizes = [_sent_size(size, max_side) for size in sizes]
         tokens = sum(image_tokens(w, h, args.token_formula, args.image_detail) for w, h in sizes)
-        return len(sizes), tokens * len(specs), text_tokens(text)
+        by_model: dict[str | None, list[int]] = {}
+        for spec, model, again in stage_requests:
+            counts = by_model.setdefault(model, [0, 0, 0])
+            counts[0] += tokens if spec.image else 0
+            counts[1] += texts[spec.name]
+            counts[2] += answer_tokens(spec, again)
+        return len(sizes), sum(c[0] for c in by_model.values()), \
+            sum(c[1] for c in by_model.values()), by_model
 
-    def add(result: Callable[[], tuple[int, int, int]]) -> None:
+    def add(result: Callable[[], tuple[int, int, int, dict]]) -> None:
         try:
-            images, image_cost, text_cost = result()
+            images, image_cost, text_cost, by_model = result()
         except CaptionError as exc:
             _problem(totals, exc.stage, exc.type)
             return
         totals.images += images
         totals.image_tokens += image_cost
         totals.text_tokens += text_cost
-        totals.output_tokens += output_each
+        for model, (model_images, model_text, model_output) in by_model.items():
+            totals.output_tokens += model_output
+            if len(by_model) > 1 or model is not None:
+                counts = totals.by_model.setdefault(model, [0, 0])
+                counts[0] += model_images + model_text
+                counts[1] += model_output
+        for model, (input_tokens, output_tokens) in recaption_share(by_model).items():
+            counts = totals.recaptions.setdefault(model, [0, 0])
+            counts[0] += input_tokens
+            counts[1] += output_tokens
+
+    # each request of a record: (prompt, model (None: --model), the answer's max_tokens if
+    # its own); a judge's re-caption counted for every record (the worst case): the judged
+    # prompt asked of the re-caption model, the judge asked again
+    stage_requests: list[tuple[PromptSpec, str | None, int | None]] = [
+        (spec, spec.route.model if spec.route else None, None) for spec in specs]
+    by_name = {spec.name: spec for spec in specs}
+    for judge in specs:
+        if judge.recaption:
+            judged = by_name[judge.judge_of]  # type: ignore[index]
+            stage_requests += [(judged, judge.recaption.model, judge.recaption.max_tokens),
+                               (judge, judge.route.model if judge.route else None, None)]
+
+    def recaption_share(by_model: dict) -> dict[str, list[int]]:
+        """The re-caption model's tokens of a record (for the printed share)."""
+        return {model: [counts[0] + counts[1], counts[2]] for model, counts in by_model.items()
+                if model in {judge.recaption.model for judge in specs if judge.recaption}}
 
     with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
         pending: list[concurrent.futures.Future] = []
@@ -215,8 +273,11 @@ def _sent_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
     """The lines ``estimate`` prints."""
+    specs = load_prompts_file(args.prompts_file) if args.prompts_file else ()
+    prices = model_prices(specs, args.price_per_million_input_tokens,
+                          args.price_per_million_output_tokens)
     input_cost, output_cost = totals.cost(args.price_per_million_input_tokens,
-                                          args.price_per_million_output_tokens)
+                                          args.price_per_million_output_tokens, prices)
     counted = totals.records - totals.unreadable_records
     each = totals.output_tokens // counted if counted else 0
     lines = [
@@ -229,14 +290,36 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
         f"  output tokens: {totals.output_tokens:,} ({each:,} per record)",
         f"  cost: ${input_cost:,.4f} input + ${output_cost:,.4f} output = "
         f"${input_cost + output_cost:,.4f} at ${args.price_per_million_input_tokens:g} / "
-        f"${args.price_per_million_output_tokens:g} per million tokens",
+        f"${args.price_per_million_output_tokens:g} per million tokens"
+        + (" (other models at theirs)" if totals.by_model else ""),
     ]
+    lines += _stage_lines(totals, args, prices)
     batch = (input_cost + output_cost) * args.batch_discount
     lines.append(f"  with --mode batch: ${batch:,.4f} (--batch_discount {args.batch_discount:g}"
                  f", saving ${input_cost + output_cost - batch:,.4f})")
     if totals.unreadable_records:
         lines.append(f"  not counted: {totals.unreadable_records:,} records that would fail (" +
                      ", ".join(f"{key}: {n}" for key, n in sorted(totals.problems.items())) + ")")
+    return lines
+
+
+def _stage_lines(totals: Estimate, args: argparse.Namespace,
+                 prices: dict[str, list[float]]) -> list[str]:
+    """The lines of a job whose prompts ask other models: tokens and cost per model, and what
+    the worst case counted for re-captions stands for."""
+    def dollars(model: str | None, input_tokens: int, output_tokens: int) -> float:
+        price_in, price_out = prices.get(model or "", (args.price_per_million_input_tokens,
+                                                       args.price_per_million_output_tokens))
+        return (input_tokens * price_in + output_tokens * price_out) / 1e6
+
+    lines = [f"  {model or args.model or '--model'}: {tokens[0]:,} input + {tokens[1]:,} "
+             f"output tokens = ${dollars(model, *tokens):,.4f}"
+             for model, tokens in totals.by_model.items()]
+    for model, (input_tokens, output_tokens) in totals.recaptions.items():
+        lines.append(f"  re-captions by {model}: counted for every record (the worst case: each "
+                     "record scored below the threshold, asked again and judged again); each "
+                     f"10% of records re-captioned costs "
+                     f"${dollars(model, input_tokens, output_tokens) / 10:,.4f} there")
     return lines
 
 

@@ -247,6 +247,10 @@ def _request_flags(calls: FlagGroup) -> None:
                             "summary's cost).")
     calls.add_argument("--price_per_million_output_tokens", type=NumberRange(float, 0),
                        help="Dollars per million completion tokens.")
+    calls.add_argument("--price_per_million_cached_input_tokens", type=NumberRange(float, 0),
+                       help="Dollars per million prompt tokens the server served from its "
+                            "prefix cache (usage.prompt_tokens_details.cached_tokens; "
+                            "default: the input price).")
     calls.add_argument("--worker_processes", type=POSITIVE_INT,
                        help="How many worker processes share the job's per-minute limits "
                             "(default: from the runner's options where they say; needed "

@@ -23,8 +23,10 @@ from apache_beam.options.pipeline_options import (
 from beam_caption.cli.flag_table import NumberRange, add_caption_flags, split_inputs
 from beam_caption.core.errors import UsageError
 from beam_caption.core.inputs import SAMPLE_PROMPT, WEBDATASET, input_kind
+from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.redact import clean_key, redact_url
 from beam_caption.core.settings import check_settings
+from beam_caption.core.stages import batch_refusal
 from beam_caption.core.tokens import default_max_side
 from beam_caption.transforms.library import webdataset_problem
 
@@ -138,6 +140,10 @@ def validate_options(options: CaptionOptions) -> None:
         raise UsageError("--copy_images carries the image bytes the online requests read: "
                          "not with --mode batch")
     _check_locations(options)
+    if options.mode == "batch" and options.prompts_file:  # stages wait for answers
+        refusal = batch_refusal(load_prompts_file(options.prompts_file))
+        if refusal:
+            raise UsageError(refusal)
     _check_output_dir(options.output)
 
 

@@ -1,8 +1,12 @@
 """``python -m beam_caption report OUTDIR``: OUTDIR/report.html, one page to judge a caption job.
 
 The page shows summary.json's counts, the failures by stage and type with one example each,
-histograms of latency and tokens, captions over time, and a contact sheet: a seeded sample of
-captioned records with a thumbnail of their first image and their answers.
+the answers' quality, histograms of latency and tokens, captions over time, and a contact sheet:
+a seeded sample of captioned records with a thumbnail of their first image and their answers.
+The quality section counts what each answer check refused (answers asked again, records failed),
+the share of prompt tokens the server served from its prefix cache and, when captions were
+judged (``caption_meta.quality``), the judge's scores as histograms and the MAX_LOWEST
+lowest-scoring records beside their images, with the first answer of the re-captioned ones.
 The image of a record from a WebDataset shard or from a Parquet table's image bytes is read
 back from its source (core/dataset_images.py): each file once, a shard only up to the last
 sample shown, a table only in the row groups shown; a source that cannot be read, or is over
@@ -24,10 +28,12 @@ counted on the page.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
@@ -65,6 +71,12 @@ MAX_KEY_CHARS = 300  # a record key or image path shown
 MAX_MESSAGE_CHARS = 500  # an example error message shown
 MAX_ANSWER_CHARS = 2_000  # an answer shown on the contact sheet
 MAX_DAMAGED_SHOWN = 10  # damaged files named on the page
+MAX_LOWEST = 12  # lowest-scoring judged records shown beside their images
+MAX_QUALITY_NAMES = 10  # judge, judged prompt and threshold values named
+SCORE_BIN_WIDTH = 1 / 64  # of the score histograms (0..1 and 1..10 scales alike)
+# summary.json's answers_rejected and failed_by_type response/TYPE: the answer checks
+CHECKS = (("degenerate", "repetition loop"), ("refusal", "refusal"),
+          ("too_short", "too short"))
 # (label, summary.json field)
 COUNTS = (("records", "records"), ("captioned", "captioned"), ("failed", "failed"),
           ("images captioned", "images_captioned"), ("resumed", "resumed"),
@@ -87,6 +99,7 @@ figure img{display:block;margin:0 auto;max-width:100%}
  justify-content:center;text-align:center;padding:.5em;font-size:12px}
 .path{color:#666;font-size:12px}
 pre{white-space:pre-wrap;margin:0;font-size:12px}
+.score{margin:.3em 0}details{font-size:12px;color:#555}
 """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -173,6 +186,7 @@ class _Stats:
     other_failures: int = 0  # failures of kinds past MAX_FAILURE_KINDS
     examples: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     unread: Unread = field(default_factory=Unread)
+    quality: _Quality = field(default_factory=lambda: _Quality())
 
     def add_caption(self, line: dict) -> None:
         """Count a captioned record and keep it in the sample with reservoir sampling."""
@@ -182,6 +196,8 @@ class _Stats:
         self.prompt_tokens.add(meta.get("prompt_tokens"))
         self.completion_tokens.add(meta.get("completion_tokens"))
         self.finished_at.add(meta.get("finished_at"))
+        if isinstance(meta.get("quality"), dict):
+            self.quality.add(meta["quality"], lambda: self._shown(line))
         if len(self.sample) < self.sample_size:
             self.sample.append(self._shown(line))
         else:
@@ -213,6 +229,74 @@ class _Stats:
         self.failures[kind] += 1
         self.examples.setdefault(kind, (_cut(str(line.get("key", "")), MAX_KEY_CHARS),
                                         _cut(str(error.get("message", "")), MAX_MESSAGE_CHARS)))
+
+
+@dataclass
+class _Quality:
+    """What the judge said of the judged captions (``caption_meta.quality``): score histograms,
+    the names and thresholds it used (MAX_QUALITY_NAMES of each) and the MAX_LOWEST
+    lowest-scoring records. A score that is no finite number is counted in ``no_score``."""
+
+    judged: int = 0
+    recaptioned: int = 0
+    below: int = 0  # kept answers that still score under their threshold
+    no_score: int = 0
+    scores: _Bins = field(default_factory=lambda: _Bins(SCORE_BIN_WIDTH))
+    first_scores: _Bins = field(default_factory=lambda: _Bins(SCORE_BIN_WIDTH))
+    names: Counter[str] = field(default_factory=Counter)  # "JUDGE of PROMPT"
+    thresholds: Counter[str] = field(default_factory=Counter)
+    lowest: list[tuple[float, int, dict]] = field(default_factory=list)  # a heap: -score, -n
+
+    def add(self, quality: dict, shown: Callable[[], dict]) -> None:
+        """Count one caption's ``quality``; keep it among the lowest (``shown()``: what the
+        sheet shows of its line) when it scores under them."""
+        self.judged += 1
+        score, threshold = _score(quality.get("score")), _score(quality.get("threshold"))
+        recaptioned = quality.get("recaptioned") is True
+        self.recaptioned += recaptioned
+        first = _score(quality.get("first_score")) if recaptioned else score
+        self.scores.add(score)
+        self.first_scores.add(first)
+        _count_name(self.names, f"{_text(quality.get('judge'))} of {_text(quality.get('of'))}")
+        if threshold is not None:
+            _count_name(self.thresholds, f"{threshold:g}")
+        if score is None:
+            self.no_score += 1
+            return
+        self.below += threshold is not None and score < threshold
+        if len(self.lowest) < MAX_LOWEST or -score > self.lowest[0][0]:
+            card = {**shown(), "quality": {
+                "score": score, "threshold": threshold, "recaptioned": recaptioned,
+                "model": _text(quality.get("model")), "judge": _text(quality.get("judge")),
+                "first_score": first, "first_model": _text(quality.get("first_model")),
+                "first_answer": _answer_text(quality.get("first_answer", ""))}}
+            entry = (-score, -self.judged, card)  # among equal scores, the first read stays
+            if len(self.lowest) < MAX_LOWEST:
+                heapq.heappush(self.lowest, entry)
+            else:
+                heapq.heapreplace(self.lowest, entry)
+
+    def lowest_first(self) -> list[dict]:
+        """The lowest-scoring records' cards, lowest first."""
+        return [card for _, _, card in sorted(self.lowest, reverse=True)]
+
+
+def _score(value: object) -> float | None:
+    """A score or threshold as a number, None when it is no finite number within MAX_VALUE."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if -MAX_VALUE <= value <= MAX_VALUE else None  # NaN fails it too
+
+
+def _text(value: object) -> str:
+    """A name as shown: cut at MAX_LABEL_CHARS ("?" when missing)."""
+    return _cut(str(value), MAX_LABEL_CHARS) if value is not None else "?"
+
+
+def _count_name(names: Counter[str], name: str) -> None:
+    """Count ``name`` unless MAX_QUALITY_NAMES others are counted already."""
+    if name in names or len(names) < MAX_QUALITY_NAMES:
+        names[name] += 1
 
 
 def _object(value: object) -> dict:
@@ -404,32 +488,115 @@ def _image_paths(record: dict, image_key: str) -> list[str]:
 
 
 def _card_html(shown: dict, thumbnail: str) -> str:
-    """One record of the contact sheet: its thumbnail, first image path and answers."""
+    """One record of the contact sheet: its thumbnail, first image path and answers (and for
+    a judged record of the lowest-scoring, what the judge said, ``_verdict_html``)."""
     more = f" (+{shown['more']:,} more)" if shown["more"] else ""
     answers = "".join(f"<dt>{escape(key)}</dt><dd>{_answer_html(answer)}</dd>"
                       for key, answer in shown["answers"].items())
     path = shown["paths"][0] if shown["paths"] else shown["key"] if shown["source"] else ""
+    verdict = _verdict_html(shown["quality"]) if "quality" in shown else ""
     return (f'<figure>{thumbnail}<figcaption><div class="path" title="{escape(shown["key"])}">'
-            f"{escape(path)}{more}</div><dl>{answers}</dl></figcaption></figure>")
+            f"{escape(path)}{more}</div>{verdict}<dl>{answers}</dl></figcaption></figure>")
 
 
-def _sheet_html(stats: _Stats) -> str:
-    """The contact sheet of the sampled records, their thumbnails read a few at a time (the
+def _verdict_html(quality: dict) -> str:
+    """A judged record's score (against its threshold) by its judge, the model of its answer,
+    and when it was re-captioned the first model's answer and score."""
+    threshold = "" if quality["threshold"] is None else f" (threshold {quality['threshold']:g})"
+    verdict = (f'<p class="score">score <b>{quality["score"]:g}</b>{threshold} by '
+               f"{escape(quality['judge'])}; answer of {escape(quality['model'])}</p>")
+    if not quality["recaptioned"]:
+        return verdict
+    first = "n/a" if quality["first_score"] is None else f"{quality['first_score']:g}"
+    return (f"{verdict}<details><summary>re-captioned: first answer of "
+            f"{escape(quality['first_model'])}, score {first}</summary>"
+            f"{_answer_html(quality['first_answer'])}</details>")
+
+
+def _cards_html(stats: _Stats, shown: list[dict]) -> str:
+    """Contact sheet cards of ``shown`` records, their thumbnails read a few at a time (the
     images of records from shards and tables read back from them, each file once)."""
     images = _Images.of(stats.job.options)
-    sources = [shown["source"] for shown in stats.sample if shown["source"]]
+    sources = [card["source"] for card in shown if card["source"]]
     read_back = read_source_images(sources, stats.job.image_key, images.max_bytes,
                                    THUMBNAIL_THREADS)
     with ThreadPoolExecutor(THUMBNAIL_THREADS) as pool:
         thumbnails = pool.map(images.html,
-                              [shown["paths"][0] if shown["paths"] else None
-                               for shown in stats.sample],
-                              [read_back.get(shown["source"].key) if shown["source"] else None
-                               for shown in stats.sample])
-        cards = "".join(_card_html(shown, thumbnail)
-                        for shown, thumbnail in zip(stats.sample, thumbnails, strict=True))
+                              [card["paths"][0] if card["paths"] else None for card in shown],
+                              [read_back.get(card["source"].key) if card["source"] else None
+                               for card in shown])
+        return "".join(_card_html(card, thumbnail)
+                       for card, thumbnail in zip(shown, thumbnails, strict=True))
+
+
+def _sheet_html(stats: _Stats) -> str:
+    """The contact sheet of the sampled records."""
     return (f"<h2>Contact sheet</h2><p>{len(stats.sample):,} of {stats.captions:,} captioned "
-            f'records, sampled at random.</p><div class="sheet">{cards}</div>')
+            f'records, sampled at random.</p><div class="sheet">{_cards_html(stats, stats.sample)}'
+            "</div>")
+
+
+def _quality_html(stats: _Stats) -> str:
+    """The quality section: the answer checks' counts, the prompt cache's share and, when
+    captions were judged, the judge's scores and the lowest-scoring records."""
+    return ("<h2>Quality</h2>" + _checks_html(stats.job.summary)
+            + _prompt_cache_html(stats.job.summary) + _judge_html(stats))
+
+
+def _checks_html(summary: dict) -> str:
+    """Per answer check: the answers it refused that a new attempt replaced
+    (``answers_rejected``) and the records it failed (``failed_by_type`` response/TYPE)."""
+    rejected, failed = _object(summary.get("answers_rejected")), \
+        _object(summary.get("failed_by_type"))
+    known = dict(CHECKS)
+    kinds = [kind for kind, _ in CHECKS] + [kind for kind in list(rejected)[:MAX_FAILURE_ROWS]
+                                            if kind not in known]
+    recorded = "answers_rejected" in summary
+    rows = "".join(
+        f"<tr><td>{escape(known.get(kind) or _cut(kind, MAX_LABEL_CHARS))}</td>"
+        f"<td>response/{escape(_cut(kind, MAX_LABEL_CHARS))}</td>"
+        f'<td class="n">{_number(rejected.get(kind, 0) if recorded else None)}</td>'
+        f'<td class="n">{_number(failed.get(f"response/{kind}", 0))}</td></tr>'
+        for kind in kinds)
+    return ("<h3>Answer checks</h3><table><tr><th>check</th><th>type</th><th>answers refused, "
+            "then asked again</th><th>records failed</th></tr>" + rows + "</table>"
+            + ("" if recorded else "<p>Refused answers not recorded (a summary of an older "
+               "version).</p>"))
+
+
+def _prompt_cache_html(summary: dict) -> str:
+    """The prompt tokens the server served from its prefix cache, and their share."""
+    cached, prompt = _field(summary, "tokens.cached"), _field(summary, "tokens.prompt")
+    share = summary.get("cached_share")
+    if cached is None:
+        return ("<h3>Prompt cache</h3><p>Cached prompt tokens not recorded (a summary of an "
+                "older version).</p>")
+    shown = (f" ({share:.1%} of them)" if isinstance(share, int | float)
+             and not isinstance(share, bool) and 0 <= share <= 1 else "")
+    return (f"<h3>Prompt cache</h3><p>{_number(cached)} of {_number(prompt)} prompt tokens "
+            f"served from the server's prefix cache{shown}.</p>")
+
+
+def _judge_html(stats: _Stats) -> str:
+    """The judge's scores: who judged what, how many were re-captioned or stay under their
+    threshold, histograms, and the lowest-scoring records beside their images."""
+    quality = stats.quality
+    if not quality.judged:
+        return ""
+    names = ", ".join(escape(name) for name, _ in quality.names.most_common())
+    thresholds = ", ".join(escape(value) for value, _ in quality.thresholds.most_common())
+    first = (_chart("Judge score of the first answers", quality.first_scores, "points")
+             if quality.recaptioned else "")
+    no_score = (f" {quality.no_score:,} have no score that is a number." if quality.no_score
+                else "")
+    lowest = quality.lowest_first()
+    return (f"<h3>Judge</h3><p>{quality.judged:,} captions judged ({names}); threshold "
+            f"{thresholds or 'none'}: {quality.recaptioned:,} re-captioned, {quality.below:,} "
+            f"kept under their threshold.{no_score}</p>"
+            '<div class="charts">' + _chart("Judge score of the kept answers", quality.scores,
+                                             "points") + first + "</div>"
+            f"<h3>Lowest scores</h3><p>The {len(lowest):,} lowest-scoring judged records, "
+            f'lowest first.</p><div class="sheet">{_cards_html(stats, lowest)}</div>')
 
 
 def _page(output_dir: str, stats: _Stats) -> str:
@@ -441,7 +608,8 @@ def _page(output_dir: str, stats: _Stats) -> str:
             f"<title>{title}</title><style>{STYLE}</style></head><body><h1>{title}</h1>"
             f"<p>model <b>{escape(_cut(str(options.get('model')), MAX_LABEL_CHARS))}</b> at "
             f"{escape(_cut(str(options.get('api_url')), MAX_KEY_CHARS))}</p>"
-            + _counts_html(stats.job.summary) + _failures_html(stats) + _charts_html(stats)
+            + _counts_html(stats.job.summary) + _failures_html(stats) + _quality_html(stats)
+            + _charts_html(stats)
             + _unread_html(stats.unread) + _sheet_html(stats) + "</body></html>\n")
 
 

@@ -17,7 +17,9 @@ Every answer that comes is paid, whatever becomes of its record: its usage is re
 budget (``--max_cost``) and carried by what the record becomes: a Completion's token counts
 cover all its answered attempts (schema retries too), a CaptionError's ``paid`` what its
 attempts cost. An answer without usable counts (no usage, strings, negative, absurd) is charged
-a worst case, ``worst_case_usage``, with one warning per process. Once the budget is spent
+a worst case, ``worst_case_usage``, with one warning per process. The prompt tokens a server
+served from its prefix cache (``usage.prompt_tokens_details.cached_tokens``) are priced at
+``price_per_million_cached_input_tokens`` (``ClientSettings.cost``). Once the budget is spent
 nothing new is sent (attempts that were waiting raise JobStopped at once); requests already
 sent finish, and the caption step keeps their answers before it stops the job.
 """
@@ -84,6 +86,7 @@ class ClientSettings:
     max_cost: float | None = None  # this process's share of the job's --max_cost
     price_per_million_input_tokens: float = 0.0
     price_per_million_output_tokens: float = 0.0
+    price_per_million_cached_input_tokens: float | None = None  # None: the input price
     batch_discount: float = 0.5  # Batch API price as a share of the online price
     stop_after_refusals: int = 5
 
@@ -93,9 +96,16 @@ class ClientSettings:
                                   ("temperature", self.temperature),
                                   ("reasoning_effort", self.reasoning_effort)) if v is not None}
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
-        """Dollars for these tokens at the run's prices (Batch API answers at the discount)."""
-        dollars = (prompt_tokens * self.price_per_million_input_tokens
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False,
+             cached_tokens: int = 0) -> float:
+        """Dollars for these tokens at the run's prices (Batch API answers at the discount):
+        ``cached_tokens`` of the prompt tokens (at most all of them) at the cached input price,
+        the others at the input price."""
+        cached = min(cached_tokens, prompt_tokens)
+        cached_price = self.price_per_million_cached_input_tokens
+        dollars = ((prompt_tokens - cached) * self.price_per_million_input_tokens
+                   + cached * (self.price_per_million_input_tokens if cached_price is None
+                               else cached_price)
                    + completion_tokens * self.price_per_million_output_tokens) / 1e6
         return dollars * self.batch_discount if batch else dollars
 
@@ -117,6 +127,8 @@ class Completion:
     # the types of the answers a check refused before this one (degenerate, refusal,
     # too_short, schema), one per refused attempt
     rejected_answers: tuple[str, ...] = ()
+    # of prompt_tokens, those the server served from its prefix cache (None: never reported)
+    cached_tokens: int | None = None
 
 
 class Paid(NamedTuple):
@@ -127,20 +139,29 @@ class Paid(NamedTuple):
     completion_tokens: int = 0
     reasoning_tokens: int | None = None
     estimated: bool = False
+    cached_tokens: int | None = None  # of prompt_tokens, served from the server's prefix cache
 
     def plus(self, other: Paid) -> Paid:
-        reasoning = (None if self.reasoning_tokens is None and other.reasoning_tokens is None
-                     else (self.reasoning_tokens or 0) + (other.reasoning_tokens or 0))
         return Paid(self.prompt_tokens + other.prompt_tokens,
-                    self.completion_tokens + other.completion_tokens, reasoning,
-                    self.estimated or other.estimated)
+                    self.completion_tokens + other.completion_tokens,
+                    _sum_reported(self.reasoning_tokens, other.reasoning_tokens),
+                    self.estimated or other.estimated,
+                    _sum_reported(self.cached_tokens, other.cached_tokens))
 
     def as_dict(self) -> dict | None:
-        """A failure's ``error.paid`` block (None when nothing was paid)."""
+        """A failure's ``error.paid`` block (None when nothing was paid), with
+        ``cached_tokens`` when some were."""
         if not (self.prompt_tokens or self.completion_tokens):
             return None
         paid = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        if self.cached_tokens:
+            paid["cached_tokens"] = self.cached_tokens
         return {**paid, "estimated": True} if self.estimated else paid
+
+
+def _sum_reported(first: int | None, second: int | None) -> int | None:
+    """The sum of two counts a server may not report (None: neither was)."""
+    return None if first is None and second is None else (first or 0) + (second or 0)
 
 
 class _MovingCount:
@@ -281,6 +302,7 @@ class Answer(NamedTuple):
     message: dict
     content: Any
     usage: ParsedCompletion  # caption "", finish reason and the usage's counts
+    cached_tokens: int | None = None  # of the prompt tokens, served from the prefix cache
 
 
 def parse_completion(body: bytes, max_caption_chars: int = ClientSettings.max_caption_chars,
@@ -309,20 +331,34 @@ def read_completion(body: bytes) -> Answer:
     except (KeyError, IndexError, TypeError):
         raise CaptionError("response", "not_a_completion",
                            "the response is not a chat completion", retryable=True) from None
-    prompt, completion, reasoning = usage_counts(data.get("usage"))
+    prompt, completion, reasoning, cached = usage_counts(data.get("usage"))
     return Answer(message if isinstance(message, dict) else {}, content, ParsedCompletion(
         "", _text(choice.get("finish_reason")) if isinstance(choice, dict) else None,
-        prompt, completion, reasoning))
+        prompt, completion, reasoning), cached)
 
 
-def usage_counts(usage) -> tuple[int | None, int | None, int | None]:
-    """The one check of an answer's ``usage`` block: its prompt, completion and reasoning token
-    counts, each None where it is missing or not a count (``token_count``)."""
+def usage_counts(usage) -> tuple[int | None, int | None, int | None, int | None]:
+    """The one check of an answer's ``usage`` block: its prompt, completion, reasoning and
+    cached prompt token counts, each None where it is missing or not a count (``token_count``).
+
+    Cached tokens (``prompt_tokens_details.cached_tokens``) are a part of the prompt tokens:
+    more than the prompt tokens are cut to them, and without a usable prompt count they are
+    ignored (the worst case charged for the prompt is priced as uncached input).
+    """
     if not isinstance(usage, dict):
-        return None, None, None
-    details = usage.get("completion_tokens_details")
-    return (token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens")),
-            token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None)
+        return None, None, None, None
+    prompt = token_count(usage.get("prompt_tokens"))
+    cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
+    return (prompt, token_count(usage.get("completion_tokens")),
+            _detail(usage, "completion_tokens_details", "reasoning_tokens"),
+            None if prompt is None or cached is None else min(cached, prompt))
+
+
+def _detail(usage: dict, block: str, name: str) -> int | None:
+    """The count ``name`` of the usage's ``block`` of details (None: missing, not a count)."""
+    details = usage.get(block)
+    return token_count(details.get(name)) if isinstance(details, dict) else None
+
 
 
 def worst_case_usage(request_tokens: int, params: dict) -> tuple[int, int]:
@@ -342,7 +378,7 @@ def judge_completion(answer: Answer, max_caption_chars: int = ClientSettings.max
     completion limit (``max_tokens``, None: the server's) was spent, a caption longer than
     ``max_caption_chars``.
     """
-    message, content, parsed = answer
+    message, content, parsed = answer.message, answer.content, answer.usage
     if isinstance(content, list):  # some servers return content parts
         content = "".join(p["text"] for p in content
                           if isinstance(p, dict) and isinstance(p.get("text"), str))
@@ -509,7 +545,7 @@ class VLMClient:
                 *nudged(body, params, self.settings.model, len(rejected)))
             try:
                 read = read_completion(await self._attempt(sent_body, ticket))
-                paid = paid.plus(self._pay(ticket, read.usage, tokens, params))
+                paid = paid.plus(self._pay(ticket, read, tokens, params))
                 parsed = judge_completion(read, self.settings.max_caption_chars,
                                           self.settings.max_tokens)
                 answer = parsed.caption if check is None else _checked(check, parsed.caption,
@@ -545,11 +581,13 @@ class VLMClient:
                               round((time.monotonic() - started) * 1000, 1), round(throttled, 3),
                               reasoning_tokens=paid.reasoning_tokens,
                               usage_estimated=paid.estimated,
-                              rejected_answers=tuple(rejected))
+                              rejected_answers=tuple(rejected),
+                              cached_tokens=paid.cached_tokens)
 
-    def _pay(self, ticket: Ticket, usage: ParsedCompletion, tokens: int, params: dict) -> Paid:
+    def _pay(self, ticket: Ticket, answer: Answer, tokens: int, params: dict) -> Paid:
         """Count an answer's tokens against the rate limits and its price against the budget;
         what it is charged: its usage, or for counts it lacks the worst case."""
+        usage = answer.usage
         worst_prompt, worst_completion = worst_case_usage(tokens, params)
         prompt = worst_prompt if usage.prompt_tokens is None else usage.prompt_tokens
         completion = (worst_completion if usage.completion_tokens is None
@@ -564,8 +602,9 @@ class VLMClient:
                 "(--max_tokens, else %d), in tokens, cost and --max_cost (warned once)",
                 redact_url(self.settings.api_url), DEFAULT_COMPLETION_TOKENS)
         self._limiter.settle(ticket, prompt + completion)
-        self._spent += self.settings.cost(prompt, completion)
-        return Paid(prompt, completion, usage.reasoning_tokens, estimated)
+        self._spent += self.settings.cost(prompt, completion,
+                                          cached_tokens=answer.cached_tokens or 0)
+        return Paid(prompt, completion, usage.reasoning_tokens, estimated, answer.cached_tokens)
 
     def _may_send(self) -> None:
         """JobStopped when the job has stopped (refusals, budget): checked before each of a record's

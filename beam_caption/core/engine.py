@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from beam_caption.core.answer_checks import AnswerChecks
 from beam_caption.core.api_keys import KeySource
 from beam_caption.core.cache import RequestCache, request_digest
-from beam_caption.core.client import ClientSettings, Completion, VLMClient, request_body
+from beam_caption.core.client import ClientSettings, Completion, VLMClient
 from beam_caption.core.errors import CaptionError, JobStopped, UsageError
 from beam_caption.core.http_images import UrlGuard
 from beam_caption.core.identity import settings_digest
@@ -39,14 +39,23 @@ from beam_caption.core.images import (
     read_image_bytes,
     resolve_image_path,
 )
-from beam_caption.core.prompts import PromptSpec
+from beam_caption.core.prompts import ModelRoute, PromptSpec
 from beam_caption.core.records import IMAGE_BYTES, Outcome, failed_outcome, record_outcome
 from beam_caption.core.request import (
     PromptSettings,
     RequestPlan,
+    build_body,
     build_messages,
     image_paths,
     prompt_turns,
+)
+from beam_caption.core.stages import (
+    batch_refusal,
+    input_failed,
+    is_staged,
+    quality_meta,
+    routes,
+    score_checker,
 )
 from beam_caption.core.structured import answer_checker
 from beam_caption.core.tokens import DEFAULT_COMPLETION_TOKENS, estimate_request_tokens
@@ -98,6 +107,11 @@ class WorkerConfig:
         prompts = dataclasses.asdict(self.prompts)
         if not prompts["specs"]:
             del prompts["specs"]  # the flags' one prompt: digests as before prompts files
+        unstaged = PromptSpec("", "")
+        for spec in prompts.get("specs", ()):  # stage fields left at their defaults: as before
+            for name in _STAGE_FIELDS:
+                if spec[name] == getattr(unstaged, name):
+                    del spec[name]
         return settings_digest({
             "model": self.client.model, "params": self.client.request_params(),
             "prompts": prompts, "image_root": self.image_root,
@@ -166,6 +180,7 @@ class CaptionRuntime:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
+        self._staged = is_staged(config.prompt_specs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="beam-caption-loop")
@@ -176,7 +191,15 @@ class CaptionRuntime:
         self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
         api_key = _worker_api_key(config)
-        self._client = self.call(_make_client(config, api_key))
+        self._client = self.call(_make_client(config, config.client, api_key))
+        # A client per other model (a prompt's own, a re-caption's): its own connections and
+        # rate limits (OpenAI's are per model); --max_cost counts what all of them spend.
+        self._clients: dict[ModelRoute | None, Any] = {None: self._client}
+        for route in routes(config.prompt_specs):
+            self._clients[route] = self.call(_make_client(
+                config, route_settings(config.client, route), _route_key(route, api_key)))
+        self._spent = {route: 0.0 for route in self._clients}  # this process's dollars
+        self._spent_before = 0.0  # what earlier runs spent (count_spent_before)
         self._cache = RequestCache(config.cache_dir, self._run_io)
         self._budget = ByteBudget(config.max_bytes_in_flight)
         self._guard = UrlGuard(config.allow_private_urls)
@@ -186,12 +209,16 @@ class CaptionRuntime:
         self._checks = {spec.name: answer_checker(spec.wants_json, spec.schema,
                                                   config.answer_checks.checker())
                         for spec in self._specs}
+        for spec in self._specs:
+            if spec.judge_of:
+                self._checks[spec.name] = score_checker(self._checks[spec.name])
         self._rng = random.Random()
         self._recent_sizes: collections.deque[int] = collections.deque(
             [min(config.images.max_bytes, config.max_bytes_in_flight // FIRST_ESTIMATE_SHARE)],
             maxlen=RECENT_SIZES)
         # Shared keeps the runtime for the life of the worker process; close it at exit.
-        self.close = weakref.finalize(self, _shutdown, self._loop, self._client,
+        self.close = weakref.finalize(self, _shutdown, self._loop,
+                                      tuple(self._clients.values()),
                                       (self._io_pool, self._cpu_pool))
 
     def _run_io(self, function, *args):
@@ -200,14 +227,31 @@ class CaptionRuntime:
     def stopped(self, stop: JobStopped) -> JobStopped:
         """Why the job stopped as the client says now (what a --max_cost stop spent, the answers
         that were in flight included), else ``stop`` as it was raised."""
-        stopped = getattr(self._client, "stopped", None)
-        return (stopped() if stopped else None) or stop
+        for client in self._clients.values():
+            stopped = getattr(client, "stopped", None)
+            if stopped and stopped():
+                return stopped()
+        return stop
 
     def count_spent_before(self, dollars: float) -> None:
-        """What earlier runs spent (the reused captions' cost), for the client's --max_cost."""
-        count = getattr(self._client, "count_spent_before", None)
-        if count is not None:
-            self._loop.call_soon_threadsafe(count, dollars)
+        """What earlier runs spent (the reused captions' cost), for the clients' --max_cost."""
+        self._loop.call_soon_threadsafe(self._share_spending, None, 0.0, dollars)
+
+    def _share_spending(self, route: ModelRoute | None, dollars: float,
+                        before: float | None = None) -> None:
+        """Count ``dollars`` spent through ``route``'s client (``before``: set what earlier
+        runs spent) and tell each client what the others spent, so that --max_cost counts
+        every model's answers (each client counts its own; the others' are given to it as
+        spent before)."""
+        if before is not None:
+            self._spent_before = before
+        self._spent[route] += dollars
+        processes = max(1, self.config.client.worker_processes)
+        for own, client in self._clients.items():
+            count = getattr(client, "count_spent_before", None)
+            if count is not None:
+                others = sum(spent for other, spent in self._spent.items() if other != own)
+                count(self._spent_before + others * processes)
 
     def call(self, coroutine):
         """Run a coroutine on the runtime's loop and wait for its result."""
@@ -225,7 +269,8 @@ class CaptionRuntime:
             plans = [self._plan(record, paths, spec) for spec in specs]
             if all(isinstance(plan, CaptionError) for plan in plans):
                 raise plans[0]  # type: ignore[misc]
-            answers = await self._budgeted_answers(element, plans)
+            audit = _Audit()
+            answers = await self._budgeted_answers(element, plans, audit)
         except CaptionError as error:
             return failed_outcome(element, error)
         except JobStopped:
@@ -234,7 +279,8 @@ class CaptionRuntime:
             return failed_outcome(element, _internal_error(element["key"], exc))
         return record_outcome(element, specs, answers, model=self.config.client.model,
                               settings_digest=self.config.settings_digest,
-                              finished_at=time.time())
+                              finished_at=time.time(), quality=audit.quality,
+                              tokens_by_model=audit.tokens_by_model(self.config.client.model))
 
     def _paths(self, element: dict) -> tuple[str, ...]:
         """The record's image paths; none when the element carries its images' bytes (a
@@ -243,20 +289,28 @@ class CaptionRuntime:
             return ()
         return image_paths(element["record"], self.config.prompts.image_key)
 
-    def _plan(self, record: dict, paths: tuple[str, ...],
-              spec: PromptSpec) -> RequestPlan | CaptionError:
+    def _plan(self, record: dict, paths: tuple[str, ...], spec: PromptSpec,
+              answers: dict | None = None) -> RequestPlan | CaptionError | None:
+        """What ``spec`` asks of the record, or why it cannot ask; None for a prompt that
+        waits for other prompts' ``answers`` (planned when they come)."""
+        if spec.inputs and answers is None:
+            return None
         try:
-            return RequestPlan(paths, prompt_turns(record, self.config.prompts, spec))
+            return RequestPlan(paths if spec.image else (),
+                               prompt_turns(record, self.config.prompts, spec, answers))
         except CaptionError as error:
             return error
 
     async def _budgeted_answers(self, element: dict,
-                                plans: list[RequestPlan | CaptionError]
-                                ) -> list[Completion | CaptionError]:
+                                plans: list[RequestPlan | CaptionError | None],
+                                audit: _Audit) -> list[Completion | CaptionError]:
         """Read and prepare the record's images once, then ask each prompt that has a plan,
-        within the byte budget; each prompt's answer or error, in prompt order."""
-        requests, held = await self._built_requests(element, plans)
+        within the byte budget; each prompt's answer or error, in prompt order (with stages:
+        each prompt once the answers it waits for have come)."""
+        requests, held, images = await self._built_requests(element, plans)
         try:
+            if self._staged:
+                return await _Stages(self, element, plans, requests, images, audit).answers()
             return list(await asyncio.gather(*(
                 self._answer(spec, request) if request is not None else _plan_error(plan)
                 for spec, plan, request in zip(self._specs, plans, requests, strict=True))))
@@ -264,12 +318,13 @@ class CaptionRuntime:
             await self._budget.resize(held, 0)
 
     async def _built_requests(self, element: dict,
-                              plans: list[RequestPlan | CaptionError]
-                              ) -> tuple[list[_Request | None], int]:
-        """The record's requests and the budget bytes they hold (the caller gives them back).
+                              plans: list[RequestPlan | CaptionError | None]
+                              ) -> tuple[list[_Request | None], int, _Images | None]:
+        """The record's requests, the budget bytes they hold (the caller gives them back) and,
+        with stages, the prepared images the later prompts are sent with.
 
         The record holds an estimate of its source size before reading (the largest of the
-        recent ones), then the real size, then its request bodies' size.
+        recent ones), then the real size, then its request bodies' (and kept images') size.
         """
         held = max(self._recent_sizes)
         await self._budget.acquire(held)
@@ -282,12 +337,14 @@ class CaptionRuntime:
             self._recent_sizes.append(size)
             await self._budget.resize(held, size)
             held = size
-            requests = await self._loop.run_in_executor(self._cpu_pool, self._requests, plans,
-                                                        sources)
+            requests, images = await self._loop.run_in_executor(self._cpu_pool, self._requests,
+                                                                plans, sources)
             del sources
             size = sum(len(request.body) for request in requests if request is not None)
+            if images is not None:
+                size += sum(map(len, images.urls))
             await self._budget.resize(held, size)
-            return requests, size
+            return requests, size, images
         except BaseException:
             await self._budget.resize(held, 0)
             raise
@@ -300,13 +357,16 @@ class CaptionRuntime:
     async def _prepare(self, element: dict) -> Prepared:
         record, specs = element["record"], self._specs
         try:
+            refusal = batch_refusal(specs)
+            if refusal:
+                raise CaptionError("request", "not_in_batch", refusal)
             paths = self._paths(element)
             plans = [self._plan(record, paths, spec) for spec in specs]
             for spec, plan in zip(specs, plans, strict=True):
                 if isinstance(plan, CaptionError):  # sent later or never: the record fails now
                     return Prepared([], failed_outcome(
                         element, plan, spec.name if len(specs) > 1 else None).failure)
-            requests, held = await self._built_requests(element, plans)
+            requests, held, _ = await self._built_requests(element, plans)
             await self._budget.resize(held, 0)  # the bodies leave the runtime
         except CaptionError as error:
             return Prepared([], failed_outcome(element, error).failure)
@@ -321,18 +381,27 @@ class CaptionRuntime:
             prepared.append((spec.name, request.body, request.tokens - answer, answer))
         return Prepared(prepared, None)
 
-    async def _answer(self, spec: PromptSpec, request: _Request) -> Completion | CaptionError:
-        """One prompt's answer (from the cache or the model), or why there is none."""
+    async def _answer(self, spec: PromptSpec, request: _Request,
+                      route: ModelRoute | None = None) -> Completion | CaptionError:
+        """One prompt's answer (from the cache or the model: ``route``'s, None the job's), or
+        why there is none."""
         check = self._checks[spec.name]
+        client = self._clients[route]
+        answer: Completion | CaptionError
         try:
-            return await self._cache.complete(request.digest, lambda: self._client.complete(
+            answer = await self._cache.complete(request.digest, lambda: client.complete(
                 request.body, request.tokens, request.params, check))
         except CaptionError as error:
-            return error
+            answer = error
         except JobStopped:
             raise
         except Exception as exc:  # a bug must not lose the other prompts' answers
             return _internal_error(spec.name, exc)
+        if len(self._clients) > 1:
+            prompt_tokens, completion_tokens = _paid_tokens(answer)
+            self._share_spending(route, client.settings.cost(prompt_tokens, completion_tokens)
+                                 if hasattr(client, "settings") else 0.0)
+        return answer
 
     def _embedded(self, images: list) -> list[bytes]:
         """Image bytes the element carries, checked as a file read would be."""
@@ -381,30 +450,44 @@ class CaptionRuntime:
         return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout, self._guard)
                 for path in paths]
 
-    def _requests(self, plans: list[RequestPlan | CaptionError],
-                  sources: list[bytes]) -> list[_Request | None]:
+    def _requests(self, plans: list[RequestPlan | CaptionError | None],
+                  sources: list[bytes]) -> tuple[list[_Request | None], _Images | None]:
         """Decode, resize and encode the images once; each planned prompt's request (None where
-        the prompt has no plan)."""
-        images = [prepare_image_bytes(data, self.config.images) for data in sources]
-        urls = [image.data_url for image in images]
-        sizes = [(image.width, image.height) for image in images]
-        del images
-        prompts, client = self.config.prompts, self.config.client
-        requests: list[_Request | None] = []
-        for spec, plan in zip(self._specs, plans, strict=True):
-            if isinstance(plan, CaptionError):
-                requests.append(None)
-                continue
-            params = self._params[spec.name]
-            body = request_body(client, build_messages(
-                plan, urls, spec.system_prompt or prompts.system_prompt, prompts.image_detail),
-                params)
-            tokens = estimate_request_tokens(
-                len(body) - sum(map(len, urls)), sizes,
-                params.get("max_completion_tokens"), self.config.token_formula,
-                prompts.image_detail)
-            requests.append(_Request(body, params, request_digest(body), tokens))
-        return requests
+        the prompt has no plan yet), and with stages the images kept for later prompts."""
+        prepared = [prepare_image_bytes(data, self.config.images) for data in sources]
+        images = _Images([image.data_url for image in prepared],
+                         [(image.width, image.height) for image in prepared])
+        del prepared
+        requests = [self.request(spec, plan, images) if isinstance(plan, RequestPlan) else None
+                    for spec, plan in zip(self._specs, plans, strict=True)]
+        return requests, images if self._staged else None
+
+    def request(self, spec: PromptSpec, plan: RequestPlan, images: _Images,
+                route: ModelRoute | None = None) -> _Request:
+        """``spec``'s request of ``plan`` with the record's ``images`` (none for a prompt
+        with ``image: false``), to ``route``'s model (None: the prompt's own, else the
+        job's)."""
+        prompts = self.config.prompts
+        route = route or spec.route
+        params = self._params[spec.name]
+        if route is not None:
+            params = {**params, **route.request_params()}
+        urls, sizes = (images.urls, images.sizes) if spec.image else ([], [])
+        body = build_body(route.model if route else self.config.client.model, params,
+                          build_messages(plan, urls, spec.system_prompt or prompts.system_prompt,
+                                         prompts.image_detail))
+        tokens = estimate_request_tokens(
+            len(body) - sum(map(len, urls)), sizes, params.get("max_completion_tokens"),
+            self.config.token_formula, prompts.image_detail)
+        return _Request(body, params, request_digest(body), tokens)
+
+    async def off_loop(self, function, *args):
+        """``function(*args)`` on the image thread pool (request bodies are large)."""
+        return await self._loop.run_in_executor(self._cpu_pool, function, *args)
+
+    async def hold(self, old: int, new: int) -> None:
+        """Hold ``new`` budget bytes instead of ``old`` (a later stage's request body)."""
+        await self._budget.resize(old, new)
 
 
 class _Request(NamedTuple):
@@ -414,6 +497,223 @@ class _Request(NamedTuple):
     params: dict
     digest: str
     tokens: int
+
+
+class _Images(NamedTuple):
+    """A record's images as sent: data URLs and (width, height) each."""
+
+    urls: list[str]
+    sizes: list[tuple[int, int]]
+
+
+_STAGE_FIELDS = ("route", "reasoning_effort", "image", "inputs", "judge_of", "threshold",
+                 "recaption")
+
+
+def route_settings(client: ClientSettings, route: ModelRoute) -> ClientSettings:
+    """The client settings of ``route``: the job's, with its model, endpoint and prices."""
+    input_price, output_price = route.prices(client.price_per_million_input_tokens,
+                                             client.price_per_million_output_tokens)
+    return dataclasses.replace(client, model=route.model, api_url=route.api_url or client.api_url,
+                               price_per_million_input_tokens=input_price,
+                               price_per_million_output_tokens=output_price)
+
+
+def _route_key(route: ModelRoute, job_key: str | None) -> str | None:
+    """The API key of ``route``'s endpoint: from its own source, else the job's."""
+    if not (route.api_key_env or route.api_key_file):
+        return job_key
+    try:
+        return KeySource(env=route.api_key_env, file=route.api_key_file).resolve()
+    except UsageError as exc:
+        raise JobStopped(f"a worker could not read the key of model {route.model!r}: {exc}") \
+            from None
+
+
+def _paid_tokens(answer: Completion | CaptionError) -> tuple[int, int]:
+    """(prompt, completion) tokens an answer paid (a cached answer: none)."""
+    if isinstance(answer, CaptionError):
+        paid = answer.paid or {}
+        return paid.get("prompt_tokens") or 0, paid.get("completion_tokens") or 0
+    if answer.cached:
+        return 0, 0
+    return answer.prompt_tokens or 0, answer.completion_tokens or 0
+
+
+class _Audit:
+    """What a staged record's answers leave for ``caption_meta``: the judge's quality block and
+    the tokens each model was paid."""
+
+    def __init__(self) -> None:
+        self.quality: dict | None = None
+        self._tokens: dict[str, list[int]] = {}
+
+    def paid(self, model: str, answer: Completion | CaptionError) -> None:
+        prompt_tokens, completion_tokens = _paid_tokens(answer)
+        if prompt_tokens or completion_tokens:
+            counts = self._tokens.setdefault(model, [0, 0])
+            counts[0] += prompt_tokens
+            counts[1] += completion_tokens
+
+    def tokens_by_model(self, job_model: str) -> dict | None:
+        """Model -> paid tokens, when a model other than ``job_model`` was paid."""
+        if set(self._tokens) <= {job_model}:
+            return None
+        return {model: {"prompt_tokens": prompt, "completion_tokens": completion}
+                for model, (prompt, completion) in sorted(self._tokens.items())}
+
+
+class _Stages:
+    """One record's prompts asked in dependency order: each prompt starts once the answers it
+    uses have come (prompts that wait for nothing start at once), a judged prompt's answer is
+    final once its judge has scored it (and a low score has had it asked again)."""
+
+    def __init__(self, runtime: CaptionRuntime, element: dict,
+                 plans: list[RequestPlan | CaptionError | None],
+                 requests: list[_Request | None], images: _Images | None, audit: _Audit):
+        self._runtime, self._record = runtime, element["record"]
+        self._paths = runtime._paths(element)
+        self._images = images or _Images([], [])
+        self._audit = audit
+        specs = runtime._specs
+        self._by_name = {spec.name: spec for spec in specs}
+        self._start = {spec.name: (plan, request)
+                       for spec, plan, request in zip(specs, plans, requests, strict=True)}
+        loop = asyncio.get_running_loop()
+        self._first: dict[str, asyncio.Future] = {spec.name: loop.create_future()
+                                                  for spec in specs}
+        self._final: dict[str, asyncio.Future] = {spec.name: loop.create_future()
+                                                  for spec in specs}
+        self._asked: dict[str, RequestPlan] = {}  # the plan each prompt was asked with
+        self._judged = {spec.judge_of for spec in specs if spec.judge_of}
+
+    async def answers(self) -> list[Completion | CaptionError]:
+        specs = self._runtime._specs
+        tasks = [asyncio.ensure_future(self._ask(spec)) for spec in specs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return [self._final[spec.name].result() for spec in specs]
+
+    def _model(self, spec: PromptSpec, route: ModelRoute | None = None) -> str:
+        route = route or spec.route
+        return route.model if route else self._runtime.config.client.model
+
+    async def _ask(self, spec: PromptSpec) -> None:
+        answer = await self._answered(spec)
+        self._first[spec.name].set_result(answer)
+        if spec.judge_of:
+            await self._judge(spec, answer)  # settles both prompts' final answers
+        elif spec.name not in self._judged:
+            self._final[spec.name].set_result(answer)
+
+    async def _answered(self, spec: PromptSpec, inputs: dict | None = None,
+                        route: ModelRoute | None = None) -> Completion | CaptionError:
+        """``spec``'s answer: with ``inputs`` (prompt name -> answer) given, or once the answers
+        it uses have come; to ``route``'s model (None: its own)."""
+        plan, request = self._start[spec.name]
+        if inputs is None and spec.inputs:
+            inputs = {}
+            for name in spec.needs:
+                source = self._first if name == spec.judge_of else self._final
+                given = await source[name]
+                if isinstance(given, CaptionError):
+                    return input_failed(spec, name)
+                inputs[name] = given.caption
+        if inputs is not None or route is not None:
+            plan = self._runtime._plan(self._record, self._paths, spec, inputs) \
+                if inputs is not None else self._asked[spec.name]
+            request = None
+        if isinstance(plan, CaptionError) or plan is None:
+            return plan  # type: ignore[return-value]
+        self._asked.setdefault(spec.name, plan)
+        size = 0
+        if request is None:
+            request = await self._runtime.off_loop(self._runtime.request, spec, plan,
+                                                   self._images, route)
+            size = len(request.body)
+            await self._runtime.hold(0, size)
+        try:
+            answer = await self._runtime._answer(spec, request, route or spec.route)
+        finally:
+            await self._runtime.hold(size, 0)
+        self._audit.paid(self._model(spec, route), answer)
+        return answer
+
+    async def _judge(self, judge: PromptSpec, verdict: Completion | CaptionError) -> None:
+        """Settle the judged prompt's final answer after ``verdict``: kept when it scores at
+        least the threshold (or the judge failed), else asked again of the re-caption model,
+        whose answer is judged in turn; the judge's final verdict replaces its first."""
+        judged = self._by_name[judge.judge_of]  # type: ignore[index]
+        first = self._first[judged.name].result()
+        final, kept = self._final[judged.name], verdict
+        try:
+            if isinstance(verdict, CaptionError) or isinstance(first, CaptionError):
+                final.set_result(first)
+                return
+            score = verdict.caption["score"]
+            if judge.threshold is None or score >= judge.threshold:
+                self._audit.quality = quality_meta(judge, score, self._model(judged))
+                final.set_result(first)
+                return
+            route = judge.recaption
+            second = await self._answered(judged, route=route)
+            final.set_result(_merged(first, second))
+            if isinstance(second, CaptionError):
+                return
+            inputs = {name: (second if name == judged.name else self._final[name].result()
+                             ).caption for name in judge.needs}
+            again = await self._answered(judge, inputs)
+            kept = _merged(verdict, again)
+            if not isinstance(again, CaptionError):
+                self._audit.quality = quality_meta(
+                    judge, again.caption["score"], self._model(judged, route),
+                    {"first_answer": first.caption, "first_score": score,
+                     "first_model": self._model(judged)})
+        finally:
+            if not final.done():
+                final.set_result(first)
+            self._final[judge.name].set_result(kept)
+
+
+def _merged(first: Completion | CaptionError,
+            second: Completion | CaptionError) -> Completion | CaptionError:
+    """``second`` (the answer kept), counting what ``first`` took and paid too."""
+    if isinstance(first, CaptionError):
+        return second
+    if isinstance(second, CaptionError):
+        prompt_tokens, completion_tokens = _paid_tokens(second)
+        paid = {"prompt_tokens": prompt_tokens + (0 if first.cached else first.prompt_tokens or 0),
+                "completion_tokens": completion_tokens + (
+                    0 if first.cached else first.completion_tokens or 0)}
+        cached_tokens = (second.paid or {}).get("cached_tokens", 0) + (
+            0 if first.cached else first.cached_tokens or 0)
+        if cached_tokens:
+            paid["cached_tokens"] = cached_tokens
+        if first.usage_estimated or (second.paid or {}).get("estimated"):
+            paid["estimated"] = True
+        return CaptionError(second.stage, second.type, second.message, second.retryable,
+                            second.attempts + first.attempts,
+                            second.throttled_s + first.throttled_s,
+                            paid if paid["prompt_tokens"] or paid["completion_tokens"] else None)
+
+    def total(field: str) -> int | None:
+        values = [getattr(first, field), getattr(second, field)]
+        return None if all(v is None for v in values) else sum(v or 0 for v in values)
+
+    return dataclasses.replace(
+        second, prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        reasoning_tokens=total("reasoning_tokens"), cached_tokens=total("cached_tokens"),
+        attempts=first.attempts + second.attempts,
+        latency_ms=round(first.latency_ms + second.latency_ms, 1),
+        throttled_s=round(first.throttled_s + second.throttled_s, 3),
+        cached=first.cached and second.cached,
+        usage_estimated=first.usage_estimated or second.usage_estimated,
+        rejected_answers=first.rejected_answers + second.rejected_answers)
 
 
 async def _plan_error(plan) -> CaptionError:
@@ -447,19 +747,24 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _shutdown(loop, client, pools) -> None:
-    """Close the client's connections, stop the loop thread and the pools."""
+def _shutdown(loop, clients, pools) -> None:
+    """Close the clients' connections, stop the loop thread and the pools."""
     if loop.is_running():
         # Exiting anyway: on a timeout the sockets close with the process.
         with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(_close_all(clients), loop).result(timeout=5)
         loop.call_soon_threadsafe(loop.stop)
     for pool in pools:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _make_client(config: WorkerConfig, api_key: str | None):
-    """The client, made on the runtime's loop (an aiohttp session binds to the running loop)."""
-    return config.client_factory(config.client, api_key)
+async def _close_all(clients) -> None:
+    for client in clients:
+        await client.aclose()
+
+
+async def _make_client(config: WorkerConfig, settings: ClientSettings, api_key: str | None):
+    """A client, made on the runtime's loop (an aiohttp session binds to the running loop)."""
+    return config.client_factory(settings, api_key)
 
 

@@ -16,6 +16,16 @@ A prompts file maps names to prompts (at the top level or under ``prompts:``)::
           properties: {objects: {type: array, items: {type: string}}}
           required: [objects]
 
+Stages (core/stages.py): ``{NAME}`` where NAME is another prompt's name or output key is
+that prompt's answer (a JSON answer as JSON), which orders the prompts; any other placeholder
+is the record's field. A prompt may name its own ``model`` (on the job's endpoint, with its
+``price_per_million_input_tokens``/``_output_tokens``; default the job's prices),
+``reasoning_effort``, and ``image: false`` to send no image. ``judge: NAME`` makes a prompt
+the judge of another: its ``schema`` must require a number ``score`` (1 to 10); with
+``threshold`` and ``recaption`` (a model, optionally its own ``api_url``, ``api_key_env`` or
+``api_key_file``, prices, ``max_tokens``, ``temperature``, ``reasoning_effort``) a record
+whose answer scores below the threshold is asked again with that model.
+
 ``{field}`` in ``prompt`` is filled from the record (strings as they are, other values as JSON;
 ``{{`` is a literal brace; no format spec or conversion such as ``{field:>9}``). A prompt
 without ``prompt`` asks the record's conversation turns. The file is read and checked once, at
@@ -34,6 +44,7 @@ import dataclasses
 import difflib
 import json
 import string
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
@@ -49,7 +60,43 @@ MAX_PROMPT_CHARS = 1 << 20  # a prompt, the record's fields filled in
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
 RESERVED_KEYS = ("caption_meta",)
 _SPEC_KEYS = ("prompt", "system", "output_key", "max_tokens", "temperature", "response_format",
-              "schema")
+              "schema", "model", "reasoning_effort", "price_per_million_input_tokens",
+              "price_per_million_output_tokens", "image", "judge", "threshold", "recaption")
+_PRICE_KEYS = ("price_per_million_input_tokens", "price_per_million_output_tokens")
+_RECAPTION_KEYS = ("model", "api_url", "api_key_env", "api_key_file", *_PRICE_KEYS,
+                   "max_tokens", "temperature", "reasoning_effort")
+SCORE_RANGE = (1.0, 10.0)  # a judge's score: its schema's required number "score", 1 to 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRoute:
+    """A model other than the job's ``--model`` that a prompt is asked with: a prompt's own
+    ``model`` (on the job's endpoint) or a judge's ``recaption`` model (optionally on its own
+    endpoint, with its own key). Prices None are the job's; ``max_tokens``, ``temperature`` and
+    ``reasoning_effort`` None are the prompt's (then the job's)."""
+
+    model: str
+    api_url: str | None = None  # None: the job's --api_url
+    api_key_env: str | None = None  # neither: the job's key
+    api_key_file: str | None = None
+    price_per_million_input_tokens: float | None = None
+    price_per_million_output_tokens: float | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+
+    def prices(self, input_price: float, output_price: float) -> tuple[float, float]:
+        """(input, output) dollars per million tokens: the route's, else the job's given."""
+        return (input_price if self.price_per_million_input_tokens is None
+                else self.price_per_million_input_tokens,
+                output_price if self.price_per_million_output_tokens is None
+                else self.price_per_million_output_tokens)
+
+    def request_params(self) -> dict:
+        """Parameters this route sets on top of the prompt's."""
+        return {name: value for name, value in (
+            ("max_completion_tokens", self.max_tokens), ("temperature", self.temperature),
+            ("reasoning_effort", self.reasoning_effort)) if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +118,23 @@ class PromptSpec:
     max_tokens: int | None = None
     temperature: float | None = None
     response_format: dict | None = None
+    # Stages (core/stages.py): a model of its own (None: --model), whether the images are
+    # sent, the placeholders filled with other prompts' answers ((placeholder, prompt name)
+    # pairs), the prompt this one judges, the score under which that prompt is asked again
+    # and the model asked then.
+    route: ModelRoute | None = None
+    reasoning_effort: str | None = None
+    image: bool = True
+    inputs: tuple[tuple[str, str], ...] = ()
+    judge_of: str | None = None
+    threshold: float | None = None
+    recaption: ModelRoute | None = None
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The prompts whose answers this one waits for (its inputs, the prompt it judges)."""
+        names = [name for _, name in self.inputs]
+        return tuple(dict.fromkeys(names + ([self.judge_of] if self.judge_of else [])))
 
     @property
     def wants_json(self) -> bool:
@@ -86,21 +150,25 @@ class PromptSpec:
         """Parameters this prompt sets on top of the job's."""
         return {name: value for name, value in (
             ("max_completion_tokens", self.max_tokens), ("temperature", self.temperature),
+            ("reasoning_effort", self.reasoning_effort),
             ("response_format", self.response_format)) if value is not None}
 
-    def user_text(self, record: dict) -> str:
-        """The prompt with the record's fields filled in; CaptionError(read) for a field the
+    def user_text(self, record: dict, answers: dict | None = None) -> str:
+        """The prompt with the record's fields and the answers of the prompts it uses
+        (``answers``: prompt name -> answer) filled in; CaptionError(read) for a field the
         record lacks, or a prompt that would be longer than MAX_PROMPT_CHARS."""
         assert self.prompt is not None
         if not self.template:
             return self.prompt
+        source = {**record, **{placeholder: (answers or {})[name]
+                               for placeholder, name in self.inputs}} if self.inputs else record
         pieces = [(literal, field) for literal, field, _, _ in
                   string.Formatter().parse(self.prompt)]
-        missing = [field for _, field in pieces if field is not None and field not in record]
+        missing = [field for _, field in pieces if field is not None and field not in source]
         if missing:
             raise CaptionError("read", "missing_prompt_field",
                                f"prompt {self.name!r} needs the record's {missing[0]!r} field")
-        values = {field: _as_text(record[field]) for _, field in pieces if field is not None}
+        values = {field: _as_text(source[field]) for _, field in pieces if field is not None}
         filled = [(literal, "" if field is None else values[field]) for literal, field in pieces]
         length = sum(len(literal) + len(value) for literal, value in filled)
         if length > MAX_PROMPT_CHARS:
@@ -226,7 +294,98 @@ def parse_prompts(document: Any, source: str = "prompts") -> tuple[PromptSpec, .
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
         raise UsageError(f"{source}: several prompts write output_key {twice[0]!r}")
-    return specs
+    return linked_stages(specs, source)
+
+
+def linked_stages(specs: Sequence[PromptSpec], source: str) -> tuple[PromptSpec, ...]:
+    """``specs`` with their inputs resolved, in dependency order; UsageError for a judge that
+    is not right, or prompts that wait for each other."""
+    by_name = {spec.name: spec for spec in specs}
+    by_key = {spec.output_key: spec for spec in specs}
+    linked = []
+    for spec in specs:
+        fields = ([field for _, field, _, _ in string.Formatter().parse(spec.prompt)
+                   if field is not None] if spec.prompt is not None else [])
+        inputs = []
+        for field in dict.fromkeys(fields):
+            target = by_name.get(field) or by_key.get(field)
+            if target is not None and target.name != spec.name:
+                inputs.append((field, target.name))
+        linked.append(dataclasses.replace(spec, inputs=tuple(inputs)))
+    for spec in linked:
+        _check_judge(spec, by_name, linked, f"{source}: prompt {spec.name!r}")
+    return _ordered(linked, source)
+
+
+def _check_judge(spec: PromptSpec, by_name: dict[str, PromptSpec],
+                 specs: list[PromptSpec], where: str) -> None:
+    if spec.judge_of is None:
+        if spec.threshold is not None or spec.recaption is not None:
+            raise UsageError(f"{where}: threshold and recaption belong to a judge (judge: NAME)")
+        return
+    judged = by_name.get(spec.judge_of)
+    if judged is None or judged.name == spec.name:
+        close = [name for name in by_name if name != spec.name]
+        raise UsageError(f"{where}: judge {spec.judge_of!r} names no other prompt (prompts: "
+                         f"{', '.join(close)})")
+    if judged.judge_of is not None:
+        raise UsageError(f"{where}: {judged.name!r} is a judge itself; judge a prompt that "
+                         "answers")
+    others = [other.name for other in specs
+              if other.judge_of == judged.name and other.name != spec.name]
+    if others:
+        raise UsageError(f"{where}: {judged.name!r} has another judge, {others[0]!r}")
+    if judged.name not in [name for _, name in spec.inputs]:
+        raise UsageError(f"{where}: a judge's prompt must show the answer it judges: put "
+                         f"{{{judged.output_key}}} in it")
+    schema = spec.schema or {}
+    score = (schema.get("properties") or {}).get("score")
+    if not isinstance(score, dict) or score.get("type") not in ("number", "integer") or \
+            "score" not in (schema.get("required") or []):
+        raise UsageError(f"{where}: a judge needs a schema requiring a number score from "
+                         f"{SCORE_RANGE[0]:g} to {SCORE_RANGE[1]:g} (schema: {{type: object, "
+                         "properties: {score: {type: number}}, required: [score]})")
+    if spec.threshold is not None and not spec.threshold <= SCORE_RANGE[1]:
+        raise UsageError(f"{where}: threshold must be a score from {SCORE_RANGE[0]:g} to "
+                         f"{SCORE_RANGE[1]:g}, got {spec.threshold:g}")
+    if (spec.threshold is None) != (spec.recaption is None):
+        raise UsageError(f"{where}: give threshold and recaption together (the records "
+                         "scoring below the threshold are asked the recaption model)")
+
+
+def waits_for(specs: Sequence[PromptSpec]) -> dict[str, tuple[str, ...]]:
+    """Each prompt's name -> the prompts it waits for: those it needs, and for a judged prompt
+    it needs, that prompt's judge too (its answer is final once judged)."""
+    judges = {spec.judge_of: spec.name for spec in specs if spec.judge_of}
+    return {spec.name: tuple(dict.fromkeys(
+        [*spec.needs, *(judges[name] for name in spec.needs
+                        if name in judges and judges[name] != spec.name)]))
+        for spec in specs}
+
+
+def _ordered(specs: list[PromptSpec], source: str) -> tuple[PromptSpec, ...]:
+    """``specs`` so that each comes after those it waits for, otherwise in the file's order."""
+    waits = waits_for(specs)
+    placed: list[PromptSpec] = []
+    left = list(specs)
+    while left:
+        done = {spec.name for spec in placed}
+        ready = next((spec for spec in left if set(waits[spec.name]) <= done), None)
+        if ready is None:
+            raise UsageError(f"{source}: prompts wait for each other's answers: "
+                             + " -> ".join(_cycle(left, waits)))
+        placed.append(ready)
+        left.remove(ready)
+    return tuple(placed)
+
+
+def _cycle(left: list[PromptSpec], waits: dict[str, tuple[str, ...]]) -> list[str]:
+    """A cycle among ``left`` (prompts none of which can run), as names, first one repeated."""
+    names = {spec.name for spec in left}
+    path = [left[0].name]
+    while path.count(path[-1]) < 2:
+        path.append(next(name for name in waits[path[-1]] if name in names))
+    return path[path.index(path[-1]):]
 
 
 def _spec(name: str, entry: Any, where: str) -> PromptSpec:
@@ -234,23 +393,66 @@ def _spec(name: str, entry: Any, where: str) -> PromptSpec:
         entry = {"prompt": entry}
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: expected a prompt text or a mapping of {', '.join(_SPEC_KEYS)}")
-    for key in entry:
-        if key not in _SPEC_KEYS:
-            close = difflib.get_close_matches(str(key), _SPEC_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"{where}: unknown key {key!r}{hint}")
+    _check_keys(entry, _SPEC_KEYS, where)
     output_key = _text(entry, "output_key", where) or name
     if output_key in RESERVED_KEYS:
         raise UsageError(f"{where}: output_key {output_key!r} is reserved")
     prompt = _text(entry, "prompt", where)
     if prompt is not None:
         _check_placeholders(prompt, where)
+    model = _text(entry, "model", where)
+    if model is None and any(key in entry for key in _PRICE_KEYS):
+        raise UsageError(f"{where}: prices need the prompt's own model (the job's model is "
+                         "priced by the --price_per_million_* flags)")
+    image = entry.get("image", True)
+    if not isinstance(image, bool):
+        raise UsageError(f"{where}: image must be true or false, got {image!r}")
     return PromptSpec(
         name=name, output_key=output_key, prompt=prompt, template=True,
         system_prompt=_text(entry, "system", where),
         max_tokens=_number(entry, "max_tokens", where, int, 1),
         temperature=_number(entry, "temperature", where, float, 0),
-        response_format=_response_format(entry, name, where))
+        response_format=_response_format(entry, name, where),
+        route=None if model is None else ModelRoute(
+            model, **{key: _number(entry, key, where, float, 0) for key in _PRICE_KEYS}),
+        reasoning_effort=_text(entry, "reasoning_effort", where), image=image,
+        judge_of=_text(entry, "judge", where),
+        threshold=_number(entry, "threshold", where, float, SCORE_RANGE[0]),
+        recaption=_recaption(entry.get("recaption"), f"{where}: recaption"))
+
+
+def _check_keys(entry: dict, known: tuple[str, ...], where: str) -> None:
+    """UsageError for a key of ``entry`` not in ``known``, with the closest known key."""
+    for key in entry:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _recaption(entry: Any, where: str) -> ModelRoute | None:
+    """A judge's ``recaption`` model (None when not given)."""
+    if entry is None:
+        return None
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: expected a model name or a mapping of "
+                         f"{', '.join(_RECAPTION_KEYS)}")
+    _check_keys(entry, _RECAPTION_KEYS, where)
+    model = _text(entry, "model", where)
+    if model is None:
+        raise UsageError(f"{where}: needs the model to ask (model: NAME)")
+    if entry.get("api_key_env") and entry.get("api_key_file"):
+        raise UsageError(f"{where}: give the key with one of api_key_env and api_key_file")
+    return ModelRoute(
+        model, api_url=_text(entry, "api_url", where),
+        api_key_env=_text(entry, "api_key_env", where),
+        api_key_file=_text(entry, "api_key_file", where),
+        **{key: _number(entry, key, where, float, 0) for key in _PRICE_KEYS},
+        max_tokens=_number(entry, "max_tokens", where, int, 1),
+        temperature=_number(entry, "temperature", where, float, 0),
+        reasoning_effort=_text(entry, "reasoning_effort", where))
 
 
 def _check_placeholders(prompt: str, where: str) -> None:

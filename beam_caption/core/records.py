@@ -11,7 +11,8 @@ Elements stay JSON-ready dicts (they are the output lines), but every one is bui
   retryable[, prompt][, paid]}[, "answers"]}`` (``failure_element``): with several prompts,
   ``error`` is the first failed prompt's (named by ``prompt``) and ``answers`` holds the answers
   the other prompts gave, so nothing paid for is lost; ``paid`` is what the record's answered
-  attempts cost (``{"prompt_tokens", "completion_tokens"[, "estimated"]}``, errors.CaptionError).
+  attempts cost (``{"prompt_tokens", "completion_tokens"[, "estimated"][, "by_model"]}``,
+  errors.CaptionError; ``by_model`` when prompts asked other models, core/stages.py).
 
 ``record_outcome`` is the one way a record's answers become its captioned record or its
 failure, online (core/engine.py) and from Batch API results (transforms/batch.py) alike.
@@ -158,10 +159,18 @@ class CaptionMeta:
     usage_estimated: bool | None = None
     # answers an answer check refused before the kept ones, by type (degenerate, refusal...)
     rejected: dict[str, int] | None = None
+    # a judge's verdict (core/stages.quality_meta): score, threshold, re-caption and the first
+    # answer it replaced
+    quality: dict | None = None
+    # with prompts asked of other models: model -> {"prompt_tokens", "completion_tokens"} paid
+    tokens_by_model: dict | None = None
+    # of prompt_tokens, those the server served from its prefix cache (None: not reported)
+    cached_tokens: int | None = None
 
     def to_json(self) -> dict:
         meta = dict(vars(self))  # flat values: no need for asdict's deep copy (25 us a record)
-        for optional in ("prompts", "batch_id", "usage_estimated", "rejected"):
+        for optional in ("prompts", "batch_id", "usage_estimated", "rejected", "quality",
+                         "tokens_by_model", "cached_tokens"):
             if not meta[optional]:
                 del meta[optional]
         return meta
@@ -185,13 +194,14 @@ def answers_meta(model: str, key: str, fingerprint: str, answers: dict[str, Any]
     prompts = None if len(given) == 1 else {name: {
         "attempts": answer.attempts, "latency_ms": answer.latency_ms,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-        "finish_reason": answer.finish_reason, "cached": answer.cached}
+        "finish_reason": answer.finish_reason, "cached": answer.cached,
+        **({"cached_tokens": answer.cached_tokens} if answer.cached_tokens else {})}
         for name, answer in answers.items()}
     return CaptionMeta(
         model=model, attempts=sum(answer.attempts for answer in given),
         latency_ms=max(answer.latency_ms for answer in given),
         prompt_tokens=total("prompt_tokens"), completion_tokens=total("completion_tokens"),
-        reasoning_tokens=total("reasoning_tokens"),
+        reasoning_tokens=total("reasoning_tokens"), cached_tokens=total("cached_tokens"),
         finish_reason=reasons.pop() if len(reasons) == 1 else None,
         cached=all(answer.cached for answer in given), key=key, fingerprint=fingerprint,
         finished_at=round(finished_at, 3), prompts=prompts, batch_id=batch_id,
@@ -219,7 +229,8 @@ def failed_outcome(element: dict, error: CaptionError, prompt: str | None = None
 def record_outcome(element: dict, specs: Sequence[PromptSpec],
                    answers: Sequence[Completion | CaptionError], *, model: str,
                    settings_digest: str, finished_at: float,
-                   batch_id: str | None = None) -> Outcome:
+                   batch_id: str | None = None, quality: dict | None = None,
+                   tokens_by_model: dict | None = None) -> Outcome:
     """A keyed record's answers as its captioned record or its failure: the one place the
     online and the batch paths turn answers into an output line.
 
@@ -233,6 +244,10 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
         finished_at: unix time the last answer came.
         batch_id: the Batch API batch that answered: named in ``caption_meta``; a failure's
             paid tokens are at the batch price.
+        quality: a judge's verdict, ``caption_meta["quality"]`` (core/stages.py).
+        tokens_by_model: the tokens each model was paid, when prompts were asked of models
+            other than ``model``: ``caption_meta["tokens_by_model"]``, a failure's
+            ``error.paid["by_model"]``.
 
     Returns:
         The captioned record (every prompt answered), else the failure of the first failed
@@ -253,6 +268,8 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
         paid = paid_by(answers)
         if paid and batch_id is not None:
             paid["batch"] = True
+        if paid and tokens_by_model:
+            paid["by_model"] = tokens_by_model
         error = CaptionError(first.stage, first.type, message, first.retryable, first.attempts,
                              first.throttled_s, paid)
         outcome = failed_outcome(element, error, spec.name if len(specs) > 1 else None, done)
@@ -261,6 +278,8 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
                         element_fingerprint(element, settings_digest),
                         {spec.name: answer for spec, answer in zip(specs, answers, strict=True)},
                         finished_at, batch_id)
+    if quality or tokens_by_model:
+        meta = dataclasses.replace(meta, quality=quality, tokens_by_model=tokens_by_model)
     caption = captioned_record(element["record"], done, meta)
     if element.get(IMAGE_BYTES):  # filled by the runtime for a record marked keeping_images
         caption[IMAGE_BYTES] = element[IMAGE_BYTES]
@@ -270,21 +289,24 @@ def record_outcome(element: dict, specs: Sequence[PromptSpec],
 def paid_by(answers: Sequence[Completion | CaptionError]) -> dict | None:
     """What a record's prompts paid (``CaptionError.paid``): the answers kept (cached answers
     cost nothing) and the failed prompts' paid attempts; None when nothing was paid."""
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     estimated = False
     for answer in answers:
         if isinstance(answer, CaptionError):
             if answer.paid:
                 prompt_tokens += answer.paid["prompt_tokens"]
                 completion_tokens += answer.paid["completion_tokens"]
+                cached_tokens += answer.paid.get("cached_tokens", 0)
                 estimated = estimated or bool(answer.paid.get("estimated"))
         elif not answer.cached:
             prompt_tokens += answer.prompt_tokens or 0
             completion_tokens += answer.completion_tokens or 0
+            cached_tokens += answer.cached_tokens or 0
             estimated = estimated or answer.usage_estimated
     if not (prompt_tokens or completion_tokens):
         return None
-    paid = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    paid = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            **({"cached_tokens": cached_tokens} if cached_tokens else {})}
     return {**paid, "estimated": True} if estimated else paid
 
 

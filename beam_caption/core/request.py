@@ -72,12 +72,13 @@ class RequestPlan:
     turns: tuple[tuple[str, str], ...]
 
 
-def prompt_turns(record: dict, settings: PromptSettings,
-                 spec: PromptSpec | None = None) -> tuple[tuple[str, str], ...]:
-    """The turns one prompt asks of a record: its text (fields filled in), else the record's
-    conversation (or --prompt). CaptionError(read) when the record cannot give them."""
+def prompt_turns(record: dict, settings: PromptSettings, spec: PromptSpec | None = None,
+                 answers: dict | None = None) -> tuple[tuple[str, str], ...]:
+    """The turns one prompt asks of a record: its text (fields and the ``answers`` of the
+    prompts it uses filled in), else the record's conversation (or --prompt).
+    CaptionError(read) when the record cannot give them."""
     if spec is not None and spec.prompt is not None:
-        return (("user", spec.user_text(record)),)
+        return (("user", spec.user_text(record, answers)),)
     return _turns(record, settings)
 
 
@@ -126,7 +127,12 @@ def _turns(record: dict, settings: PromptSettings) -> tuple[tuple[str, str], ...
 def build_messages(plan: RequestPlan, image_urls: list[str], system_prompt: str | None,
                    image_detail: str | None = None) -> list[dict]:
     """OpenAI chat messages: system prompt, then the turns, images first in the first user turn
-    (with ``detail`` when ``image_detail`` is given)."""
+    (with ``detail`` when ``image_detail`` is given).
+
+    Images come before any text of a prompt, so the prompts of one image with the same system
+    prompt share everything up to the end of the images: a server's prefix cache (OpenAI's,
+    vLLM's) serves that part of the second and later prompts as cached input tokens.
+    """
     detail = {"detail": image_detail} if image_detail else {}
     messages: list[dict] = []
     if system_prompt and not any(role == "system" for role, _ in plan.turns):

@@ -24,6 +24,7 @@ from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.redact import redact_url
 from beam_caption.core.request import DEFAULT_SYSTEM_PROMPT, PromptSettings
+from beam_caption.core.stages import model_prices
 from beam_caption.core.tokens import default_max_side
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class CaptionConfig:
     max_cost: float | None = None
     price_per_million_input_tokens: float = 0.0
     price_per_million_output_tokens: float = 0.0
+    price_per_million_cached_input_tokens: float | None = None  # None: the input price
     batch_discount: float = 0.5
     # images
     max_image_side: int | None = None  # None: 1024, or 512 for OpenAI's low detail
@@ -201,6 +203,7 @@ class CaptionConfig:
                 max_cost=self.max_cost / processes if self.max_cost else None,
                 price_per_million_input_tokens=self.price_per_million_input_tokens,
                 price_per_million_output_tokens=self.price_per_million_output_tokens,
+                price_per_million_cached_input_tokens=self.price_per_million_cached_input_tokens,
                 batch_discount=self.batch_discount),
             prompts=PromptSettings(
                 system_prompt=self.system_prompt or None, prompt=self.prompt,
@@ -231,4 +234,10 @@ class CaptionConfig:
             reported[name] = reported[name] and redact_url(reported[name])
         if self.prompts:
             reported["prompts"] = [spec.name for spec in self.prompts]
+        specs = self.prompts or (load_prompts_file(self.prompts_file) if self.prompts_file
+                                 else ())
+        prices = model_prices(specs, self.price_per_million_input_tokens,
+                              self.price_per_million_output_tokens)
+        if prices:  # the prompts' own models' (summary.json's cost by model)
+            reported["model_prices"] = prices
         return reported

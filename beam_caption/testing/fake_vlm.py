@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
 import io
@@ -52,6 +53,8 @@ _ENDLESS_CHUNK = b" " * 65536
 REASONING_TOKENS = {"minimal": 0, "low": 64, "medium": 192, "high": 768}
 DEFAULT_EFFORT = "medium"
 _REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+JUDGE_SCORES = {"low": 2, "fine": 8, "strong": 9}  # a fake judge's scores (FakeVLMConfig)
+STRONG_CAPTION = "A strong caption: "
 DEGENERATE = ("loop", "text_refusal", "short")  # answers that are not captions (see FakeVLMConfig)
 TEXT_REFUSAL = "I'm sorry, but I can't help with describing this image."
 SHORT_ANSWER = "Red."
@@ -120,6 +123,14 @@ class FakeVLMConfig:
     # (structured_answer); these give answers that do not conform instead:
     schema_marker: str | None = "BREAK_SCHEMA"  # a prompt holding it, always
     schema_break_first: int = 0  # the first N answers for each distinct request
+    # Stages and judges (core/stages.py): a model whose name holds ``strong_marker`` answers
+    # "A strong caption: ..." where the others answer "A fake caption: ...". A judge's answer
+    # (a schema with a number "score") scores JUDGE_SCORES["strong"] for a request showing a
+    # strong caption, else JUDGE_SCORES["low"] for one holding ``low_score_marker`` or drawn
+    # at ``rate_low_score`` (by the request's content), else JUDGE_SCORES["fine"].
+    strong_marker: str = "strong"
+    low_score_marker: str | None = "LOW_SCORE"
+    rate_low_score: float = 0
     # Batch API (/v1/files, /v1/batches; fake_batches.py):
     batch_delay_s: float = 0.0  # from a batch's creation to its end
     batch_expire: bool = False  # batches expire: only the first half of their lines answered
@@ -131,6 +142,11 @@ class FakeVLMConfig:
     account_tpm: float | None = None
     account_burst_s: float = 60.0
     account_headers: bool = True  # answers carry x-ratelimit-limit/remaining/reset-* headers
+    # Prefix caching, as vLLM's and OpenAI's: an answer whose request starts as an earlier one
+    # did, up to and including its last image (same model), reports that prefix's prompt
+    # tokens in usage.prompt_tokens_details.cached_tokens. The last this many prefixes are
+    # remembered (0: no caching); requests without images are never served from it.
+    prefix_cache_entries: int = 256
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -574,6 +590,8 @@ class FakeVLMServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._batches = FakeBatchAPI(self)
+        self._prefixes: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._prefixes_lock = threading.Lock()  # batch lines are answered off the loop
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -858,6 +876,8 @@ class FakeVLMServer:
         """
         text = self._degenerate(chat, _caption([image.description for imgs in images
                                                 for image in imgs]))
+        if self.config.strong_marker in chat.model:
+            text = text.replace("A fake caption: ", STRONG_CAPTION, 1)
         if chat.response_format and chat.response_format["type"] != "text":
             text = self._structured_text(chat, text)
         caption: str | None = (text.ljust(self.config.caption_chars, ".")
@@ -882,6 +902,9 @@ class FakeVLMServer:
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+        cached = self._cached_tokens(chat, images)
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if self.config.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return {
@@ -895,6 +918,32 @@ class FakeVLMServer:
             **({} if self.config.omit_usage else
                {"usage": usage if self.config.usage is None else self.config.usage}),
         }
+
+    def _cached_tokens(self, chat: _Chat, images: list[list[_DecodedImage]]) -> int:
+        """The prompt tokens of the request's prefix up to and including its last image when an
+        earlier request had that prefix (``prefix_cache_entries``), else 0; the prefix is
+        remembered either way."""
+        last = max((i for i, imgs in enumerate(images) if imgs), default=None)
+        if not self.config.prefix_cache_entries or last is None:
+            return 0
+        content = chat.raw_messages[last]["content"]  # a list: it holds images
+        cut = max(j for j, part in enumerate(content) if part["type"] == "image_url") + 1
+        prefix = [*chat.raw_messages[:last], {**chat.raw_messages[last], "content": content[:cut]}]
+        digest = hashlib.sha256(json.dumps([chat.model, prefix], sort_keys=True).encode()
+                                ).hexdigest()
+        with self._prefixes_lock:
+            seen = digest in self._prefixes
+            self._prefixes[digest] = None
+            self._prefixes.move_to_end(digest)
+            while len(self._prefixes) > self.config.prefix_cache_entries:
+                self._prefixes.popitem(last=False)
+        if not seen:
+            return 0
+        texts = [part["text"] for part in content[:cut] if part["type"] == "text"]
+        return (sum(self._message_tokens(m, imgs)
+                    for m, imgs in zip(chat.messages[:last], images[:last], strict=True))
+                + self._message_tokens(_Message(chat.messages[last].role, texts, []),
+                                       images[last]))
 
     def _degenerate(self, chat: _Chat, caption: str) -> str:
         """``caption``, or the degenerate answer the request's marker or draw asks for."""
@@ -936,7 +985,20 @@ class FakeVLMServer:
         if chat.response_format["type"] == "json_object":  # type: ignore[index]
             return json.dumps({"caption": caption})
         schema = chat.response_format["json_schema"]["schema"]  # type: ignore[index]
-        return json.dumps(structured_answer(schema, caption))
+        answer = structured_answer(schema, caption)
+        if isinstance(answer, dict) and (schema.get("properties") or {}).get("score", {}).get(
+                "type") in ("number", "integer"):
+            answer["score"] = self._judge_score(chat)
+        return json.dumps(answer)
+
+    def _judge_score(self, chat: _Chat) -> int:
+        """A judge's score of the request (see FakeVLMConfig.strong_marker)."""
+        if any(STRONG_CAPTION in text for message in chat.messages for text in message.texts):
+            return JUDGE_SCORES["strong"]
+        draw = int(hashlib.sha256(f"{self.config.seed}:{_content_digest(chat)}".encode())
+                   .hexdigest()[:13], 16) / 16 ** 13
+        low = _holds(chat, self.config.low_score_marker) or draw < self.config.rate_low_score
+        return JUDGE_SCORES["low" if low else "fine"]
 
     def _message_tokens(self, message: _Message, images: list[_DecodedImage]) -> int:
         patch = self.config.token_patch_px
@@ -1045,6 +1107,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="batches expire with half of their lines answered")
     parser.add_argument("--no_account_headers", dest="account_headers", action="store_false",
                         help="answer without x-ratelimit-* headers")
+    parser.add_argument("--prefix_cache_entries", type=int,
+                        default=defaults.prefix_cache_entries,
+                        help="request prefixes (up to the last image) remembered to report "
+                             "cached_tokens for (0: none)")
     return parser.parse_args(argv)
 
 

@@ -477,7 +477,9 @@ class _Assemble(beam.DoFn):
                 answer = read_completion(json.dumps(body).encode())
                 tokens = answer.usage.prompt_tokens, answer.usage.completion_tokens
                 if tokens != (None, None):  # billed, whatever becomes of the answer
-                    paid = {"prompt_tokens": tokens[0] or 0, "completion_tokens": tokens[1] or 0}
+                    paid = {"prompt_tokens": tokens[0] or 0, "completion_tokens": tokens[1] or 0,
+                            **({"cached_tokens": answer.cached_tokens}
+                               if answer.cached_tokens else {})}
                 parsed = judge_completion(answer, self._config.client.max_caption_chars)
                 check = self._checks[spec.name]
                 value = parsed.caption if check is None else check(parsed.caption)
@@ -488,7 +490,8 @@ class _Assemble(beam.DoFn):
             return Completion(scrub_answer(value, self._secrets), parsed.finish_reason,
                               parsed.prompt_tokens, parsed.completion_tokens,
                               attempts=0 if shared else 1, latency_ms=result[5],
-                              reasoning_tokens=parsed.reasoning_tokens, cached=shared), result
+                              reasoning_tokens=parsed.reasoning_tokens, cached=shared,
+                              cached_tokens=answer.cached_tokens), result
         return error, None
 
 

@@ -110,7 +110,8 @@ def reused_cost(caption: dict, client: ClientSettings) -> float:
     if not isinstance(meta, dict) or meta.get("cached"):
         return 0.0
     return client.cost(token_count(meta.get("prompt_tokens")) or 0,
-                       token_count(meta.get("completion_tokens")) or 0, bool(meta.get("batch_id")))
+                       token_count(meta.get("completion_tokens")) or 0, bool(meta.get("batch_id")),
+                       token_count(meta.get("cached_tokens")) or 0)
 
 
 def _check_count(holder: dict, name: str, where: str, nullable: bool) -> None:

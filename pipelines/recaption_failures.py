@@ -13,12 +13,11 @@ Give the first run's --image_root (relative image paths are resolved against it)
 """
 
 import json
-import os
 import sys
 
 import fsspec
 
-from beam_caption.cli.recipe import Recipe
+from beam_caption.cli.recipe import Recipe, input_from_earlier_output
 from beam_caption.core.errors import UsageError
 from beam_caption.core.outputs import FAILURES_PREFIX, read_output_records
 
@@ -49,12 +48,7 @@ def write_retry_manifest(from_output: str, output_dir: str, every: bool) -> tupl
 def adopt(recipe_flags, options):
     if not recipe_flags.from_output:
         raise UsageError("missing required flag: --from_output")
-    if options.input or not options.output:
-        raise UsageError("the records come from --from_output's failures: give --output, "
-                         "not --input")
-    if os.path.abspath(recipe_flags.from_output) == os.path.abspath(options.output):
-        raise UsageError("--output must be a new directory, not --from_output")
-    options.input = [f"{options.output.rstrip('/')}/{RETRY_MANIFEST}"]
+    input_from_earlier_output(options, recipe_flags.from_output, RETRY_MANIFEST, "failures")
 
 
 def prepare(recipe_flags, options):

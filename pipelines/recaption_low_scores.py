@@ -17,12 +17,11 @@ Give the first run's --image_root (relative image paths are resolved against it)
 """
 
 import json
-import os
 import sys
 
 import fsspec
 
-from beam_caption.cli.recipe import Recipe
+from beam_caption.cli.recipe import Recipe, input_from_earlier_output
 from beam_caption.core.errors import UsageError
 from beam_caption.core.outputs import CAPTIONS_PREFIX, read_output_records
 from beam_caption.core.prompts import SCORE_RANGE
@@ -76,12 +75,7 @@ def adopt(recipe_flags, options):
     if not SCORE_RANGE[0] <= recipe_flags.below <= SCORE_RANGE[1]:
         raise UsageError(f"--below must be a score from {SCORE_RANGE[0]:g} to "
                          f"{SCORE_RANGE[1]:g}, got {recipe_flags.below:g}")
-    if options.input or not options.output:
-        raise UsageError("the records come from --from_output's captions: give --output, "
-                         "not --input")
-    if os.path.abspath(recipe_flags.from_output) == os.path.abspath(options.output):
-        raise UsageError("--output must be a new directory, not --from_output")
-    options.input = [f"{options.output.rstrip('/')}/{LOW_SCORE_MANIFEST}"]
+    input_from_earlier_output(options, recipe_flags.from_output, LOW_SCORE_MANIFEST, "captions")
 
 
 def prepare(recipe_flags, options):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -137,6 +138,19 @@ def _captions_prefix(recipe_flags: argparse.Namespace, options: CaptionOptions) 
     if options.report:
         raise UsageError("--report reads captions-*: leave out --file_name_prefix or --report")
     return prefix
+
+
+def input_from_earlier_output(options: CaptionOptions, from_output: str, manifest: str,
+                              what: str) -> None:
+    """Make ``--input`` the manifest ``manifest`` that a recipe writes into ``--output`` from
+    the ``what`` (captions, failures) of the earlier run in ``from_output``; UsageError for an
+    ``--input`` given, no ``--output``, or ``--output`` being ``from_output``."""
+    if options.input or not options.output:
+        raise UsageError(f"the records come from --from_output's {what}: give --output, "
+                         "not --input")
+    if os.path.abspath(from_output) == os.path.abspath(options.output):
+        raise UsageError("--output must be a new directory, not --from_output")
+    options.input = [f"{options.output.rstrip('/')}/{manifest}"]
 
 
 def same_flag(name: str, value, cli_name: str, cli_value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from beam_caption.cli.estimate import estimate, parser
+from beam_caption.cli.estimate import estimate, parser, report
 from beam_caption.cli.main import main
 from beam_caption.core.tokens import image_tokens
 
@@ -98,3 +98,11 @@ def test_a_prompts_file_counts_every_image_once_per_prompt(tmp_path):
     assert one.image_tokens == image_tokens(1024, 768) and two.image_tokens == 2 * one.image_tokens
     assert (one.output_tokens, two.output_tokens) == (100, 100 + 50)
     assert two.text_tokens > one.text_tokens
+    assert (one.cacheable_tokens, two.cacheable_tokens) == (0, one.image_tokens)
+    priced = parser().parse_args([*args, "--prompts_file", str(tmp_path / "p.yaml"),
+                                  "--price_per_million_input_tokens", "1",
+                                  "--price_per_million_cached_input_tokens", "0.25"])
+    [line] = [line for line in report(two, priced) if "prefix cache" in line]
+    full = two.input_tokens / 1e6
+    assert f"down to ${full - one.image_tokens * 0.75 / 1e6:,.4f} " in line
+    assert not [line for line in report(two, parser().parse_args(args)) if "prefix" in line]

@@ -69,6 +69,9 @@ class Estimate:
     by_model: dict[str | None, list[int]] = field(default_factory=dict)
     # the worst case counted for re-captions: model -> [input, output] tokens (all records)
     recaptions: dict[str, list[int]] = field(default_factory=dict)
+    # image tokens of --model's requests that repeat an earlier request's image (the second
+    # and later prompts of a record): what a server's prefix cache may serve
+    cacheable_tokens: int = 0
 
     @property
     def input_tokens(self) -> int:
@@ -93,6 +96,7 @@ class Estimate:
 JOB_FLAGS = ("input", "image_root", "image_key", "conversation_key", "system_prompt", "prompt",
              "prompts_file", "model", "max_image_side", "image_detail", "token_formula",
              "max_tokens", "price_per_million_input_tokens", "price_per_million_output_tokens",
+             "price_per_million_cached_input_tokens",
              "batch_discount", "allow_private_urls")
 
 
@@ -152,7 +156,9 @@ def estimate(args: argparse.Namespace) -> Estimate:
         tokens = sum(image_tokens(w, h, args.token_formula, args.image_detail) for w, h in sizes)
         by_model: dict[str | None, list[int]] = {}
         for spec, model, again in stage_requests:
-            counts = by_model.setdefault(model, [0, 0, 0])
+            counts = by_model.setdefault(model, [0, 0, 0, 0])
+            if spec.image and counts[0]:
+                counts[3] += tokens  # the record's image again: a cacheable prefix
             counts[0] += tokens if spec.image else 0
             counts[1] += texts[spec.name]
             counts[2] += answer_tokens(spec, again)
@@ -168,7 +174,8 @@ def estimate(args: argparse.Namespace) -> Estimate:
         totals.images += images
         totals.image_tokens += image_cost
         totals.text_tokens += text_cost
-        for model, (model_images, model_text, model_output) in by_model.items():
+        totals.cacheable_tokens += by_model.get(None, [0, 0, 0, 0])[3]
+        for model, (model_images, model_text, model_output, _) in by_model.items():
             totals.output_tokens += model_output
             if len(by_model) > 1 or model is not None:
                 counts = totals.by_model.setdefault(model, [0, 0])
@@ -294,6 +301,13 @@ def report(totals: Estimate, args: argparse.Namespace) -> list[str]:
         + (" (other models at theirs)" if totals.by_model else ""),
     ]
     lines += _stage_lines(totals, args, prices)
+    cached_price = args.price_per_million_cached_input_tokens
+    if totals.cacheable_tokens and cached_price is not None:
+        saved = totals.cacheable_tokens * (args.price_per_million_input_tokens - cached_price) / 1e6
+        lines.append(
+            f"  with the server's prefix cache: down to ${input_cost + output_cost - saved:,.4f} "
+            f"({totals.cacheable_tokens:,} image tokens of the second and later prompts of "
+            f"each image at ${cached_price:g} per million cached tokens)")
     batch = (input_cost + output_cost) * args.batch_discount
     lines.append(f"  with --mode batch: ${batch:,.4f} (--batch_discount {args.batch_discount:g}"
                  f", saving ${input_cost + output_cost - batch:,.4f})")

@@ -307,3 +307,36 @@ def run_cli_result(output) -> list[dict]:
     from conftest import read_jsonl
 
     return read_jsonl(str(output / "captions-*.jsonl"))
+
+
+def test_max_cost_counts_every_models_answers_and_the_stop_names_each_models_spend(
+        dataset_factory, tmp_path):
+    import re
+
+    # $0.01 an answer of either priced model; every caption is re-asked of the strong one.
+    usage = {"prompt_tokens": 100, "completion_tokens": 0, "total_tokens": 100}
+    data = dataset_factory(10, files=1)
+    manifest, prompts = write_job(data, tmp_path, judged_prompts(threshold=5, recaption={
+        "model": "strong-vlm", "price_per_million_input_tokens": 100,
+        "price_per_million_output_tokens": 0, "api_url": "STRONG_URL"}),
+        notes={f"r{i}": "LOW_SCORE" for i in range(10)})
+    with FakeVLMServer(FakeVLMConfig(models=("fake-vlm", "judge-vlm"), usage=usage)) as small, \
+            FakeVLMServer(FakeVLMConfig(models=("strong-vlm",), usage=usage)) as strong:
+        prompts.write_text(prompts.read_text().replace("STRONG_URL", strong.url))
+        # all 10 records: $0.10 by each model; $0.15 is more than either, less than both
+        result = run_cli([*TEST_RUNNER, "--input", str(manifest), "--api_url", small.url,
+                          "--model", "fake-vlm", "--image_root", str(data.root),
+                          "--prompts_file", str(prompts), "--max_concurrency", "1",
+                          "--price_per_million_input_tokens", "100",
+                          "--price_per_million_output_tokens", "0", "--max_cost", "0.15"],
+                         tmp_path / "out")
+        strong_requests = strong.stats()["requests"]
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--max_cost is spent (this worker process's share: $0.1500" in line, line
+    spent = {model: float(dollars) for dollars, model in
+             re.findall(r"\$(\d+\.\d{4}) of it by ([\w-]+)", line)}
+    assert set(spent) == {"fake-vlm", "judge-vlm", "strong-vlm"}, line
+    assert 0 < spent["fake-vlm"] < 0.15 and 0 < spent["strong-vlm"] < 0.15
+    assert spent["fake-vlm"] + spent["strong-vlm"] >= 0.15 and "reused" not in line
+    assert 0 < strong_requests < 10

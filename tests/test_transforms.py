@@ -108,7 +108,8 @@ def test_write_summary_counts_what_was_written(tmp_path):
     summary = read_summary(str(tmp_path))
     assert (summary["records"], summary["captioned"], summary["failed"]) == (4, 2, 2)
     assert summary["images_captioned"] == 3 and summary["cache_hits"] == 1
-    assert summary["tokens"] == {"prompt": 10, "completion": 4, "total": 14, "reasoning": 1}
+    assert summary["tokens"] == {"prompt": 10, "completion": 4, "total": 14, "reasoning": 1,
+                                 "cached": 0}
     assert summary["failed_by_type"] == {"image/image_not_found": 1, "request/http_429": 1}
     assert summary["retries"] == 1 + 2 and summary["options"] == {"model": "m"}
     assert summary["throttled_s"] == 1.75

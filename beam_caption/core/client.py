@@ -14,7 +14,8 @@ and the account's rate limits (ratelimit.py); every wait a server asks for is bo
 
 Every answer that comes is paid, whatever becomes of its record: its usage is read
 (``usage_counts``, the one check of a usage block) before the answer is judged, counted in the
-budget (``--max_cost``) and carried by what the record becomes: a Completion's token counts
+budget (``--max_cost``: a ``CostBudget``, which the process's clients of every model share)
+and carried by what the record becomes: a Completion's token counts
 cover all its answered attempts (schema retries too), a CaptionError's ``paid`` what its
 attempts cost. An answer without usable counts (no usage, strings, negative, absurd) is charged
 a worst case, ``worst_case_usage``, with one warning per process. The prompt tokens a server
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
+from beam_caption.core.budget import CostBudget
 from beam_caption.core.errors import CaptionError, JobStopped, encodable
 from beam_caption.core.ratelimit import JobRateLimiter, Ticket, retry_after_seconds, server_wait
 from beam_caption.core.redact import redact_url, scrub
@@ -472,9 +474,12 @@ class VLMClient:
 
     ``complete()`` runs one record's request with its own retries; at most
     ``max_concurrency`` requests are on the wire at once; backoff waits hold no slot.
+    ``budget``: the --max_cost budget its answers are charged to, shared by the process's
+    clients of other models (default: its own, of ``settings.max_cost``).
     """
 
-    def __init__(self, settings: ClientSettings, api_key: str | None, seed: int | None = None):
+    def __init__(self, settings: ClientSettings, api_key: str | None, seed: int | None = None,
+                 budget: CostBudget | None = None):
         self.settings = settings
         self._url = settings.api_url.rstrip("/") + "/chat/completions"
         self._secrets = (api_key,) if api_key else ()
@@ -491,8 +496,9 @@ class VLMClient:
                                        settings.worker_processes, self._rng,
                                        settings.max_retry_wait, self._pause)
         self._refusals = 0  # consecutive 401/403/404 answers
-        self._spent = 0.0  # dollars this process paid, from the answers' usage
-        self._spent_before = 0.0  # this process's share of what earlier runs spent (--resume)
+        if budget is None:
+            budget = CostBudget(settings.max_cost, settings.worker_processes)
+        self._budget = budget  # --max_cost: what this process's clients spent
         self._stopped: JobStopped | None = None
         self._budget_spent = False  # the stop is --max_cost's (its line is made when asked)
         self._stop_event = asyncio.Event()
@@ -500,24 +506,10 @@ class VLMClient:
         self._accepted = AcceptedParams(settings.model)
         self._params = settings.request_params()
 
-    def count_spent_before(self, dollars: float) -> None:
-        """What earlier runs of the job spent (the cost of the captions a --resume reuses), as
-        this process's share: it counts against --max_cost. Setting it again replaces it."""
-        self._spent_before = dollars / max(1, self.settings.worker_processes)
-
     def stopped(self) -> JobStopped | None:
         """Why the job stopped (None while it goes on); a --max_cost stop states what was spent
         when asked, so asked once the requests in flight have ended it is the whole spend."""
-        if not self._budget_spent:
-            return self._stopped
-        budget = self.settings.max_cost or 0.0
-        before = (f", ${self._spent_before:.4f} of it by the captions reused from earlier runs"
-                  if self._spent_before else "")
-        return JobStopped(
-            f"--max_cost is spent (this worker process's share: ${budget + self._spent_before:.4f}"
-            f"; spent ${self._spent + self._spent_before:.4f}{before}; answers in flight when it "
-            "ran out were kept). Records not sent yet are left for --resume with a higher "
-            "--max_cost (the captions --resume reuses count against it).")
+        return self._budget.stop() if self._budget_spent else self._stopped
 
     async def complete(self, body: bytes, tokens: int = 0, params: dict | None = None,
                        check: Callable[[str], Any] | None = None) -> Completion:
@@ -602,8 +594,8 @@ class VLMClient:
                 "(--max_tokens, else %d), in tokens, cost and --max_cost (warned once)",
                 redact_url(self.settings.api_url), DEFAULT_COMPLETION_TOKENS)
         self._limiter.settle(ticket, prompt + completion)
-        self._spent += self.settings.cost(prompt, completion,
-                                          cached_tokens=answer.cached_tokens or 0)
+        self._budget.charge(self.settings.model, self.settings.cost(
+            prompt, completion, cached_tokens=answer.cached_tokens or 0))
         return Paid(prompt, completion, usage.reasoning_tokens, estimated, answer.cached_tokens)
 
     def _may_send(self) -> None:
@@ -611,8 +603,7 @@ class VLMClient:
         attempts and again when a request gets its slot, so nothing queued is sent after."""
         if self._stopped:
             raise self._stopped
-        budget = self.settings.max_cost
-        if budget is not None and self._spent + self._spent_before >= budget:
+        if self._budget.is_spent():
             self._budget_spent = True
             self._stop(self.stopped())  # type: ignore[arg-type]
 

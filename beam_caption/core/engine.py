@@ -1,11 +1,12 @@
 """The per-worker caption runtime: loop thread, model client from a factory, pools, byte budget.
 
 One ``CaptionRuntime`` per worker process (held by Beam's ``Shared``) owns an asyncio event
-loop in a background thread, one model client (``WorkerConfig.client_factory``, by default
-``VLMClient``), a thread pool for storage reads (image files, cache entries) and one with a
-thread per core for image decoding and encoding. ``submit`` starts one record and returns a
-future of its outcome. Image bytes held by records in flight (source files, then request
-bodies) are bounded by a byte budget, so memory does not grow with concurrency or image size.
+loop in a background thread, a model client per model asked (``WorkerConfig.client_factory``,
+by default ``VLMClient``) charging one --max_cost budget (core/budget.py), a thread pool for
+storage reads (image files, cache entries) and one with a thread per core for image decoding
+and encoding. ``submit`` starts one record and returns a future of its outcome. Image bytes
+held by records in flight (source files, then request bodies) are bounded by a byte budget, so
+memory does not grow with concurrency or image size.
 The runtime knows nothing of Beam or of the output layout.
 """
 
@@ -17,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import random
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 
 from beam_caption.core.answer_checks import AnswerChecks
 from beam_caption.core.api_keys import KeySource
+from beam_caption.core.budget import CostBudget
 from beam_caption.core.cache import RequestCache, request_digest
 from beam_caption.core.client import ClientSettings, Completion, VLMClient
 from beam_caption.core.errors import CaptionError, JobStopped, UsageError
@@ -88,6 +91,8 @@ class WorkerConfig:
     # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
     # Completion`` (see VLMClient.complete) and
     # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
+    # A factory with a ``budget`` parameter gets the process's CostBudget (--max_cost), which
+    # the clients of every model charge.
     client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
 
     @functools.cached_property
@@ -191,15 +196,16 @@ class CaptionRuntime:
         self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=usable_cores(), thread_name_prefix="beam-caption-image")
         api_key = _worker_api_key(config)
-        self._client = self.call(_make_client(config, config.client, api_key))
+        # --max_cost: this process's share, charged by the clients of every model
+        self._cost = CostBudget(config.client.max_cost, config.client.worker_processes)
+        self._client = self.call(_make_client(config, config.client, api_key, self._cost))
         # A client per other model (a prompt's own, a re-caption's): its own connections and
-        # rate limits (OpenAI's are per model); --max_cost counts what all of them spend.
+        # rate limits (OpenAI's are per model), the same budget.
         self._clients: dict[ModelRoute | None, Any] = {None: self._client}
         for route in routes(config.prompt_specs):
             self._clients[route] = self.call(_make_client(
-                config, route_settings(config.client, route), _route_key(route, api_key)))
-        self._spent = {route: 0.0 for route in self._clients}  # this process's dollars
-        self._spent_before = 0.0  # what earlier runs spent (count_spent_before)
+                config, route_settings(config.client, route), _route_key(route, api_key),
+                self._cost))
         self._cache = RequestCache(config.cache_dir, self._run_io)
         self._budget = ByteBudget(config.max_bytes_in_flight)
         self._guard = UrlGuard(config.allow_private_urls)
@@ -234,24 +240,8 @@ class CaptionRuntime:
         return stop
 
     def count_spent_before(self, dollars: float) -> None:
-        """What earlier runs spent (the reused captions' cost), for the clients' --max_cost."""
-        self._loop.call_soon_threadsafe(self._share_spending, None, 0.0, dollars)
-
-    def _share_spending(self, route: ModelRoute | None, dollars: float,
-                        before: float | None = None) -> None:
-        """Count ``dollars`` spent through ``route``'s client (``before``: set what earlier
-        runs spent) and tell each client what the others spent, so that --max_cost counts
-        every model's answers (each client counts its own; the others' are given to it as
-        spent before)."""
-        if before is not None:
-            self._spent_before = before
-        self._spent[route] += dollars
-        processes = max(1, self.config.client.worker_processes)
-        for own, client in self._clients.items():
-            count = getattr(client, "count_spent_before", None)
-            if count is not None:
-                others = sum(spent for other, spent in self._spent.items() if other != own)
-                count(self._spent_before + others * processes)
+        """What earlier runs spent (the reused captions' cost), for --max_cost."""
+        self._loop.call_soon_threadsafe(self._cost.count_spent_before, dollars)
 
     def call(self, coroutine):
         """Run a coroutine on the runtime's loop and wait for its result."""
@@ -397,10 +387,6 @@ class CaptionRuntime:
             raise
         except Exception as exc:  # a bug must not lose the other prompts' answers
             return _internal_error(spec.name, exc)
-        if len(self._clients) > 1:
-            prompt_tokens, completion_tokens = _paid_tokens(answer)
-            self._share_spending(route, client.settings.cost(prompt_tokens, completion_tokens)
-                                 if hasattr(client, "settings") else 0.0)
         return answer
 
     def _embedded(self, images: list) -> list[bytes]:
@@ -763,8 +749,21 @@ async def _close_all(clients) -> None:
         await client.aclose()
 
 
-async def _make_client(config: WorkerConfig, settings: ClientSettings, api_key: str | None):
-    """A client, made on the runtime's loop (an aiohttp session binds to the running loop)."""
-    return config.client_factory(settings, api_key)
+async def _make_client(config: WorkerConfig, settings: ClientSettings, api_key: str | None,
+                       budget: CostBudget):
+    """A client, made on the runtime's loop (an aiohttp session binds to the running loop),
+    given ``budget`` when its factory takes one."""
+    factory: Callable[..., Any] = config.client_factory
+    if _takes_budget(factory):
+        return factory(settings, api_key, budget=budget)
+    return factory(settings, api_key)
+
+
+def _takes_budget(factory: Callable) -> bool:
+    """Whether ``factory`` has a ``budget`` parameter (VLMClient, a subclass, a partial)."""
+    try:
+        return "budget" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 

@@ -78,6 +78,11 @@ def test_the_cli_counts_shards_and_refuses_a_table_without_the_image_column(inpu
     lines = out.splitlines()
     assert lines[0].startswith("estimate: 4 records, 3 images (token formula qwen")
     assert lines[-1] == "  not counted: 1 records that would fail (read/wds_no_image: 1)"
+    # shards alone without --prompt: counted with the sample prompt the job would ask
+    status, without_prompt, err = run_main(["estimate", "--input", f"{root}/0000[01].tar*",
+                                            "--token_formula", "qwen"])
+    assert status == 0, err
+    assert without_prompt.splitlines()[-1] == lines[-1] and "no_prompt" not in without_prompt
     pq.write_table(pa.Table.from_pylist([{"url": "a.png"}]), tmp_path / "urls.parquet")
     status, out, err = run_main(["estimate", "--input", str(tmp_path / "urls.parquet")])
     assert status == 2 and not out

@@ -36,7 +36,7 @@ from beam_caption.cli.flag_table import NON_NEGATIVE_INT, add_caption_flags, spl
 from beam_caption.core.errors import CaptionError
 from beam_caption.core.http_images import UrlGuard, fetch, is_http_url
 from beam_caption.core.images import ImageSettings, resolve_image_path
-from beam_caption.core.inputs import check_inputs, iter_unit, read_units
+from beam_caption.core.inputs import check_inputs, default_prompt, iter_unit, read_units
 from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.prompts import PromptSpec, load_prompts_file
 from beam_caption.core.request import PromptSettings, image_paths, prompt_turns
@@ -120,8 +120,9 @@ def estimate(args: argparse.Namespace) -> Estimate:
     UsageError, as the job's launch, for a table without the ``--image_key`` column."""
     files = match_manifests(split_inputs(args.input))
     check_inputs(files, args.image_key)
+    prompt = args.prompt or (None if args.prompts_file else default_prompt(files))
     prompts = PromptSettings(
-        system_prompt=args.system_prompt or None, prompt=args.prompt, image_key=args.image_key,
+        system_prompt=args.system_prompt or None, prompt=prompt, image_key=args.image_key,
         conversation_key=args.conversation_key,
         specs=load_prompts_file(args.prompts_file) if args.prompts_file else ())
     specs = prompts.prompt_specs("caption")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
-import logging
 import os
 import re
 from typing import Any
@@ -22,7 +21,6 @@ from apache_beam.options.pipeline_options import (
 
 from beam_caption.cli.flag_table import NumberRange, add_caption_flags, split_inputs
 from beam_caption.core.errors import UsageError
-from beam_caption.core.inputs import SAMPLE_PROMPT, WEBDATASET, input_kind
 from beam_caption.core.prompts import load_prompts_file
 from beam_caption.core.redact import clean_key, redact_url
 from beam_caption.core.settings import check_settings
@@ -160,11 +158,6 @@ def prepare_launch(options: PipelineOptions) -> None:
             setattr(flags, name, os.path.abspath(os.path.expanduser(value)))
     if flags.max_image_side is None:
         flags.max_image_side = default_max_side(flags.token_formula, flags.image_detail)
-    inputs = split_inputs(flags.input)
-    if inputs and not (flags.prompt or flags.prompts_file) and all(
-            input_kind(pattern) == WEBDATASET for pattern in inputs):
-        flags.prompt = SAMPLE_PROMPT  # a WebDataset sample holds no conversation
-        logging.getLogger(__name__).info("no --prompt: each sample is asked %r", SAMPLE_PROMPT)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER

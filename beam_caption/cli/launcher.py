@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -53,7 +54,7 @@ from beam_caption.cli.preflight import preflight
 from beam_caption.cli.progress import live_progress
 from beam_caption.cli.report import write_report
 from beam_caption.core.errors import JobStopped, StoppedError, UsageError
-from beam_caption.core.inputs import check_inputs
+from beam_caption.core.inputs import check_inputs, default_prompt
 from beam_caption.core.manifest_reader import match_manifests
 from beam_caption.core.outputs import CAPTIONS_PREFIX
 from beam_caption.core.settings import CaptionConfig
@@ -119,6 +120,11 @@ class Launch:
             return files
 
         files = [] if write_input else matched()
+        if files and not (options.prompt or options.prompts_file):
+            options.prompt = default_prompt(files)  # shards alone: the sample prompt
+            if options.prompt:
+                logging.getLogger(__name__).info("no --prompt: each sample is asked %r",
+                                                 options.prompt)
         config = flags_config(options)
         worker = config.worker_config()
         api_key = worker.api_key.resolve()  # read once here

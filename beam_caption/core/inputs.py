@@ -50,6 +50,15 @@ def input_kind(file: str) -> str:
     return MANIFEST
 
 
+def default_prompt(files: list[str]) -> str | None:
+    """The prompt a job of these (matched) input files asks without --prompt or
+    --prompts_file: SAMPLE_PROMPT when they are all WebDataset shards (a sample holds no
+    conversation), else None (each record's conversation)."""
+    if files and all(input_kind(file) == WEBDATASET for file in files):
+        return SAMPLE_PROMPT
+    return None
+
+
 def read_units(file: str) -> list[ReadUnit]:
     """The units ``file`` is read in (a table's row groups come from its footer)."""
     kind = input_kind(file)

@@ -7,12 +7,20 @@ job uses it; the public bc.ReadManifests (transforms/library.py) wraps it.
 from __future__ import annotations
 
 import logging
+import pickle
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_caption.core.figures import figures_for
-from beam_caption.core.inputs import DEFAULT_IMAGE_KEY, ReadUnit, iter_unit, read_units
+from beam_caption.core.inputs import (
+    DEFAULT_IMAGE_KEY,
+    MANIFEST,
+    ReadUnit,
+    input_kind,
+    iter_unit,
+    read_units,
+)
 from beam_caption.core.limits import MAX_IMAGE_BYTES
 from beam_caption.core.records import (
     FAILURES,
@@ -21,6 +29,7 @@ from beam_caption.core.records import (
 )
 
 _LOG = logging.getLogger(__name__)
+RESHUFFLE_BATCH = 100  # manifest records per shuffled element
 
 
 class _ReadUnit(beam.DoFn):
@@ -51,12 +60,17 @@ class _ReadUnit(beam.DoFn):
 class ReadManifestFiles(beam.PTransform):
     """Read manifest files into keyed record elements, with a ``failures`` side output.
 
-    ``files`` are already-matched file names or URLs (see :func:`match_manifests`). Records
-    naming their images are reshuffled so that one big manifest is captioned by every worker;
-    records carrying their image bytes (WebDataset samples, table rows) are not: their unit
-    (a shard, a row group) is already spread, and a shuffle would hold every image's bytes
-    (the local runner keeps a shuffle's elements in memory). Read failures
-    count as failed in ``progress_dir``'s live figures (see core/figures.py) when one is given.
+    ``files`` are already-matched file names or URLs (see :func:`match_manifests`). A
+    manifest's records are reshuffled, so that one big manifest is captioned by every worker,
+    as pickled bytes (the local runner holds a shuffle's elements decoded: a bytes object
+    weighs a fraction of a record's dicts). Shards' and tables' records are spread by their
+    unit (a shard, a row group) and not shuffled: with no manifest among ``files`` nothing
+    stands between reading and captioning, so a sample's image bytes are captioned as they
+    are read (the local runner buffers the whole output of a stage that feeds a shuffle or a
+    Flatten fed by other stages). Manifests mixed with them are partitioned off (records
+    carrying image bytes, or naming their images) and flattened back, which holds the
+    carried records there. Read failures count as failed in ``progress_dir``'s live figures
+    (see core/figures.py) when one is given.
     """
 
     def __init__(self, files: list[str], progress_dir: str | None = None,
@@ -79,11 +93,32 @@ class ReadManifestFiles(beam.PTransform):
             | "ReadFiles" >> beam.ParDo(_ReadUnit(
                 self._progress_dir, self._image_key, self._max_image_bytes)).with_outputs(
                     FAILURES, main=RECORDS))
+        manifests = {input_kind(file) == MANIFEST for file in self._files}
+        if manifests == {False}:  # every record carries its image bytes
+            return {RECORDS: read[RECORDS], FAILURES: read[FAILURES]}
+        if manifests == {True}:  # every record names its images
+            return {RECORDS: read[RECORDS] | "ReshuffleRecords" >> _ReshuffleRecords(),
+                    FAILURES: read[FAILURES]}
         carried, named = read[RECORDS] | "ByImageSource" >> beam.Partition(
             _ByImageSource(), 2)
-        records = ((carried, named | "ReshuffleRecords" >> beam.Reshuffle())
+        records = ((carried, named | "ReshuffleRecords" >> _ReshuffleRecords())
                    | "Records" >> beam.Flatten())
         return {RECORDS: records, FAILURES: read[FAILURES]}
+
+
+class _ReshuffleRecords(beam.PTransform):
+    """Reshuffle records in pickled batches of RESHUFFLE_BATCH (a runner that holds a
+    shuffle's elements decoded, as the local one does, keeps one bytes object per batch, not
+    each record's dicts); the records come out as they went in."""
+
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[dict]:
+        return (records
+                | "Batch" >> beam.BatchElements(min_batch_size=RESHUFFLE_BATCH,
+                                                max_batch_size=RESHUFFLE_BATCH)
+                | "Pickle" >> beam.Map(pickle.dumps, pickle.HIGHEST_PROTOCOL).with_output_types(
+                    bytes)
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Unpickle" >> beam.FlatMap(pickle.loads).with_output_types(dict))
 
 
 class _ByImageSource(beam.PartitionFn):

@@ -230,12 +230,18 @@ class WriteSummary(beam.PTransform):
     def expand(self, outputs: dict[str, beam.PCollection[dict]]) -> beam.PCollection[str]:
         image_key, output_dir, options = self._image_key, self._output_dir, self._options
         started_at, output_keys = self._started_at, self._output_keys
-        counts = [outputs["captions"] | "CaptionCounts" >> beam.Map(caption_counts, image_key),
-                  outputs["failures"] | "FailureCounts" >> beam.Map(failure_counts)]
+        per_record = {"Caption": (outputs["captions"], beam.Map(caption_counts, image_key)),
+                      "Failure": (outputs["failures"], beam.Map(failure_counts))}
         for name in ("resumed", "set_aside"):
             if name in outputs:
-                counts.append(outputs[name] | f"{name.title()}Counts" >> beam.Map(
+                per_record[name.title()] = (outputs[name], beam.Map(
                     lambda _, name=name: {name: 1}).with_output_types(dict))
+        # Each input summed where it is made (a lifted combine: one count per bundle), not
+        # after the Flatten, which the local runner would fill with a dict per record first.
+        counts = [records | f"{label}Counts" >> to_counts
+                  | f"{label}Totals" >> beam.CombineGlobally(_SummaryFn()).without_defaults()
+                  .with_output_types(dict)
+                  for label, (records, to_counts) in per_record.items()]
         if "stats" in outputs:
             counts.append(outputs["stats"])
         return (

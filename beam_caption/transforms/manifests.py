@@ -22,6 +22,7 @@ from beam_caption.core.inputs import (
     read_units,
 )
 from beam_caption.core.limits import MAX_IMAGE_BYTES
+from beam_caption.core.read_ahead import read_ahead
 from beam_caption.core.records import (
     FAILURES,
     METRICS_NAMESPACE,
@@ -30,9 +31,15 @@ from beam_caption.core.records import (
 
 _LOG = logging.getLogger(__name__)
 RESHUFFLE_BATCH = 100  # manifest records per shuffled element
+UNITS_PER_CALL = 8  # units a reader takes at once: the next one is opened ahead
+READ_AHEAD_BYTES = 32 << 20  # elements read ahead of the captioning, per reader
 
 
-class _ReadUnit(beam.DoFn):
+class _ReadUnits(beam.DoFn):
+    """Read a batch of units in order, a thread reading ahead (the next shard opened while
+    the current one's samples are captioned); metrics and progress counted here, in the
+    bundle's thread."""
+
     def __init__(self, progress_dir: str | None, image_key: str, max_image_bytes: int):
         self._progress_dir = progress_dir
         self._image_key = image_key
@@ -43,8 +50,12 @@ class _ReadUnit(beam.DoFn):
     def setup(self):
         self._progress = figures_for(self._progress_dir)  # a local run's live figures
 
-    def process(self, unit: ReadUnit):
-        for element in iter_unit(unit, self._image_key, self._max_image_bytes):
+    def process(self, units: list[ReadUnit]):
+        def elements():
+            for unit in units:
+                yield from iter_unit(unit, self._image_key, self._max_image_bytes)
+
+        for element in read_ahead(elements, READ_AHEAD_BYTES):
             if "error" in element:
                 self._unreadable.inc()
                 self._progress.add(failed=1)
@@ -69,8 +80,10 @@ class ReadManifestFiles(beam.PTransform):
     are read (the local runner buffers the whole output of a stage that feeds a shuffle or a
     Flatten fed by other stages). Manifests mixed with them are partitioned off (records
     carrying image bytes, or naming their images) and flattened back, which holds the
-    carried records there. Read failures count as failed in ``progress_dir``'s live figures
-    (see core/figures.py) when one is given.
+    carried records there. A reader takes up to UNITS_PER_CALL units at once and a thread reads
+    up to READ_AHEAD_BYTES ahead of the captioning (core/read_ahead.py), so the next shard is
+    opened while the current one's samples are captioned. Read failures count as failed in
+    ``progress_dir``'s live figures (see core/figures.py) when one is given.
     """
 
     def __init__(self, files: list[str], progress_dir: str | None = None,
@@ -90,7 +103,9 @@ class ReadManifestFiles(beam.PTransform):
             | "ReshuffleFiles" >> beam.Reshuffle()
             | "Units" >> beam.FlatMap(read_units)  # a table's row groups: from its footer
             | "ReshuffleUnits" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadUnit(
+            | "UnitBatches" >> beam.BatchElements(min_batch_size=1,
+                                                  max_batch_size=UNITS_PER_CALL)
+            | "ReadFiles" >> beam.ParDo(_ReadUnits(
                 self._progress_dir, self._image_key, self._max_image_bytes)).with_outputs(
                     FAILURES, main=RECORDS))
         manifests = {input_kind(file) == MANIFEST for file in self._files}

@@ -102,7 +102,7 @@ def test_clients_of_two_models_sharing_a_budget_stop_on_what_both_spent():
 
 
 class _Recording:
-    """A model client that records the budget it was given (a factory with ``budget``)."""
+    """A model client that records the budget it was given."""
 
     made: list[tuple[str, CostBudget]] = []
 
@@ -113,16 +113,9 @@ class _Recording:
         pass
 
 
-class _Plain(_Recording):
-    """A model client whose factory takes no budget (the seam's first form)."""
-
-    def __init__(self, settings: ClientSettings, api_key: str | None):
-        self.made.append((settings.model, None))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("factory", [_Recording, _Plain])
 def test_the_runtime_gives_every_models_client_one_budget_and_what_earlier_runs_spent(
-        tmp_path, factory):
+        tmp_path):
+    factory = _Recording
     factory.made = []
     specs = parse_prompts({"caption": "Describe.",
                            "short": {"prompt": "Shorten: {caption}", "model": "small-vlm"}})
@@ -137,8 +130,6 @@ def test_the_runtime_gives_every_models_client_one_budget_and_what_earlier_runs_
     finally:
         runtime.close()
     assert [model for model, _ in factory.made] == ["fake-vlm", "small-vlm"]
-    if factory is _Plain:  # made as before, without a budget
-        return
     (_, first), (_, second) = factory.made
     assert first is second and first.limit == 1.0
     assert first.reused == 0.5  # this process's share of the job's $2

@@ -24,7 +24,7 @@ from beam_caption.transforms.write import WriteSummary, read_summary
 class ScriptedClient:
     """A model client without HTTP: captions name the prompt; a prompt holding FAIL is refused."""
 
-    def __init__(self, settings, api_key):
+    def __init__(self, settings, api_key, budget):
         self.settings = settings
 
     async def complete(self, body: bytes, tokens: int = 0, params=None, check=None) -> Completion:

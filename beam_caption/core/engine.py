@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import inspect
 import logging
 import os
 import random
@@ -88,12 +87,11 @@ class WorkerConfig:
     allow_private_urls: bool = False  # http(s) images may reach non-public addresses
     token_formula: str = "openai"  # how image tokens are counted (tokens.py)
     answer_checks: AnswerChecks = AnswerChecks()  # what a text answer must pass to be kept
-    # (ClientSettings, api key) -> client with ``async complete(body, tokens, params, check) ->
-    # Completion`` (see VLMClient.complete) and
-    # ``async aclose()``; called on the runtime's loop. The seam tests use for a fake model.
-    # A factory with a ``budget`` parameter gets the process's CostBudget (--max_cost), which
-    # the clients of every model charge.
-    client_factory: Callable[[ClientSettings, str | None], Any] = VLMClient
+    # (ClientSettings, api key, budget=the process's CostBudget, which every model's client
+    # charges) -> client with ``async complete(body, tokens, params, check) -> Completion`` (see
+    # VLMClient.complete) and ``async aclose()``; called on the runtime's loop. The seam tests
+    # use for a fake model.
+    client_factory: Callable[..., Any] = VLMClient
 
     @functools.cached_property
     def prompt_specs(self) -> tuple[PromptSpec, ...]:
@@ -186,6 +184,7 @@ class CaptionRuntime:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self._staged = is_staged(config.prompt_specs)
+        self._batch_refusal = batch_refusal(config.prompt_specs)  # the launch refuses it too
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="beam-caption-loop")
@@ -347,9 +346,8 @@ class CaptionRuntime:
     async def _prepare(self, element: dict) -> Prepared:
         record, specs = element["record"], self._specs
         try:
-            refusal = batch_refusal(specs)
-            if refusal:
-                raise CaptionError("request", "not_in_batch", refusal)
+            if self._batch_refusal:
+                raise CaptionError("request", "not_in_batch", self._batch_refusal)
             paths = self._paths(element)
             plans = [self._plan(record, paths, spec) for spec in specs]
             for spec, plan in zip(specs, plans, strict=True):
@@ -752,18 +750,7 @@ async def _close_all(clients) -> None:
 async def _make_client(config: WorkerConfig, settings: ClientSettings, api_key: str | None,
                        budget: CostBudget):
     """A client, made on the runtime's loop (an aiohttp session binds to the running loop),
-    given ``budget`` when its factory takes one."""
-    factory: Callable[..., Any] = config.client_factory
-    if _takes_budget(factory):
-        return factory(settings, api_key, budget=budget)
-    return factory(settings, api_key)
-
-
-def _takes_budget(factory: Callable) -> bool:
-    """Whether ``factory`` has a ``budget`` parameter (VLMClient, a subclass, a partial)."""
-    try:
-        return "budget" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no signature to read
-        return False
+    charging ``budget``."""
+    return config.client_factory(settings, api_key, budget=budget)
 
 

@@ -56,14 +56,16 @@ def write_low_score_manifest(from_output: str, output_dir: str,
     kept = left = 0
     with fsspec.open(path, "wt", encoding="utf-8", auto_mkdir=True) as manifest:
         for caption in read_output_records(from_output, CAPTIONS_PREFIX):
-            quality = (caption.get("caption_meta") or {}).get("quality")
+            meta = caption.get("caption_meta")
+            quality = meta.get("quality") if isinstance(meta, dict) else None
             score = quality.get("score") if isinstance(quality, dict) else None
             if isinstance(score, bool) or not isinstance(score, (int, float)) or score >= below:
                 left += 1
                 continue
             record = {name: value for name, value in caption.items() if name not in dropped}
-            record.update(previous_caption=caption.get(quality.get("of")),
-                          previous_score=score)
+            judged = quality.get("of")  # quality is a dict: it gave the score
+            record.update(previous_caption=caption.get(judged) if isinstance(judged, str)
+                          else None, previous_score=score)
             manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
             kept += 1
     return path, kept, left

@@ -148,6 +148,9 @@ def test_an_answer_under_min_caption_chars_is_too_short_only_when_asked():
     assert error.type == "too_short" and "--min_caption_chars 10" in error.message
     assert AnswerChecks().check("Red.") == "Red."  # the default floor, 0, fails nothing
     assert AnswerChecks(frozenset({"repetition"}), min_chars=10).check("Red.") == "Red."
+    for wrong in ("5", -1, True, 2.5):  # a library user's value: refused once, not per answer
+        with pytest.raises(UsageError, match="min_caption_chars must be an integer >= 0"):
+            AnswerChecks.from_settings("short", wrong, None)  # type: ignore[arg-type]
 
 
 def test_answer_checks_names_checks_or_none():

@@ -81,6 +81,11 @@ def test_placeholders_naming_prompts_order_them_and_others_are_record_fields():
     ({"caption": {"prompt": "c", "price_per_million_input_tokens": 3}},
      "prices need the prompt's own model"),
     ({"caption": {"prompt": "c", "image": "no"}}, "image must be true or false"),
+    # an infinite price or temperature (YAML's .inf) would make every cost infinite
+    ({"caption": {"prompt": "c", "model": "m", "price_per_million_input_tokens": float("inf")}},
+     "price_per_million_input_tokens must be a number >= 0, got inf"),
+    ({"caption": {"prompt": "c", "temperature": float("nan")}},
+     "temperature must be a number >= 0, got nan"),
     # a prompt using the judged answer waits for its judge: a judge using it is a cycle
     ({"caption": "c", "j": {"prompt": "x {caption} {alt}", "judge": "caption",
                             "schema": SCORE}, "alt": "y {caption}"},
@@ -171,6 +176,9 @@ def test_a_judge_sends_low_scores_to_a_strong_model_on_its_own_endpoint(dataset_
     assert summary["cost"]["total"] == pytest.approx(sum(m["total"] for m in by_model.values()),
                                                      abs=1e-5)
     assert summary["tokens"]["prompt"] == sum(t["prompt"] for t in tokens.values())
+    written = "".join(path.read_text() for path in (tmp_path / "out").rglob("*")
+                      if path.is_file())
+    assert "sk-strong" not in written + result.stdout + result.stderr  # the route's key
 
 
 def test_a_later_stage_runs_on_the_answer_text_only_with_its_own_model_and_fails_with_its_input(
@@ -340,3 +348,25 @@ def test_max_cost_counts_every_models_answers_and_the_stop_names_each_models_spe
     assert 0 < spent["fake-vlm"] < 0.15 and 0 < spent["strong-vlm"] < 0.15
     assert spent["fake-vlm"] + spent["strong-vlm"] >= 0.15 and "reused" not in line
     assert 0 < strong_requests < 10
+
+
+def test_recaption_low_scores_skips_hostile_quality_lines_of_an_earlier_output(tmp_path):
+    from test_recipes_launch import load_recipe
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    lines = [
+        {"id": 1, "caption": "a", "caption_meta": {"quality": {"score": 2, "of": "caption"}}},
+        {"id": 2, "caption": "b", "caption_meta": {"quality": {"score": 2, "of": ["caption"]}}},
+        {"id": 3, "caption": "c", "caption_meta": ["not", "a", "dict"]},
+        {"id": 4, "caption": "d", "caption_meta": {"quality": {"score": True}}},
+        {"id": 5, "caption": "e", "caption_meta": {"quality": {"score": 9, "of": "caption"}}},
+    ]
+    (earlier / "captions-00000-of-00001.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines))
+    recipe = load_recipe("recaption_low_scores")
+    path, kept, left = recipe.write_low_score_manifest(str(earlier), str(tmp_path / "out"), 5)
+    written = [json.loads(line) for line in open(path)]
+    assert (kept, left) == (2, 3)
+    assert [(r["id"], r["previous_caption"], r["previous_score"]) for r in written] == [
+        (1, "a", 2), (2, None, 2)]  # a judged name that is not a string names no caption

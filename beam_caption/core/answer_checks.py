@@ -206,6 +206,8 @@ class AnswerChecks:
         """The checks of the flags ``--answer_checks``, ``--min_caption_chars`` and
         ``--refusal_phrases_file`` (read now); UsageError for a wrong one."""
         names = parse_checks(checks)
+        if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
+            raise UsageError(f"min_caption_chars must be an integer >= 0, got {min_chars!r}")
         phrases = REFUSAL_PHRASES
         if refusal_phrases_file and "refusal" in names:
             phrases = load_refusal_phrases(refusal_phrases_file)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -488,7 +489,8 @@ def _number(entry: dict, key: str, where: str, kind: type, low: float):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and not float(value).is_integer()) or not value >= low:
+            not math.isfinite(value) or (kind is int and not float(value).is_integer()) or \
+            not value >= low:
         noun = "an integer" if kind is int else "a number"
         raise UsageError(f"{where}: {key} must be {noun} >= {low:g}, got {value!r}")
     return kind(value)

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from beam_caption.core.answer_checks import AnswerChecks
@@ -429,10 +429,7 @@ class CaptionRuntime:
 
     def _read_images(self, paths: tuple[str, ...]) -> list[bytes]:
         """A record's image files, read one after the other: one pool task per record."""
-        root, max_bytes = self.config.image_root, self.config.images.max_bytes
-        timeout = self.config.image_timeout
-        return [read_image_bytes(resolve_image_path(path, root), max_bytes, timeout, self._guard)
-                for path in paths]
+        return read_record_images(paths, self.config, self._guard)
 
     def _requests(self, plans: list[RequestPlan | CaptionError | None],
                   sources: list[bytes]) -> tuple[list[_Request | None], _Images | None]:
@@ -745,6 +742,16 @@ def _shutdown(loop, clients, pools) -> None:
 async def _close_all(clients) -> None:
     for client in clients:
         await client.aclose()
+
+
+def read_record_images(paths: Sequence[str], config: WorkerConfig, guard: UrlGuard
+                       ) -> list[bytes]:
+    """The image files a record names, read one after the other as the caption step reads
+    them (``--image_root``, the byte limit, the timeout, the URL guard); CaptionError for the
+    first that cannot be."""
+    return [read_image_bytes(resolve_image_path(path, config.image_root),
+                             config.images.max_bytes, config.image_timeout, guard)
+            for path in paths]
 
 
 async def _make_client(config: WorkerConfig, settings: ClientSettings, api_key: str | None,

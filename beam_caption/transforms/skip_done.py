@@ -33,12 +33,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_caption.core.caption_shards import caption_samples
 from beam_caption.core.client import ClientSettings, token_count
-from beam_caption.core.engine import WorkerConfig
+from beam_caption.core.engine import WorkerConfig, read_record_images
 from beam_caption.core.errors import CaptionError
 from beam_caption.core.figures import figures_for
 from beam_caption.core.http_images import UrlGuard
 from beam_caption.core.identity import keyed_by_fingerprint
-from beam_caption.core.images import read_image_bytes, resolve_image_path
 from beam_caption.core.manifest_reader import JSON_DECODER, value_problem
 from beam_caption.core.outputs import (
     DAMAGE_ERRORS,
@@ -230,10 +229,8 @@ def read_missing_images(caption: dict, config: WorkerConfig) -> dict:
     if carried_images(caption):
         return caption
     try:
-        guard = UrlGuard(config.allow_private_urls)
-        images = [read_image_bytes(resolve_image_path(path, config.image_root),
-                                   config.images.max_bytes, config.image_timeout, guard)
-                  for path in image_paths(caption, config.prompts.image_key)]
+        images = read_record_images(image_paths(caption, config.prompts.image_key), config,
+                                    UrlGuard(config.allow_private_urls))
     except CaptionError as error:
         _LOG.warning("resume: the images of %s could not be read again for --copy_images; "
                      "its caption is written without them: %s",

@@ -35,7 +35,13 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from beam_caption.core.records import carried_images, without_image_bytes
-from beam_caption.core.webdataset import MAX_MEMBER_BYTES, UniqueKeys, write_sample
+from beam_caption.core.webdataset import (
+    KEY_AND_EXTENSION,
+    MAX_MEMBER_BYTES,
+    UniqueKeys,
+    member_data,
+    write_sample,
+)
 
 MAX_KEY_CHARS = 128
 _NOT_IN_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -45,7 +51,6 @@ _MAGIC = ((0, b"\xff\xd8\xff", "jpg"), (0, b"\x89PNG\r\n\x1a\n", "png"), (8, b"W
           (0, b"II*\x00", "tiff"), (0, b"MM\x00*", "tiff"))
 _IMAGE_MEMBER = re.compile(r"(?:(\d+)[.])?([a-z]+)")  # EXT or N.EXT
 _IMAGE_EXTENSIONS = frozenset(extension for *_, extension in _MAGIC) | {"bin"}
-_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # as WebDataset splits a name
 
 
 def image_extension(data: bytes) -> str:
@@ -139,7 +144,7 @@ def caption_samples(handle: BinaryIO, with_images: bool, max_json_bytes: int
     sample: _Sample | None = None
     while (info := tar.next()) is not None:
         tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read
-        match = _KEY_AND_EXTENSION.match(info.name) if info.isreg() else None
+        match = KEY_AND_EXTENSION.match(info.name) if info.isreg() else None
         if match is None:
             continue
         key, extension = match.group(1), match.group(2)
@@ -147,12 +152,12 @@ def caption_samples(handle: BinaryIO, with_images: bool, max_json_bytes: int
             if sample is not None:
                 yield sample.done(with_images)
             sample = _Sample(key)
-        image = _IMAGE_MEMBER.fullmatch(extension)
         if extension == "json":
             sample.text = _text(tar, info, max_json_bytes)
-        elif (with_images and image and image.group(2) in _IMAGE_EXTENSIONS
+        elif (with_images and (image := _IMAGE_MEMBER.fullmatch(extension))
+              and image.group(2) in _IMAGE_EXTENSIONS
               and info.size <= MAX_MEMBER_BYTES):
-            sample.images[int(image.group(1) or 0)] = _data(tar, info)
+            sample.images[int(image.group(1) or 0)] = member_data(tar, info)
     if sample is not None:  # its .json is whole, whatever came after it
         yield sample.done(with_images)
     if not tar.ended:  # type: ignore[attr-defined]
@@ -160,16 +165,10 @@ def caption_samples(handle: BinaryIO, with_images: bool, max_json_bytes: int
                        "blocks")
 
 
-def _data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    data = tar.extractfile(info)
-    assert data is not None  # a regular file
-    return data.read()
-
-
 def _text(tar: tarfile.TarFile, info: tarfile.TarInfo, max_bytes: int) -> str | None:
     if info.size > max_bytes:
         return None
     try:
-        return _data(tar, info).decode("utf-8")
+        return member_data(tar, info).decode("utf-8")
     except UnicodeDecodeError:
         return None

@@ -72,7 +72,7 @@ MAX_MEMBER_BYTES = 64 << 20
 MAX_TEXT_BYTES = 1 << 20  # larger members other than the image and .json are not copied
 RESERVED_FIELDS = ("__key__", "__url__")  # members of these extensions are not copied
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
-_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's own split
+KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's own split
 _FORMAT_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 # A manifest's strict JSON, but NaN and Infinity (which Python's json.dumps writes, and so
 # img2dataset's metadata may hold) are kept as the strings "NaN", "Infinity", "-Infinity".
@@ -159,7 +159,7 @@ def _members(tar: tarfile.TarFile, headers: _Headers) -> Iterator[_Member]:
     extensions: set[str] = set()
     while (info := tar.next()) is not None:
         tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read
-        match = _KEY_AND_EXTENSION.match(encodable(info.name)) if info.isreg() else None
+        match = KEY_AND_EXTENSION.match(encodable(info.name)) if info.isreg() else None
         if match is None:
             continue
         damaged_at, headers.damaged_at = headers.damaged_at, None
@@ -296,9 +296,7 @@ class _SampleReader:
 
     @staticmethod
     def _data(tar: tarfile.TarFile, member: _Member) -> bytes:
-        data = tar.extractfile(member.info)
-        assert data is not None  # a regular file
-        return data.read()
+        return member_data(tar, member.info)
 
 
 def iter_samples(shard: str, image_ext: str | None = None, *,
@@ -380,6 +378,13 @@ def count_samples(shard: str) -> int:
         except (_Truncated, *_FORMAT_ERRORS):
             return max(count, 1)  # the samples read, or the shard's one failure
     return count
+
+
+def member_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    """The data of a regular file member of a tar being read."""
+    data = tar.extractfile(info)
+    assert data is not None  # a regular file
+    return data.read()
 
 
 def write_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> None:

@@ -199,10 +199,12 @@ def estimate(args: argparse.Namespace) -> Estimate:
             stage_requests += [(judged, judge.recaption.model, judge.recaption.max_tokens),
                                (judge, judge.route.model if judge.route else None, None)]
 
+    recaption_models = {judge.recaption.model for judge in specs if judge.recaption}
+
     def recaption_share(by_model: dict) -> dict[str, list[int]]:
         """The re-caption model's tokens of a record (for the printed share)."""
         return {model: [counts[0] + counts[1], counts[2]] for model, counts in by_model.items()
-                if model in {judge.recaption.model for judge in specs if judge.recaption}}
+                if model in recaption_models}
 
     with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
         pending: list[concurrent.futures.Future] = []

@@ -207,3 +207,24 @@ def test_resume_needs_a_checkpoint_dir_and_a_prefix_a_plain_name():
     for prefix in ("failures", "set_aside", "a/b", ""):
         with pytest.raises(UsageError, match="prefix"):
             bc.WriteCaptions("out", config, prefix=prefix)
+
+
+def test_a_config_reads_its_prompts_and_refusal_phrases_files_once(tmp_path, monkeypatch):
+    from beam_caption.core import answer_checks, settings
+
+    (tmp_path / "p.yaml").write_text("a: Describe it.\nb: Tag it.\n")
+    (tmp_path / "refusals.txt").write_text("no can do\n")
+    reads = []
+    for module, name in ((settings, "load_prompts_file"),
+                         (answer_checks, "load_refusal_phrases")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda path, original=original: (
+            reads.append(path), original(path))[1])
+    config = bc.CaptionConfig(api_url="http://127.0.0.1:1/v1", model="m",
+                              prompts_file=str(tmp_path / "p.yaml"),
+                              refusal_phrases_file=str(tmp_path / "refusals.txt"))
+    workers = [config.worker_config() for _ in range(3)]
+    assert [spec.name for spec in workers[0].prompt_specs] == ["a", "b"]
+    assert workers[0].answer_checks.refusal_phrases == ("no can do",)
+    assert config.reported()["prompts_file"] == str(tmp_path / "p.yaml")
+    assert sorted(reads) == sorted([str(tmp_path / "p.yaml"), str(tmp_path / "refusals.txt")])

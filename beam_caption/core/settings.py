@@ -13,6 +13,7 @@ the prompts file read, where workers find the API key) resolved. No Beam here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -188,7 +189,6 @@ class CaptionConfig:
         max_side = self.max_image_side
         if max_side is None:
             max_side = default_max_side(self.token_formula, self.image_detail)
-        specs = load_prompts_file(self.prompts_file) if self.prompts_file else self.prompts
         return WorkerConfig(
             client=ClientSettings(
                 api_url=self.api_url, model=self.model, max_concurrency=self.max_concurrency,
@@ -208,7 +208,7 @@ class CaptionConfig:
             prompts=PromptSettings(
                 system_prompt=self.system_prompt or None, prompt=self.prompt,
                 image_key=self.image_key, conversation_key=self.conversation_key,
-                image_detail=self.image_detail, specs=specs),
+                image_detail=self.image_detail, specs=self._specs),
             images=ImageSettings(max_side=max_side, max_bytes=self.max_image_bytes,
                                  jpeg_quality=self.jpeg_quality),
             image_root=self.image_root or os.getcwd(),
@@ -221,9 +221,20 @@ class CaptionConfig:
             image_retries=self.image_retries,
             allow_private_urls=self.allow_private_urls,
             token_formula=self.token_formula,
-            answer_checks=AnswerChecks.from_settings(self.answer_checks, self.min_caption_chars,
-                                                     self.refusal_phrases_file),
+            answer_checks=self._answer_checks,
         )
+
+    # Read once per config: a launch builds the workers' config in several places.
+    @functools.cached_property
+    def _specs(self) -> tuple[PromptSpec, ...]:
+        """The prompts: ``prompts``, or the prompts file's (read now)."""
+        return load_prompts_file(self.prompts_file) if self.prompts_file else self.prompts
+
+    @functools.cached_property
+    def _answer_checks(self) -> AnswerChecks:
+        """The answer checks, their refusal phrases file read now."""
+        return AnswerChecks.from_settings(self.answer_checks, self.min_caption_chars,
+                                          self.refusal_phrases_file)
 
     def reported(self) -> dict[str, Any]:
         """The settings as summary.json's ``options`` shows them: every flag field, URLs
@@ -234,9 +245,7 @@ class CaptionConfig:
             reported[name] = reported[name] and redact_url(reported[name])
         if self.prompts:
             reported["prompts"] = [spec.name for spec in self.prompts]
-        specs = self.prompts or (load_prompts_file(self.prompts_file) if self.prompts_file
-                                 else ())
-        prices = model_prices(specs, self.price_per_million_input_tokens,
+        prices = model_prices(self._specs, self.price_per_million_input_tokens,
                               self.price_per_million_output_tokens)
         if prices:  # the prompts' own models' (summary.json's cost by model)
             reported["model_prices"] = prices

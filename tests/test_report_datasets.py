@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,11 +51,16 @@ def reads(monkeypatch) -> list[tuple[str, int, int]]:
     seen: list[tuple[str, int, int]] = []
     real = dataset_images.iter_unit
 
+    lock = threading.Lock()
+
     def counted(unit, *args):
-        seen.append((unit.file, unit.group, 0))
+        with lock:  # the report reads several files at once, in threads
+            index = len(seen)
+            seen.append((unit.file, unit.group, 0))
         for element in real(unit, *args):
-            file, group, taken = seen[-1]
-            seen[-1] = (file, group, taken + 1)
+            with lock:
+                file, group, taken = seen[index]
+                seen[index] = (file, group, taken + 1)
             yield element
 
     monkeypatch.setattr(dataset_images, "iter_unit", counted)
